@@ -1,0 +1,110 @@
+"""Zip2ZipConfig: the base causal LM's config nested as ``text_config``, plus compression settings."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .lzw import LZWCodec
+
+
+__all__ = ["Zip2ZipConfig"]
+
+# Bump when the meaning of saved weights or settings changes; loading refuses newer formats.
+ZIP2ZIP_FORMAT_VERSION = 1
+HYPER_ENCODERS = ("mean", "attention")
+POSITION_MODES = ("compressed", "base")
+# Settings a tokenizer and a model must agree on, or hyper ids mean different things to each.
+COMPRESSION_KEYS = ("initial_vocab_size", "max_codebook_size", "max_subtokens", "disabled_ids")
+
+
+class Zip2ZipConfig(PretrainedConfig):
+    r"""Configuration of a `Zip2ZipForCausalLM`.
+
+    Args:
+        text_config: config (or its dict) of the wrapped causal LM.
+        initial_vocab_size: V, the base/hyper boundary: the length of the base tokenizer, added tokens
+            included. Hypertoken ids are ``V .. V + K - 1``; model rows in ``[V, vocab_size)`` are never
+            legal outputs.
+        max_codebook_size: K, the most hypertokens one sequence may create.
+        max_subtokens: M, the most base tokens one hypertoken stands for.
+        disabled_ids: ids never merged (special and added tokens, pad).
+        pad_token_id: the padding id (always among ``disabled_ids``).
+        hyper_encoder: ``"mean"`` (parameter-free masked mean) or ``"attention"`` (small transformer).
+        hyper_encoder_hidden_size: latent width of the attention encoder (default: the model width).
+        hyper_encoder_num_layers / hyper_encoder_num_heads: depth and heads of the attention encoder.
+        tie_hyper_encoders: one encoder for the input and the output side.
+        position_mode: ``"compressed"`` (one position per token) or ``"base"`` (a hypertoken takes the
+            position of its last base token, so distances match the base model's).
+    """
+
+    model_type = "zip2zip"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: PretrainedConfig | dict | None = None,
+        initial_vocab_size: int | None = None,
+        max_codebook_size: int = 2048,
+        max_subtokens: int = 4,
+        disabled_ids: list[int] | tuple[int, ...] = (),
+        pad_token_id: int | None = None,
+        hyper_encoder: str = "attention",
+        hyper_encoder_hidden_size: int | None = None,
+        hyper_encoder_num_layers: int = 1,
+        hyper_encoder_num_heads: int = 4,
+        tie_hyper_encoders: bool = False,
+        position_mode: str = "base",
+        zip2zip_format_version: int = ZIP2ZIP_FORMAT_VERSION,
+        **kwargs,
+    ):
+        if isinstance(text_config, dict):
+            text_config = CONFIG_MAPPING[text_config.get("model_type", "llama")](**text_config)
+        self.text_config = text_config if text_config is not None else CONFIG_MAPPING["llama"]()
+        if initial_vocab_size is None:
+            initial_vocab_size = self.text_config.vocab_size
+        if hyper_encoder not in HYPER_ENCODERS:
+            raise ValueError(f"hyper_encoder must be one of {HYPER_ENCODERS}, got {hyper_encoder!r}")
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+        if zip2zip_format_version > ZIP2ZIP_FORMAT_VERSION:
+            raise ValueError(
+                f"this checkpoint uses zip2zip format {zip2zip_format_version}; this code reads up to "
+                f"{ZIP2ZIP_FORMAT_VERSION}: upgrade zip2zip_hf"
+            )
+        if initial_vocab_size > self.text_config.vocab_size:
+            raise ValueError(
+                f"initial_vocab_size ({initial_vocab_size}) exceeds the model's embedding rows "
+                f"({self.text_config.vocab_size}): the tokenizer has ids the model cannot embed"
+            )
+        disabled = sorted({int(i) for i in disabled_ids} | ({int(pad_token_id)} if pad_token_id is not None else set()))
+        self.initial_vocab_size = int(initial_vocab_size)
+        self.max_codebook_size = int(max_codebook_size)
+        self.max_subtokens = int(max_subtokens)
+        self.disabled_ids = disabled
+        self.hyper_encoder = hyper_encoder
+        self.hyper_encoder_hidden_size = hyper_encoder_hidden_size
+        self.hyper_encoder_num_layers = hyper_encoder_num_layers
+        self.hyper_encoder_num_heads = hyper_encoder_num_heads
+        self.tie_hyper_encoders = tie_hyper_encoders
+        self.position_mode = position_mode
+        self.zip2zip_format_version = zip2zip_format_version
+        self.codec()  # validate V/K/M/disabled ids once, here, with the codec's own messages
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+    def codec(self) -> LZWCodec:
+        """The LZW codec these settings describe."""
+        return LZWCodec(self.initial_vocab_size, self.max_codebook_size, self.max_subtokens, self.disabled_ids)
+
+    def compression_settings(self) -> dict:
+        return {key: getattr(self, key) for key in COMPRESSION_KEYS}
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise ValueError when ``tokenizer`` compresses differently from this config."""
+        theirs = {key: getattr(tokenizer, key, None) for key in COMPRESSION_KEYS}
+        theirs["disabled_ids"] = sorted(theirs["disabled_ids"] or ())
+        mine = self.compression_settings()
+        diff = [f"{key}: model {mine[key]} vs tokenizer {theirs[key]}" for key in COMPRESSION_KEYS if mine[key] != theirs[key]]
+        if diff:
+            raise ValueError("the tokenizer and the model disagree on compression settings: " + "; ".join(diff))
