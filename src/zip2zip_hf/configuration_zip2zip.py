@@ -91,6 +91,9 @@ class Zip2ZipConfig(PretrainedConfig):
         self.zip2zip_format_version = zip2zip_format_version
         self.codec()  # validate V/K/M/disabled ids once, here, with the codec's own messages
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        # transformers propagates the attention implementation down to sub-configs; without this the
+        # wrapped model's choice (sdpa, flash, ...) would be reset to None.
+        kwargs.setdefault("attn_implementation", getattr(self.text_config, "_attn_implementation", None))
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     def codec(self) -> LZWCodec:

@@ -1,0 +1,458 @@
+"""Zip2ZipForCausalLM: any Hugging Face causal LM reading and writing per-sequence hypertokens.
+
+A forward pass:
+
+1. feeds the new ids of every row through that row's canonical LZW stream (`lzw.LZWStream`),
+   validating each id and recording, per position, which hyper ids are legal next;
+2. encodes only the entries installed since the last call, with the input hyper-encoder over
+   input-embedding rows and the output hyper-encoder over lm_head rows;
+3. runs the base model on mixed embeddings (base rows for base ids, encoder vectors for hyper ids)
+   with positions from the codebook state (``position_mode``);
+4. widens the logits to ``V + K``: hyper logit k is ``h . f_out(lm_head[entry k])``; every id not
+   legal at that position (uninstalled slots, model rows in ``[V, vocab_size)``) is ``-inf``.
+
+The codebook state travels in the returned `Zip2ZipCache`, so incremental calls continue it and
+calls without a cache rebuild it from ``input_ids``: teacher forcing and step-by-step decoding see
+the same codebook, legal set and positions at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_zip2zip import Zip2ZipConfig
+from .generation_zip2zip import Zip2ZipGenerationMixin
+from .hyper_cache import HyperState, Zip2ZipCache
+from .hyper_encoder import build_hyper_encoder
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["Zip2ZipForCausalLM", "Zip2ZipPreTrainedModel"]
+
+
+class Zip2ZipPreTrainedModel(PreTrainedModel):
+    config_class = Zip2ZipConfig
+    # Not an attribute name: the wrapped object is a whole *ForCausalLM, and a prefix equal to an
+    # attribute would let transformers half-load a plain base checkpoint into the wrapper.
+    base_model_prefix = "zip2zip"
+    supports_gradient_checkpointing = True
+    _no_split_modules: list[str] = []
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _supports_cache_class = True  # read by transformers <= 4.53 only
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The base model's own modules are initialised by its own `_init_weights` (transformers
+        # dispatches to the nearest PreTrainedModel); here only the hyper-encoders remain.
+        if hasattr(module, "reset_parameters") and module in self._hyper_encoder_modules():
+            module.reset_parameters()
+
+    def _hyper_encoder_modules(self) -> list[nn.Module]:
+        return [m for m in (getattr(self, "input_hyper_encoder", None), getattr(self, "output_hyper_encoder", None)) if m is not None]
+
+
+class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
+    """A causal LM whose vocabulary grows per sequence with LZW hypertokens.
+
+    Build one around a loaded model with `from_base` (or `from_base_pretrained`), load a saved one
+    with ``AutoModelForCausalLM.from_pretrained(path)`` after ``import zip2zip_hf``, or with
+    ``trust_remote_code=True`` without the package.
+    """
+
+    def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        text_config = config.get_text_config()
+        encoder_kwargs = dict(
+            kind=config.hyper_encoder,
+            hidden_size=text_config.hidden_size,
+            max_subtokens=config.max_subtokens,
+            latent_size=config.hyper_encoder_hidden_size,
+            num_layers=config.hyper_encoder_num_layers,
+            num_heads=config.hyper_encoder_num_heads,
+        )
+        self.input_hyper_encoder = build_hyper_encoder(**encoder_kwargs)
+        self.output_hyper_encoder = None if config.tie_hyper_encoders else build_hyper_encoder(**encoder_kwargs)
+        self.codec = config.codec()
+        self._base_forward_params = set(inspect.signature(self.model.forward).parameters)
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(
+        cls,
+        base_model: PreTrainedModel,
+        tokenizer,
+        hyper_encoder: str = "attention",
+        position_mode: str = "base",
+        tie_hyper_encoders: bool = False,
+        hyper_encoder_hidden_size: int | None = None,
+        hyper_encoder_num_layers: int = 1,
+        hyper_encoder_num_heads: int = 4,
+    ) -> Zip2ZipForCausalLM:
+        """Wrap an already-loaded causal LM without changing its weights.
+
+        Args:
+            base_model: any Hugging Face ``*ForCausalLM``.
+            tokenizer: the `Zip2ZipTokenizer` made from the base model's tokenizer; its compression
+                settings (V, K, M, disabled ids, pad) go into the config.
+            hyper_encoder: ``"attention"`` or ``"mean"``.
+            position_mode: ``"base"`` or ``"compressed"`` (see `Zip2ZipConfig`).
+        """
+        config = Zip2ZipConfig(
+            text_config=base_model.config,
+            initial_vocab_size=tokenizer.initial_vocab_size,
+            max_codebook_size=tokenizer.max_codebook_size,
+            max_subtokens=tokenizer.max_subtokens,
+            disabled_ids=tokenizer.disabled_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            hyper_encoder=hyper_encoder,
+            hyper_encoder_hidden_size=hyper_encoder_hidden_size,
+            hyper_encoder_num_layers=hyper_encoder_num_layers,
+            hyper_encoder_num_heads=hyper_encoder_num_heads,
+            tie_hyper_encoders=tie_hyper_encoders,
+            position_mode=position_mode,
+        )
+        config.check_tokenizer(tokenizer)
+        model = cls(config, base_model=base_model)
+        for encoder in model._hyper_encoder_modules():
+            encoder.to(device=base_model.device, dtype=base_model.dtype)
+        model.generation_config = base_model.generation_config
+        model.name_or_path = base_model.name_or_path
+        return model
+
+    @classmethod
+    def from_base_pretrained(
+        cls, pretrained_model_name_or_path: str, max_codebook_size: int = 2048, max_subtokens: int = 4, **kwargs
+    ):
+        """Load a base causal LM and its tokenizer, wrap both; return ``(model, tokenizer)``.
+
+        Keyword arguments of `from_base` are taken from ``kwargs``; the rest go to
+        ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
+        """
+        from .tokenization_zip2zip import Zip2ZipTokenizer
+
+        wrap_keys = set(inspect.signature(cls.from_base).parameters) - {"cls", "base_model", "tokenizer"}
+        wrap_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in wrap_keys}
+        base_model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = Zip2ZipTokenizer.from_base(
+            pretrained_model_name_or_path, max_codebook_size=max_codebook_size, max_subtokens=max_subtokens
+        )
+        return cls.from_base(base_model, tokenizer, **wrap_kwargs), tokenizer
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but loud: missing or mis-shaped weights raise."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
+        problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
+        if problems:
+            raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
+        return (model, info) if want_info else model
+
+    # ------------------------------------------------------------------ embeddings (PEFT, resize)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def _output_hyper_encoder(self) -> nn.Module:
+        return self.output_hyper_encoder if self.output_hyper_encoder is not None else self.input_hyper_encoder
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""Run the base model on compressed ids.
+
+        Args:
+            input_ids: ``(B, T)`` compressed ids: base ids ``< V`` and hyper ids ``V + k``. Without a
+                cache, the whole sequences; with ``past_key_values``, only the new ids of each row.
+            attention_mask: ``(B, past + T)``; 0 marks padding, which is skipped by the codebook.
+            position_ids: accepted for API compatibility and ignored: positions always come from the
+                attention mask and the codebook (``position_mode``), so padding and caching cannot
+                make them disagree with the codebook.
+            past_key_values: the `Zip2ZipCache` a previous call returned (it carries the codebooks).
+            labels: ``(B, T)`` targets in compressed id space (``-100`` ignored), shifted inside.
+            logits_to_keep: compute logits for the last this many positions only (0: all).
+            num_items_in_batch (in ``kwargs``): the Trainer's token count for gradient accumulation.
+
+        Returns:
+            `CausalLMOutputWithPast` whose ``logits`` are ``V + K`` wide; ids that are not legal at a
+            position are ``-inf`` there.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("Zip2ZipForCausalLM needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+        batch_size, length = input_ids.shape
+        use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+        cache, state = self._resolve_state(past_key_values, batch_size, use_cache)
+        past_length = past_key_values.get_seq_length() if cache is not None and past_key_values is cache else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_length + length, dtype=torch.long, device=input_ids.device)
+        keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
+
+        step = _consume(state, input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
+        inputs_embeds, provisional_vectors, unused = self._embed(state, input_ids, step)
+
+        base_kwargs = dict(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=step.positions.to(input_ids.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        if "logits_to_keep" in self._base_forward_params:
+            base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
+        with _capture_input(self.get_output_embeddings()) as head_inputs:
+            outputs = self.model(**base_kwargs, **kwargs)
+        hidden = _select(head_inputs[-1], keep, length)
+        base_logits = _select(outputs.logits, keep, length)
+        logits = self._widen(state, base_logits, hidden, step, provisional_vectors)
+        if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
+            logits = logits + unused
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, step, num_items_in_batch)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _resolve_state(self, past_key_values, batch_size: int, use_cache: bool):
+        """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            state = getattr(past_key_values, "hyper_state", None)
+            if state is None:
+                raise ValueError(
+                    "past_key_values carries no zip2zip codebook state: pass the cache this model returned"
+                )
+            if state.batch_size != batch_size:
+                raise ValueError(f"input_ids has {batch_size} rows but the cache holds {state.batch_size}")
+            return past_key_values, state
+        state = HyperState(self.codec, batch_size)
+        if not use_cache:
+            return None, state
+        # An empty cache from elsewhere (e.g. the one generate() makes) is replaced by ours, which
+        # generate() then carries on from our output.
+        cache = past_key_values if isinstance(past_key_values, Zip2ZipCache) else Zip2ZipCache(config=self.config.get_text_config())
+        cache.hyper_state = state
+        return cache, state
+
+    def _embed(self, state: HyperState, input_ids: torch.LongTensor, step: _Step):
+        """Input embeddings of the new ids, after encoding the entries installed since the last call."""
+        V = self.codec.initial_vocab_size
+        rows, slots, contents = [], [], []
+        for b, stream in enumerate(state.streams):
+            for k in range(state.num_encoded[b], stream.num_installed):
+                rows.append(b)
+                slots.append(k)
+                contents.append(stream.codebook.get_subtokens(V + k))
+        input_weight = self.get_input_embeddings().weight
+        output_weight = self.get_output_embeddings().weight
+        # Under DDP every rank must use every encoder parameter every step, whether or not its batch
+        # installs or reads any hypertoken: when training, both encoders always run (on a dummy entry
+        # if need be) and their outputs join the graph with weight 0.
+        anchor = self.training and torch.is_grad_enabled()
+        subtokens, lengths = _pad_contents(contents or ([(0,)] if anchor else []), input_ids.device)
+        # One call per encoder: the new entries, and (output side) the provisional contents.
+        prov_subtokens, prov_lengths = _pad_contents(step.provisional_contents, input_ids.device)
+        input_vectors = self.input_hyper_encoder(subtokens, lengths, input_weight)
+        output_vectors = self._output_hyper_encoder()(
+            _cat_padded(subtokens, prov_subtokens), torch.cat([lengths, prov_lengths]), output_weight
+        )
+        n_new = len(subtokens)
+        provisional_vectors = output_vectors[n_new:]
+        unused = 0.0 * (input_vectors.sum() + output_vectors.sum()) if anchor else None
+        if contents:
+            state.store(rows, slots, input_vectors, output_vectors[:n_new])
+
+        embed = self.get_input_embeddings()
+        is_hyper = input_ids >= self.codec.initial_vocab_size
+        inputs_embeds = embed(input_ids.masked_fill(is_hyper, 0))
+        b_idx, t_idx = torch.nonzero(is_hyper & step.real.to(input_ids.device), as_tuple=True)
+        if len(b_idx):
+            k_idx = input_ids[b_idx, t_idx] - self.codec.initial_vocab_size
+            vectors = state.input_table[b_idx, k_idx].to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.index_put((b_idx, t_idx), vectors)
+        return inputs_embeds, provisional_vectors, unused
+
+    def _widen(self, state: HyperState, base_logits, hidden, step: _Step, provisional_vectors) -> torch.Tensor:
+        """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf."""
+        V, K = self.codec.initial_vocab_size, self.codec.max_codebook_size
+        legal = step.legal.to(hidden.device)  # (B, kept): legal hyper ids at each kept position
+        width = int(legal.max()) if legal.numel() else 0
+        pieces = [base_logits[..., :V]]
+        if width:
+            table = state.output_table if state.output_table is not None else hidden.new_zeros(len(hidden), 0, hidden.shape[-1])
+            if table.shape[1] < width:
+                table = F.pad(table, (0, 0, 0, width - table.shape[1]))
+            hyper = torch.einsum("btd,bkd->btk", hidden, table[:, :width].to(hidden.dtype))
+            if step.provisional_index:
+                b_idx, t_idx, k_idx = (torch.tensor(x, device=hidden.device) for x in zip(*step.provisional_index))
+                scores = (hidden[b_idx, t_idx] * provisional_vectors.to(hidden.dtype)).sum(-1)
+                hyper = hyper.index_put((b_idx, t_idx, k_idx), scores)
+            illegal = torch.arange(width, device=hidden.device) >= legal[..., None]
+            pieces.append(hyper.masked_fill(illegal, float("-inf")).to(base_logits.dtype))
+        pieces.append(base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf")))
+        return torch.cat(pieces, dim=-1)
+
+    def _loss(self, logits, labels, step: _Step, num_items_in_batch=None) -> torch.Tensor:
+        """Next-token cross-entropy over ``V + K`` classes; a target illegal at its position raises."""
+        V = self.codec.initial_vocab_size
+        targets = labels[:, 1:].to(logits.device)
+        legal = step.legal[:, :-1].to(logits.device)
+        counted = targets != -100
+        illegal = counted & ((targets < 0) | ((targets >= V) & (targets - V >= legal)))
+        if illegal.any():
+            b, t = (int(i) for i in torch.nonzero(illegal)[0])
+            raise ValueError(
+                f"labels[{b}, {t + 1}] = {int(targets[b, t])} is not a legal target there "
+                f"(legal hyper ids: {V}..{V + int(legal[b, t]) - 1})"
+            )
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        denominator = num_items_in_batch if num_items_in_batch is not None else counted.sum().clamp(min=1)
+        if isinstance(denominator, torch.Tensor):
+            denominator = denominator.to(loss.device)
+        return loss / denominator
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _Step:
+    """What consuming one block of ids told us, per row and position."""
+
+    __slots__ = ("legal", "positions", "real", "provisional_contents", "provisional_index")
+
+    def __init__(self, legal, positions, real, provisional_contents, provisional_index):
+        self.legal = legal  # (B, kept) long: number of legal hyper ids after each kept position
+        self.positions = positions  # (B, T) long: position ids
+        self.real = real  # (B, T) bool: not padding
+        self.provisional_contents = provisional_contents  # base ids of each legal provisional slot
+        self.provisional_index = provisional_index  # (row, kept index, slot) of each of those
+
+
+def _consume(state: HyperState, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str) -> _Step:
+    """Feed each row's real (unmasked) ids to its stream; record legal sets and positions."""
+    ids, real = input_ids.tolist(), mask.bool().tolist()
+    kept_at = {t: j for j, t in enumerate(keep)}
+    legal = [[0] * len(keep) for _ in ids]
+    positions = [[0] * len(ids[0]) for _ in ids]
+    provisional_contents, provisional_index = [], []
+    for b, (row, row_real) in enumerate(zip(ids, real)):
+        stream = state.streams[b]
+        for t, (code, is_real) in enumerate(zip(row, row_real)):
+            if is_real:
+                try:
+                    stream.feed(code)
+                except ValueError as error:
+                    raise ValueError(f"input_ids[{b}, {t}]: {error}") from None
+                state.num_real_tokens[b] += 1
+                positions[b][t] = stream.num_base_ids - 1 if position_mode == "base" else state.num_real_tokens[b] - 1
+            j = kept_at.get(t)
+            if j is None:
+                continue
+            provisional = stream.provisional_subtokens()
+            legal[b][j] = stream.num_installed + (provisional is not None)
+            if provisional is not None:
+                provisional_contents.append(provisional)
+                provisional_index.append((b, j, stream.num_installed))
+    return _Step(
+        legal=torch.tensor(legal, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        real=torch.tensor(real, dtype=torch.bool),
+        provisional_contents=provisional_contents,
+        provisional_index=provisional_index,
+    )
+
+
+def _kept_positions(length: int, logits_to_keep) -> list[int]:
+    if isinstance(logits_to_keep, torch.Tensor):
+        return logits_to_keep.tolist() if logits_to_keep.dim() else list(range(length - int(logits_to_keep), length))
+    if logits_to_keep and logits_to_keep < length:
+        return list(range(length - logits_to_keep, length))
+    return list(range(length))
+
+
+def _select(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
+    """Rows of ``tensor`` (``(B, T or kept, ...)``) at the kept positions."""
+    if tensor.shape[1] == len(keep):
+        return tensor
+    return tensor[:, keep] if len(keep) < length else tensor
+
+
+def _pad_contents(contents: list[tuple[int, ...]], device) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Entry contents as a right-padded ``(N, longest)`` id tensor and their lengths."""
+    longest = max((len(c) for c in contents), default=1)
+    padded = [list(c) + [0] * (longest - len(c)) for c in contents]
+    subtokens = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(contents), longest)
+    lengths = torch.tensor([len(c) for c in contents], dtype=torch.long, device=device)
+    return subtokens, lengths
+
+
+def _cat_padded(a: torch.LongTensor, b: torch.LongTensor) -> torch.LongTensor:
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(a, (0, width - a.shape[1])), F.pad(b, (0, width - b.shape[1]))])
+
+
+@contextlib.contextmanager
+def _capture_input(module: nn.Module):
+    """Record what ``module`` is called on: the hidden states the base model feeds its lm_head,
+    whatever the architecture (final norm, slicing by ``logits_to_keep`` and all)."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _module, args, _output: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()

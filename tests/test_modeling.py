@@ -1,0 +1,366 @@
+"""Zip2ZipForCausalLM: training equals inference, masks, loss, encoders, save/load, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+import zip2zip_hf
+from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
+
+
+V = 300  # tokenizer length; the base models below have V (or more) embedding rows
+K, M = 64, 3
+PAD = 0
+DISABLED = [0, 1]
+
+
+def tiny_base(arch: str, tie: bool = False, rows: int = V):
+    torch.manual_seed(0)
+    common = dict(vocab_size=rows, tie_word_embeddings=tie)
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, **common)
+    elif arch == "qwen2":
+        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, **common)
+    elif arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
+    else:
+        raise ValueError(arch)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=False, max_codebook_size=K):
+    config = Zip2ZipConfig(
+        text_config=base.config, initial_vocab_size=V, max_codebook_size=max_codebook_size, max_subtokens=M,
+        disabled_ids=DISABLED, pad_token_id=PAD, hyper_encoder=hyper_encoder, hyper_encoder_num_heads=2,
+        tie_hyper_encoders=tie_encoders, position_mode=position_mode,
+    )
+    model = Zip2ZipForCausalLM(config, base_model=base).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # a random, non-trivial encoder (a fresh one is an exact average)
+        for name, param in model.named_parameters():
+            if "hyper_encoder" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+def repetitive_ids(seed: int, length: int) -> list[int]:
+    """Base ids with many repeats, so LZW installs and reuses plenty of hypertokens."""
+    g = torch.Generator().manual_seed(seed)
+    motifs = [torch.randint(2, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist() for _ in range(4)]
+    ids = []
+    while len(ids) < length:
+        ids += motifs[int(torch.randint(0, 4, (1,), generator=g))]
+        if torch.rand(1, generator=g) < 0.1:
+            ids.append(1)  # a disabled id in the middle
+    return ids[:length]
+
+
+def compressed(seed: int, length: int) -> list[int]:
+    return LZWCodec(V, K, M, DISABLED).encode(repetitive_ids(seed, length))[0]
+
+
+def left_pad(rows: list[list[int]]):
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def step_by_step_logits(model, ids, mask, first: int = 1):
+    """Feed ``first`` ids, then one id per call with the KV cache; return the logits of every position."""
+    out = model(input_ids=ids[:, :first], attention_mask=mask[:, :first], use_cache=True)
+    logits, cache = [out.logits], out.past_key_values
+    for t in range(first, ids.shape[1]):
+        out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        cache = out.past_key_values
+    return torch.cat(logits, dim=1)
+
+
+def assert_same_logits(a, b, mask=None, atol=1e-4):
+    if mask is not None:
+        a, b = a[mask.bool()], b[mask.bool()]
+    assert torch.equal(torch.isinf(a), torch.isinf(b)), "different legal sets"
+    finite = torch.isfinite(a)
+    torch.testing.assert_close(a[finite], b[finite], atol=atol, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- training equals inference
+
+
+@pytest.mark.parametrize("position_mode", ["base", "compressed"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_teacher_forced_equals_step_by_step(arch, position_mode):
+    model = wrap(tiny_base(arch), position_mode)
+    rows = [compressed(seed, n) for seed, n in ((1, 120), (2, 70), (3, 95))]
+    assert all(any(i >= V for i in r) for r in rows), "the texts must produce hypertokens"
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        stepped = step_by_step_logits(model, ids, mask)
+        assert_same_logits(full, stepped, mask)
+        for b, row in enumerate(rows):  # each row alone, unpadded, equals its padded batch row
+            alone = model(input_ids=torch.tensor([row]), use_cache=False).logits[0]
+            assert_same_logits(full[b, -len(row) :], alone)
+
+
+def test_cached_block_continuation_equals_uncached():
+    model = wrap(tiny_base("llama"))
+    ids, mask = left_pad([compressed(4, 150), compressed(5, 110)])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        split = 40
+        first = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], use_cache=True)
+        rest = model(input_ids=ids[:, split:], attention_mask=mask, past_key_values=first.past_key_values)
+    assert_same_logits(full, torch.cat([first.logits, rest.logits], dim=1), mask)
+
+
+def test_logits_to_keep_matches_full():
+    model = wrap(tiny_base("llama"))
+    ids, mask = left_pad([compressed(6, 90), compressed(7, 60)])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    assert_same_logits(full[:, -1:], last)
+
+
+# ---------------------------------------------------------------------- legal set
+
+
+def test_finite_logits_are_exactly_the_legal_ids():
+    model = wrap(tiny_base("llama", rows=V + 20))  # model rows beyond the tokenizer are never legal
+    codec = LZWCodec(V, K, M, DISABLED)
+    row = compressed(8, 150)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row])).logits[0]
+    assert logits.shape[-1] == V + K
+    stream = codec.stream()
+    for t, code in enumerate(row):
+        stream.feed(code)
+        finite = torch.isfinite(logits[t]).nonzero().flatten().tolist()
+        assert finite == list(range(V + stream.num_legal_hyper)), f"position {t}"
+
+
+def test_provisional_slot_lets_runs_compress():
+    """In a run every code is emitted right after the step that creates it (KwKwK)."""
+    model = wrap(tiny_base("llama"))
+    codes, _ = LZWCodec(V, K, M, DISABLED).encode([5] * 12)  # [5, V, V+1, V+1, V+1, ...]
+    assert codes[1] == V
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([codes])).logits[0]
+    for t in range(len(codes) - 1):
+        assert torch.isfinite(logits[t, codes[t + 1]]), f"target {codes[t + 1]} after position {t} must be legal"
+    out = model(input_ids=torch.tensor([codes]), labels=torch.tensor([codes]))
+    assert torch.isfinite(out.loss)
+
+
+def test_no_hypertokens_gives_base_logits():
+    base = tiny_base("llama")
+    model = wrap(base)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 250, 48, 77]])  # no repeat: every code is a base id
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        theirs = base(input_ids=ids).logits
+    torch.testing.assert_close(ours[..., :V], theirs[..., :V], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------- encoders
+
+
+def test_only_new_entries_are_encoded():
+    model = wrap(tiny_base("llama"))
+    seen = []
+    model.input_hyper_encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    row = compressed(9, 200)
+    ids = torch.tensor([row])
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        installed = len(out.past_key_values.hyper_state.streams[0].codebook)
+        assert seen == [installed] and installed < K
+        model(input_ids=ids[:, -1:], past_key_values=out.past_key_values)
+    assert seen[1] <= 1
+
+
+@pytest.mark.parametrize("tie_encoders", [False, True])
+@pytest.mark.parametrize("hyper_encoder", ["attention", "mean"])
+def test_gradients_reach_encoders_and_base(hyper_encoder, tie_encoders):
+    model = wrap(tiny_base("llama", tie=True), hyper_encoder=hyper_encoder, tie_encoders=tie_encoders).train()
+    ids, mask = left_pad([compressed(10, 80), compressed(11, 50)])
+    labels = ids.masked_fill(mask == 0, -100)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_all_padding_row_gives_no_nan():
+    model = wrap(tiny_base("llama")).train()
+    row = compressed(12, 40)
+    ids = torch.tensor([row, [PAD] * len(row)])
+    mask = torch.tensor([[1] * len(row), [0] * len(row)])
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_encoders_run_without_hypertokens_in_training():
+    """DDP needs every parameter used each step, even when a batch installs nothing."""
+    model = wrap(tiny_base("llama")).train()
+    ids = torch.tensor([[5, 9, 17]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "hyper_encoder" in n)
+
+
+# ---------------------------------------------------------------------- loss
+
+
+def test_loss_is_cross_entropy_over_widened_vocabulary():
+    model = wrap(tiny_base("llama"))
+    ids, mask = left_pad([compressed(13, 60), compressed(14, 45)])
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    logits, targets = out.logits[:, :-1].reshape(-1, V + K), labels[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    scaled = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(1000))
+    counted = (targets != -100).sum()
+    torch.testing.assert_close(scaled.loss, expected * counted / 1000)
+    assert model.config.get_text_config().vocab_size == V  # never mutated
+
+
+def test_pad_equal_eos_target_is_trained():
+    model = wrap(tiny_base("llama"))
+    row = compressed(15, 30) + [PAD]  # a real end-of-text whose id is the pad id
+    ids = torch.tensor([row])
+    with_eos = model(input_ids=ids, labels=ids).loss
+    without = model(input_ids=ids, labels=ids.masked_fill(torch.arange(len(row)) == len(row) - 1, -100)).loss
+    assert not torch.isclose(with_eos, without)
+
+
+def test_illegal_label_raises():
+    model = wrap(tiny_base("llama"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    labels = torch.tensor([[5, 6, V + 10, 8]])
+    with pytest.raises(ValueError, match=r"labels\[0, 2\]"):
+        model(input_ids=ids, labels=labels)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([[5, V + 3]], r"input_ids\[0, 1\].*not installed"),
+        ([[5, V + K + 1]], "outside the id space"),
+        ([[5, -1]], "outside the id space"),
+    ],
+)
+def test_illegal_input_ids_raise(ids, message):
+    model = wrap(tiny_base("llama"))
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=torch.tensor(ids))
+
+
+def test_empty_input_raises():
+    model = wrap(tiny_base("llama"))
+    with pytest.raises(ValueError, match="non-empty"):
+        model(input_ids=torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_foreign_cache_raises():
+    from transformers import DynamicCache
+
+    model = wrap(tiny_base("llama"))
+    base_out = model.model(input_ids=torch.tensor([[5, 6]]), use_cache=True)
+    assert isinstance(base_out.past_key_values, DynamicCache)
+    with pytest.raises(ValueError, match="codebook state"):
+        model(input_ids=torch.tensor([[7]]), past_key_values=base_out.past_key_values)
+
+
+# ---------------------------------------------------------------------- construction, save, load
+
+
+def test_wrapping_keeps_base_weights():
+    base = tiny_base("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = wrap(base)
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = wrap(tiny_base("llama", rows=V + 8), position_mode="compressed")
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "modeling_zip2zip.py", "lzw.py"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, Zip2ZipForCausalLM) and loaded.config.position_mode == "compressed"
+    ids = torch.tensor([compressed(16, 80)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_missing_or_misshaped_encoder_weights_raise(tmp_path):
+    model = wrap(tiny_base("llama"))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = {k: v for k, v in weights.items() if not k.startswith("output_hyper_encoder")}
+    save_file(dropped, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing: output_hyper_encoder"):
+        Zip2ZipForCausalLM.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["max_subtokens"] = M + 2  # the position table of the attention encoder is M wide
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError)):
+        Zip2ZipForCausalLM.from_pretrained(tmp_path)
+
+
+def test_remote_code_load_in_fresh_process(tmp_path):
+    model = wrap(tiny_base("gpt2"))
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    ids = torch.tensor([compressed(17, 60)])
+    with torch.no_grad():
+        save_file({"ids": ids, "logits": model(input_ids=ids).logits.contiguous()}, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["zip2zip_hf"] = None  # the installed package must not be needed
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(model).__name__ == "Zip2ZipForCausalLM", type(model)
+        assert "transformers_modules" in type(model).__module__
+        with torch.no_grad():
+            logits = model(input_ids=expected["ids"]).logits
+        torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:] + done.stdout[-2000:]
+
+
+def test_auto_class_registration():
+    from transformers import AutoConfig
+
+    assert AutoConfig.for_model("zip2zip").__class__ is Zip2ZipConfig
+    assert zip2zip_hf.Zip2ZipForCausalLM is Zip2ZipForCausalLM
