@@ -7,10 +7,13 @@ here load with or without the package installed.
 
 import logging
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_zip2zip import Zip2ZipConfig
+from .hyper_cache import Zip2ZipCache
 from .lzw import Codebook, LZWCodec, LZWStream
+from .modeling_zip2zip import Zip2ZipForCausalLM
+from .tokenization_zip2zip import Zip2ZipTokenizer
 
 
 __version__ = "0.1.0"
@@ -19,5 +22,19 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 AutoConfig.register(Zip2ZipConfig.model_type, Zip2ZipConfig, exist_ok=True)
 Zip2ZipConfig.register_for_auto_class()
+# `slow_tokenizer_class=` is the keyword both majors accept (5.x prefers `tokenizer_class=`, 4.57 lacks it).
+AutoTokenizer.register(Zip2ZipConfig, slow_tokenizer_class=Zip2ZipTokenizer, exist_ok=True)
+Zip2ZipTokenizer.register_for_auto_class("AutoTokenizer")
+AutoModelForCausalLM.register(Zip2ZipConfig, Zip2ZipForCausalLM, exist_ok=True)
+Zip2ZipForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["Codebook", "LZWCodec", "LZWStream", "Zip2ZipConfig", "__version__"]
+__all__ = [
+    "Codebook",
+    "LZWCodec",
+    "LZWStream",
+    "Zip2ZipCache",
+    "Zip2ZipConfig",
+    "Zip2ZipForCausalLM",
+    "Zip2ZipTokenizer",
+    "__version__",
+]

@@ -31,7 +31,9 @@ class Zip2ZipConfig(PretrainedConfig):
         disabled_ids: ids never merged (special and added tokens, pad).
         pad_token_id: the padding id (always among ``disabled_ids``).
         hyper_encoder: ``"mean"`` (parameter-free masked mean) or ``"attention"`` (small transformer).
-        hyper_encoder_hidden_size: latent width of the attention encoder (default: the model width).
+        hyper_encoder_hidden_size: latent width of the attention encoder (default: a quarter of the
+            model width, at least 64, rounded up to a multiple of the heads; the encoder then costs
+            about a tenth of what a full-width one does, which a prefill of mostly new entries feels).
         hyper_encoder_num_layers / hyper_encoder_num_heads: depth and heads of the attention encoder.
         tie_hyper_encoders: one encoder for the input and the output side.
         position_mode: ``"compressed"`` (one position per token) or ``"base"`` (a hypertoken takes the
@@ -83,6 +85,9 @@ class Zip2ZipConfig(PretrainedConfig):
         self.max_subtokens = int(max_subtokens)
         self.disabled_ids = disabled
         self.hyper_encoder = hyper_encoder
+        if hyper_encoder_hidden_size is None:
+            quarter = max(64, self.text_config.hidden_size // 4)
+            hyper_encoder_hidden_size = -(-quarter // hyper_encoder_num_heads) * hyper_encoder_num_heads
         self.hyper_encoder_hidden_size = hyper_encoder_hidden_size
         self.hyper_encoder_num_layers = hyper_encoder_num_layers
         self.hyper_encoder_num_heads = hyper_encoder_num_heads

@@ -1,0 +1,641 @@
+"""Zip2ZipTokenizer: a base HF tokenizer whose output is LZW-compressed into per-sequence hypertokens.
+
+The base tokenizer (a Rust ``tokenizers.Tokenizer``) is held by composition and does all the real
+tokenization, so a text's base ids are exactly the base tokenizer's ids. This class only adds LZW on
+top: ``tok(text)`` returns compressed ids (base ids ``< V`` and hypertokens ``V + k``), ``decode``
+expands them again. Every sequence has its own codebook, rebuilt from the ids themselves, so only
+whole sequences (from their first id) can be decoded.
+
+Part of a checkpoint's remote-code closure: imports only transformers, tokenizers and siblings.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tokenizers import Tokenizer
+from transformers import BatchEncoding, PreTrainedTokenizer
+
+from .lzw import Codebook, LZWCodec
+
+
+__all__ = ["Zip2ZipTokenizer"]
+
+# Named special-token attributes copied from a base tokenizer (the same in transformers 4.57 and 5.x).
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+# One colour per merge length: 1 = a base token (plain), 2, 3, and 4 or more base tokens. Two hypertokens
+# of the same length in a row alternate with the bright shade of that colour, so the boundary shows.
+ANSI_STYLES = {2: "\x1b[30;46m", 3: "\x1b[30;43m", 4: "\x1b[30;45m"}
+ANSI_BRIGHT_STYLES = {2: "\x1b[30;106m", 3: "\x1b[30;103m", 4: "\x1b[30;105m"}
+ANSI_RESET = "\x1b[0m"
+HTML_COLORS = {2: "#aee8ee", 3: "#ffe39a", 4: "#f3b6f0"}
+
+# Base ids kept before a hypertoken when decoding it piecewise: enough context for byte-level and
+# metaspace decoders to render the new piece exactly as in the full text.
+_DECODE_WINDOW = 8
+
+
+def _as_id_list(ids: Any) -> list:
+    """A plain Python list from a list, tuple, int, numpy array or torch tensor."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    return list(ids)
+
+
+def _merge_class(length: int) -> int:
+    """Colour class of a piece made of ``length`` base tokens: 1, 2, 3 or 4 (meaning 4+)."""
+    return min(length, 4)
+
+
+def _special_affixes(base: Tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the base tokenizer's post-processor puts before and after a single sequence (e.g. BOS, EOS).
+
+    Learned once from a probe text: `sequence_ids` is None exactly for the post-processor's tokens.
+    """
+    encoding = base.encode("a", add_special_tokens=True)
+    content = [i for i, sequence_id in enumerate(encoding.sequence_ids) if sequence_id is not None]
+    if not content:  # the probe encoded to nothing: everything the post-processor adds is a prefix
+        return list(encoding.ids), []
+    return list(encoding.ids[: content[0]]), list(encoding.ids[content[-1] + 1 :])
+
+
+class Zip2ZipTokenizer(PreTrainedTokenizer):
+    r"""A base tokenizer plus online LZW compression into per-sequence hypertokens.
+
+    Build one from a Hugging Face fast tokenizer with `Zip2ZipTokenizer.from_base`; reload a saved one
+    with `from_pretrained` / `AutoTokenizer.from_pretrained`.
+
+    * ``tok(text)`` / ``tok(texts, padding=True, return_tensors="pt")`` give compressed ``input_ids``
+      (ids ``< V`` are base tokens, ``V + k`` the k-th hypertoken of that sequence) and an
+      ``attention_mask`` that is 0 exactly on the padding. Padding is on the left by default.
+    * ``max_length`` counts compressed tokens. Right truncation keeps the first codes; left truncation
+      drops *base* tokens from the left and compresses the rest afresh (a compressed suffix would refer
+      to entries created before it).
+    * ``decode`` expands compressed ids from the sequence start (left padding is fine) and decodes
+      the base ids with the base tokenizer.
+    * ``len(tok)``, ``get_vocab()`` and ``vocab_size`` describe the base vocabulary only: hypertokens
+      have no fixed string.
+
+    Args:
+        base_tokenizer_file: path of the base tokenizer's ``tokenizers`` JSON (``base_tokenizer.json``).
+        initial_vocab_size: V, the base/hyper boundary: the base tokenizer's length, added tokens included.
+        max_codebook_size: K, the most hypertokens one sequence may create.
+        max_subtokens: M, the most base tokens one hypertoken stands for.
+        disabled_ids: ids never merged into a hypertoken (special and added tokens, pad). Defaults to
+            the base tokenizer's added tokens.
+        base_tokenizer_object: a ``tokenizers.Tokenizer`` to use instead of ``base_tokenizer_file`` (copied).
+        kwargs: the usual tokenizer settings (special tokens, ``chat_template``, ``padding_side``,
+            ``model_max_length``, ...).
+    """
+
+    vocab_files_names = {"base_tokenizer_file": "base_tokenizer.json"}
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+
+    def __init__(
+        self,
+        base_tokenizer_file: str | os.PathLike | None = None,
+        initial_vocab_size: int | None = None,
+        max_codebook_size: int = 2048,
+        max_subtokens: int = 4,
+        disabled_ids: Iterable[int] | None = None,
+        base_tokenizer_object: Tokenizer | None = None,
+        tokenizer_file: str | None = None,  # transformers 5 always passes it (a tokenizer.json we never write)
+        **kwargs,
+    ):
+        if base_tokenizer_object is not None:
+            base = Tokenizer.from_str(base_tokenizer_object.to_str())  # a copy: we change its settings
+        elif base_tokenizer_file is not None:
+            base = Tokenizer.from_file(str(base_tokenizer_file))
+        else:
+            raise ValueError(
+                "Zip2ZipTokenizer needs a base tokenizer: pass base_tokenizer_file, or build one with "
+                "Zip2ZipTokenizer.from_base(base_tokenizer)"
+            )
+        # Truncation and padding are ours (they count compressed tokens); the base must never apply its own.
+        base.no_truncation()
+        base.no_padding()
+        # Everything get_vocab() needs must exist before super().__init__, which registers the special
+        # tokens through get_vocab().
+        self._base = base
+
+        base_length = base.get_vocab_size(with_added_tokens=True)
+        if initial_vocab_size is None:
+            initial_vocab_size = base_length
+        if initial_vocab_size != base_length:
+            raise ValueError(
+                f"initial_vocab_size={initial_vocab_size} but the base tokenizer has {base_length} ids: "
+                "V must be the base tokenizer's length"
+            )
+        self._prefix_ids, self._suffix_ids = _special_affixes(base)
+        if disabled_ids is None:
+            disabled_ids = set(base.get_added_tokens_decoder())
+        disabled = {int(i) for i in disabled_ids}
+        # Left/right truncation keeps the post-processor's tokens (BOS, EOS) outside the compressed
+        # part; that is only equivalent to compressing the whole row when they are never merged.
+        stray = sorted(set(self._prefix_ids + self._suffix_ids) - disabled)
+        if stray:
+            raise ValueError(f"the base tokenizer's post-processor adds ids {stray} that are not in disabled_ids")
+
+        self.initial_vocab_size = int(initial_vocab_size)
+        self.max_codebook_size = int(max_codebook_size)
+        self.max_subtokens = int(max_subtokens)
+        self.disabled_ids = sorted(disabled)
+        self.codec = LZWCodec(self.initial_vocab_size, self.max_codebook_size, self.max_subtokens, disabled)
+
+        # In init_kwargs, so save_pretrained writes their current values (class defaults are not saved).
+        kwargs.setdefault("padding_side", type(self).padding_side)
+        kwargs.setdefault("truncation_side", type(self).truncation_side)
+        # Facts about one load (transformers 5 passes them), not settings: keep them out of the saved config.
+        kwargs.pop("is_local", None)
+        kwargs.pop("local_files_only", None)
+        super().__init__(
+            initial_vocab_size=self.initial_vocab_size,
+            max_codebook_size=self.max_codebook_size,
+            max_subtokens=self.max_subtokens,
+            disabled_ids=self.disabled_ids,
+            **kwargs,
+        )
+        if self.pad_token_id is not None and self.pad_token_id not in disabled:
+            raise ValueError(f"the pad id {self.pad_token_id} must be in disabled_ids, or padding would be merged")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(
+        cls,
+        base_tokenizer: Any,
+        max_codebook_size: int = 2048,
+        max_subtokens: int = 4,
+        **kwargs,
+    ) -> Zip2ZipTokenizer:
+        """Wrap a Hugging Face fast tokenizer (or the path/name of one) with LZW compression.
+
+        Copies the special tokens (named ones and the additional/extra ones), the chat template,
+        ``model_max_length`` and ``clean_up_tokenization_spaces``. V is ``len(base_tokenizer)``, added
+        tokens included. The disabled ids are every special and added token plus pad.
+
+        If the base has no pad token, its EOS token is used as pad (padding is then told apart from a
+        real EOS by the attention mask, never by the id).
+
+        Args:
+            base_tokenizer: a ``PreTrainedTokenizerFast`` / ``TokenizersBackend``, or a path or Hub id
+                that ``AutoTokenizer.from_pretrained`` loads into one.
+            max_codebook_size: K, the most hypertokens one sequence may create.
+            max_subtokens: M, the most base tokens one hypertoken stands for.
+            kwargs: overrides for the new tokenizer's settings (e.g. ``padding_side="right"``).
+        """
+        if isinstance(base_tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            base_tokenizer = AutoTokenizer.from_pretrained(str(base_tokenizer))
+        if isinstance(base_tokenizer, Zip2ZipTokenizer):
+            raise ValueError("base_tokenizer is already a Zip2ZipTokenizer")
+        if not getattr(base_tokenizer, "is_fast", False):
+            raise ValueError(f"from_base needs a fast (Rust-backed) tokenizer, got {type(base_tokenizer).__name__}")
+        rust = base_tokenizer.backend_tokenizer
+
+        named = {k: str(v) for k, v in base_tokenizer.special_tokens_map.items() if k in _NAMED_SPECIAL_TOKENS}
+        if "pad_token" not in named:
+            if "eos_token" not in named:
+                raise ValueError("the base tokenizer has neither a pad nor an eos token: set base_tokenizer.pad_token")
+            named["pad_token"] = named["eos_token"]
+        extra = [t for t in base_tokenizer.all_special_tokens if t not in named.values()]
+        pad_id = rust.token_to_id(named["pad_token"])
+        prefix, suffix = _special_affixes(rust)
+        disabled = (
+            set(base_tokenizer.all_special_ids)
+            | set(base_tokenizer.added_tokens_decoder)
+            | {pad_id}
+            | set(prefix + suffix)
+        )
+
+        settings: dict[str, Any] = dict(
+            base_tokenizer_object=rust,
+            initial_vocab_size=len(base_tokenizer),
+            max_codebook_size=max_codebook_size,
+            max_subtokens=max_subtokens,
+            disabled_ids=sorted(disabled),
+            added_tokens_decoder=copy.deepcopy(dict(base_tokenizer.added_tokens_decoder)),
+            additional_special_tokens=extra,
+            model_max_length=base_tokenizer.model_max_length,
+            clean_up_tokenization_spaces=bool(base_tokenizer.clean_up_tokenization_spaces),
+            name_or_path=base_tokenizer.name_or_path,
+            **named,
+        )
+        if base_tokenizer.chat_template is not None:
+            settings["chat_template"] = copy.deepcopy(base_tokenizer.chat_template)
+        settings.update(kwargs)
+        return cls(**settings)
+
+    @property
+    def base_tokenizer(self) -> Tokenizer:
+        """The Rust base tokenizer (without truncation or padding)."""
+        return self._base
+
+    # ------------------------------------------------------------------ vocabulary (the base's)
+
+    @property
+    def vocab_size(self) -> int:
+        """The base vocabulary size without added tokens, like the base tokenizer's ``vocab_size``."""
+        return self._base.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        """V: the base tokenizer's length, added tokens included; hyper slots are never counted."""
+        return self._base.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        """The base vocabulary (added tokens included). Hypertokens are per sequence and have no entry."""
+        return self._base.get_vocab(with_added_tokens=True)
+
+    def _add_tokens(self, new_tokens: Sequence[Any], special_tokens: bool = False) -> int:
+        # Ids >= V are hypertokens: a new token would collide with them. Known tokens (the base's
+        # specials, registered by the parent __init__) are fine.
+        vocab = self.get_vocab()
+        unknown = [str(t) for t in new_tokens or () if str(t) and str(t) not in vocab]
+        if unknown:
+            raise ValueError(
+                f"cannot add tokens {unknown} to a Zip2ZipTokenizer: ids >= V are hypertokens. Add them to the "
+                "base tokenizer and rebuild with Zip2ZipTokenizer.from_base"
+            )
+        return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+
+    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs) -> list[str]:
+        """The base tokenizer's tokens for ``text`` (uncompressed: hypertokens have no string)."""
+        return self._base.encode(text, pair, add_special_tokens=add_special_tokens).tokens
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self._base.encode(text, add_special_tokens=False).tokens
+
+    def _convert_token_to_id(self, token: str) -> int | None:
+        token_id = self._base.token_to_id(token)
+        return self.unk_token_id if token_id is None else token_id
+
+    def _convert_id_to_token(self, index: int) -> str | None:
+        """The base token string of a base id; None for a hypertoken (it has no fixed string)."""
+        return self._base.id_to_token(index)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        if self._base.decoder is None:
+            return "".join(tokens)
+        return self._base.decoder.decode(tokens)
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        """Write the base tokenizer as ``base_tokenizer.json`` (never ``tokenizer.json``: transformers 5
+        would load that as a plain tokenizer without LZW)."""
+        name = (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["base_tokenizer_file"]
+        path = os.path.join(save_directory, name)
+        self._base.save(path)
+        return (path,)
+
+    # ------------------------------------------------------------------ encoding
+
+    def base_ids(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """The base tokenizer's ids for each text (a list of texts), exactly as the base tokenizer encodes them."""
+        if isinstance(texts, str):
+            raise TypeError("base_ids takes a list of texts, not a single string")
+        rows = [list(e.ids) for e in self._base.encode_batch(list(texts), add_special_tokens=False)]
+        if add_special_tokens:
+            rows = [self._prefix_ids + row + self._suffix_ids for row in rows]
+        return rows
+
+    def _compress(self, content: list[int], add_special_tokens: bool, max_length: int | None) -> list[int]:
+        """Compressed ids of one row of base ids, the post-processor's specials added around it.
+
+        With ``max_length``, the result has at most that many ids: right truncation keeps the first
+        codes (a prefix of a greedy LZW output is the greedy output of its own text), left truncation
+        drops base tokens from the left and compresses the rest from an empty codebook.
+        """
+        prefix, suffix = (self._prefix_ids, self._suffix_ids) if add_special_tokens else ([], [])
+        codes, _ = self.codec.encode(content)
+        if max_length is None or len(prefix) + len(codes) + len(suffix) <= max_length:
+            return prefix + codes + suffix
+        budget = max_length - len(prefix) - len(suffix)
+        if budget < 0:
+            raise ValueError(
+                f"max_length={max_length} is shorter than the {len(prefix) + len(suffix)} special tokens "
+                "the base tokenizer adds"
+            )
+        if self.truncation_side == "right":
+            return prefix + codes[:budget] + suffix
+        return prefix + self._left_truncate(content, budget) + suffix
+
+    def _left_truncate(self, content: list[int], budget: int) -> list[int]:
+        """Compressed ids of the longest suffix of ``content`` (base ids) we find that fits in ``budget``."""
+        if budget == 0:
+            return []
+        # A hypertoken covers at most M base tokens, so no suffix longer than budget * M fits: start there.
+        cut = max(0, len(content) - budget * self.max_subtokens)
+        fails = cut - 1  # the largest cut known not to fit (-1: none)
+        codes, codebook = self.codec.encode(content[cut:])
+        # Drop the base tokens under the excess codes and re-encode: the suffix starts with an empty
+        # codebook, so it usually compresses worse than before and may need another round.
+        while len(codes) > budget:
+            fails = cut
+            cut += sum(len(codebook.get_subtokens(c)) for c in codes[: len(codes) - budget])
+            codes, codebook = self.codec.encode(content[cut:])
+        # The last round may have dropped more than needed: bisect between the last cut that did not fit
+        # and the one that does. LZW length is not strictly monotone in the cut, but only cuts that fit
+        # are ever kept.
+        lo, hi = fails, cut
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            candidate, _ = self.codec.encode(content[mid:])
+            if len(candidate) <= budget:
+                hi, codes = mid, candidate
+            else:
+                lo = mid
+        return codes
+
+    def _encode_plus(
+        self,
+        text: Any,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding_strategy: Any = "do_not_pad",
+        truncation_strategy: Any = "do_not_truncate",
+        max_length: int | None = None,
+        stride: int = 0,
+        is_split_into_words: bool = False,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: Any = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_overflowing_tokens: bool = False,
+        return_special_tokens_mask: bool = False,
+        return_offsets_mapping: bool = False,
+        return_length: bool = False,
+        verbose: bool = True,
+        split_special_tokens: bool = False,
+        prepend_batch_axis: bool = True,
+        **kwargs,
+    ) -> BatchEncoding:
+        # The one encoding entry point. transformers 5 sends single and batched input here; 4.57 sends
+        # single input here and batches through `_batch_encode_plus`, which forwards here. We take over
+        # from the text (not at `prepare_for_model`, which only sees ids) so the base ids come from
+        # the Rust tokenizer itself, and pad once at the end.
+        if text_pair is not None:
+            raise NotImplementedError("Zip2ZipTokenizer does not encode pairs of sequences")
+        if is_split_into_words:
+            raise NotImplementedError("Zip2ZipTokenizer does not encode pre-tokenized input (is_split_into_words)")
+        if return_overflowing_tokens:
+            raise NotImplementedError("Zip2ZipTokenizer does not return overflowing tokens")
+        if return_offsets_mapping:
+            raise NotImplementedError("offsets are not available: a hypertoken spans several base tokens")
+        if split_special_tokens or kwargs.get("sanitize_control_tokens"):
+            raise NotImplementedError("Zip2ZipTokenizer does not split special tokens")
+
+        batched = isinstance(text, (list, tuple)) and (len(text) == 0 or not isinstance(text[0], int))
+        rows = list(text) if batched else [text]
+        texts = [row for row in rows if isinstance(row, str)]
+        encoded_texts = iter(self.base_ids(texts, add_special_tokens=False))
+        contents = []
+        for row in rows:
+            if isinstance(row, str):
+                contents.append(next(encoded_texts))
+            elif isinstance(row, (list, tuple)) and all(isinstance(i, int) for i in row):
+                contents.append(list(row))  # base ids given directly
+            else:
+                raise ValueError(f"expected a string or a list of base ids, got {type(row).__name__}: {row!r:.80}")
+
+        strategy = getattr(truncation_strategy, "value", truncation_strategy)
+        if strategy == "only_second":
+            raise NotImplementedError("truncation='only_second' needs pairs, which Zip2ZipTokenizer does not encode")
+        limit = max_length if strategy not in (None, False, "do_not_truncate") else None
+
+        input_ids = [self._compress(content, add_special_tokens, limit) for content in contents]
+        for ids in input_ids:
+            self._eventual_warn_about_too_long_sequence(ids, max_length, verbose)
+
+        encoded: dict[str, list] = {"input_ids": input_ids}
+        if return_token_type_ids:
+            encoded["token_type_ids"] = [[0] * len(ids) for ids in input_ids]
+        if return_special_tokens_mask:
+            special = set(self.all_special_ids)
+            encoded["special_tokens_mask"] = [[int(i in special) for i in ids] for ids in input_ids]
+        if return_length:
+            encoded["length"] = [len(ids) for ids in input_ids]
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        if return_attention_mask:
+            # Built here, before padding, so it marks exactly the padding: a real EOS that shares the
+            # pad id keeps mask 1.
+            encoded["attention_mask"] = [[1] * len(ids) for ids in input_ids]
+
+        if not batched:
+            encoded = {key: value[0] for key, value in encoded.items()}
+        padded = self.pad(
+            encoded,
+            padding=getattr(padding_strategy, "value", padding_strategy),
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+        )
+        return BatchEncoding(
+            dict(padded), tensor_type=return_tensors, prepend_batch_axis=prepend_batch_axis and not batched
+        )
+
+    def _batch_encode_plus(self, batch_text_or_text_pairs: Sequence[Any], **kwargs) -> BatchEncoding:
+        # transformers 4.57 only (5.x has no such method): batches arrive here.
+        return self._encode_plus(list(batch_text_or_text_pairs), **kwargs)
+
+    def prepare_for_model(
+        self,
+        ids: list[int],
+        pair_ids: list[int] | None = None,
+        add_special_tokens: bool = True,
+        padding: Any = False,
+        truncation: Any = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: Any = None,
+        prepend_batch_axis: bool = False,
+        verbose: bool = True,
+        **kwargs,
+    ) -> BatchEncoding:
+        """Compress one row of base ids, with the same options as ``__call__``."""
+        padding_strategy, truncation_strategy, max_length, kwargs = self._get_padding_truncation_strategies(
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            verbose=verbose,
+            **kwargs,
+        )
+        return self._encode_plus(
+            list(ids),
+            text_pair=pair_ids,
+            add_special_tokens=add_special_tokens,
+            padding_strategy=padding_strategy,
+            truncation_strategy=truncation_strategy,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            prepend_batch_axis=prepend_batch_axis,
+            verbose=verbose,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(
+        self,
+        token_ids: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        return_codebook: bool = False,
+        **kwargs,
+    ) -> str | tuple[str, Codebook] | list:
+        """Text of compressed ids: LZW-decoded from the sequence start, then decoded by the base tokenizer.
+
+        A list of sequences gives a list of texts. ``return_codebook=True`` returns ``(text, codebook)``
+        (a list of such pairs for a batch).
+
+        Raises:
+            ValueError: an id that is not legal at its position (e.g. a hypertoken not created yet,
+                as happens when decoding a slice that does not start at the sequence start).
+        """
+        ids = _as_id_list(token_ids)
+        if ids and isinstance(ids[0], (list, tuple)):
+            return [
+                self.decode(row, skip_special_tokens, clean_up_tokenization_spaces, return_codebook, **kwargs)
+                for row in ids
+            ]
+        base_ids, codebook = self.codec.decode(ids)
+        text = self._base.decode(base_ids, skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces:
+            text = self.clean_up_tokenization(text)
+        return (text, codebook) if return_codebook else text
+
+    def _decode(
+        self,
+        token_ids: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> str:
+        return self.decode(token_ids, skip_special_tokens, clean_up_tokenization_spaces)
+
+    def batch_decode(
+        self,
+        sequences: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> list[str]:
+        """`decode` each sequence (each from its own start)."""
+        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in _as_id_list(sequences)]
+
+    # ------------------------------------------------------------------ inspection
+
+    def _pieces(self, token_ids: Any, skip_special_tokens: bool) -> list[tuple[str, int, list[int]]]:
+        """Split the text of compressed ids into ``(text, merge class, ids)`` pieces, one per id.
+
+        A piece is decoded after a few base ids of context, so byte-level and metaspace decoders
+        render it as in the full text. Ids whose bytes end inside a UTF-8 character are joined with
+        the next ones (the piece then takes the longest merge among them).
+        """
+        ids = _as_id_list(token_ids)
+        _, codebook = self.codec.decode(ids)  # validates every id; the final codebook knows them all
+        if skip_special_tokens:
+            special = set(self.all_special_ids)
+            ids = [i for i in ids if i not in special]
+        pieces: list[tuple[str, int, list[int]]] = []
+        done: list[int] = []
+        pending: list[int] = []
+        pending_ids: list[int] = []
+        pending_class = 1
+        for position, code in enumerate(ids):
+            subtokens = list(codebook.get_subtokens(code))
+            pending += subtokens
+            pending_ids.append(code)
+            pending_class = max(pending_class, _merge_class(len(subtokens)))
+            window = done[-_DECODE_WINDOW:]
+            before = self._base.decode(window, skip_special_tokens=False)
+            after = self._base.decode(window + pending, skip_special_tokens=False)
+            if after.endswith("\ufffd") and position + 1 < len(ids):
+                continue
+            text = (
+                after[len(before) :]
+                if after.startswith(before)
+                else self._base.decode(pending, skip_special_tokens=False)
+            )
+            pieces.append((text, pending_class, pending_ids))
+            done += pending
+            pending, pending_ids, pending_class = [], [], 1
+        return pieces
+
+    def color_decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
+        """The text of compressed ids with ANSI colours showing the hypertokens.
+
+        Base tokens are plain; hypertokens of 2, 3 and 4+ base tokens each get their own background
+        colour (`ANSI_STYLES`; a hypertoken right after one of the same length takes the bright shade,
+        `ANSI_BRIGHT_STYLES`). Colours are closed at every line end, so lines can be printed separately.
+        """
+        out = []
+        previous = (1, False)  # (merge class, bright) of the previous piece
+        for text, merge, _ in self._pieces(token_ids, skip_special_tokens):
+            if merge == 1:
+                out.append(text)
+                previous = (1, False)
+                continue
+            bright = previous == (merge, False)
+            style = (ANSI_BRIGHT_STYLES if bright else ANSI_STYLES)[merge]
+            out.append("\n".join(style + line + ANSI_RESET if line else line for line in text.split("\n")))
+            previous = (merge, bright)
+        return "".join(out)
+
+    def to_html(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
+        """The text of compressed ids as HTML: a ``<pre>`` with one ``<span class="z2z-mN">`` per hypertoken.
+
+        N is the merge length (2, 3, or 4 for 4+); each span has that length's background colour and a
+        title naming its hyper id. Base tokens are plain text. All text is HTML-escaped.
+        """
+        out = ['<pre class="zip2zip">']
+        for text, merge, ids in self._pieces(token_ids, skip_special_tokens):
+            if merge == 1:
+                out.append(html.escape(text))
+                continue
+            title = ", ".join(f"id {i}" for i in ids)
+            out.append(
+                f'<span class="z2z-m{merge}" style="background:{HTML_COLORS[merge]}" title="{title}">'
+                f"{html.escape(text)}</span>"
+            )
+        out.append("</pre>")
+        return "".join(out)
+
+    def compression_stats(self, texts: str | Iterable[str]) -> dict[str, float]:
+        """How much LZW shortens ``texts``, each compressed on its own (no special tokens added).
+
+        Returns a dict with ``texts``, ``bytes`` (UTF-8), ``base_tokens``, ``compressed_tokens`` (totals
+        over the texts), ``ratio`` (compressed / base), ``bytes_per_base_token`` and
+        ``bytes_per_compressed_token``.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = self.base_ids(texts, add_special_tokens=False)
+        base = sum(len(row) for row in rows)
+        compressed = sum(len(self.codec.encode(row)[0]) for row in rows)
+        n_bytes = sum(len(text.encode("utf-8")) for text in texts)
+        return {
+            "texts": len(texts),
+            "bytes": n_bytes,
+            "base_tokens": base,
+            "compressed_tokens": compressed,
+            "ratio": compressed / base if base else 1.0,
+            "bytes_per_base_token": n_bytes / base if base else 0.0,
+            "bytes_per_compressed_token": n_bytes / compressed if compressed else 0.0,
+        }
