@@ -364,3 +364,67 @@ def test_auto_class_registration():
 
     assert AutoConfig.for_model("zip2zip").__class__ is Zip2ZipConfig
     assert zip2zip_hf.Zip2ZipForCausalLM is Zip2ZipForCausalLM
+
+
+def test_tokenizer_config_mismatch_raises_on_load(tmp_path, tiny_base_tokenizer):
+    from zip2zip_hf import Zip2ZipTokenizer
+
+    tokenizer = Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=64, max_subtokens=3)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=1, num_attention_heads=4))
+    model = Zip2ZipForCausalLM.from_base(base, tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), Zip2ZipForCausalLM)
+    other = Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=128, max_subtokens=3)
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="max_codebook_size: model 64 vs tokenizer 128"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="max_codebook_size"):
+        model.config.check_tokenizer(other)
+
+
+def test_from_base_pretrained_wraps_a_saved_base(tmp_path, tiny_base_tokenizer):
+    base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tiny_base_tokenizer), hidden_size=32,
+                                                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    base.save_pretrained(tmp_path)
+    tiny_base_tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = Zip2ZipForCausalLM.from_base_pretrained(str(tmp_path), max_codebook_size=32, max_subtokens=2,
+                                                               hyper_encoder="mean", position_mode="compressed")
+    assert (model.config.max_codebook_size, model.config.max_subtokens, model.config.hyper_encoder) == (32, 2, "mean")
+    assert tokenizer.initial_vocab_size == model.config.initial_vocab_size == len(tiny_base_tokenizer)
+    batch = tokenizer(["def f(x):\n    return x\n" * 3], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[-1] == len(tokenizer) + 32
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), model.model.state_dict().values()))
+
+
+@pytest.mark.real_model
+def test_real_smollm2_training_equals_inference(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from zip2zip_hf import Zip2ZipTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = Zip2ZipTokenizer.from_base(AutoTokenizer.from_pretrained(smollm2_dir))
+    model = wrap_real(base, tokenizer)
+    text = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
+    batch = tokenizer([text, text[:70]], return_tensors="pt", padding=True)
+    assert (batch["input_ids"] >= tokenizer.initial_vocab_size).any()
+    with torch.no_grad():
+        full = model(**batch).logits
+        stepped = step_by_step_logits(model, batch["input_ids"], batch["attention_mask"])
+        plain = tokenizer(["def add(a, b):"], return_tensors="pt")  # no hypertoken yet
+        torch.testing.assert_close(model(**plain).logits[..., : len(tokenizer)], base(**plain).logits, atol=0, rtol=0)
+    assert_same_logits(full, stepped, batch["attention_mask"], atol=2e-4)
+
+
+def wrap_real(base, tokenizer):
+    model = Zip2ZipForCausalLM.from_base(base, tokenizer).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "hyper_encoder" in name:
+                param.add_(torch.randn_like(param) * 0.02)
+    return model

@@ -34,7 +34,9 @@ codebook is not full and ``w + w[0]`` is not an entry yet (so feeding it creates
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 
 __all__ = ["Codebook", "LZWCodec", "LZWStream"]
@@ -43,114 +45,100 @@ __all__ = ["Codebook", "LZWCodec", "LZWStream"]
 class Codebook:
     """The entries of one sequence: hyper id ``V + k`` -> the base ids it stands for.
 
-    Entries are stored as (prefix code, last base id) pairs, the way LZW builds them; their base ids
-    are expanded on demand and memoised.
+    The whole codebook is one dict ``key -> hyper id`` with ``key = prefix_code * V + last_base_id``:
+    the lookup the LZW loop needs, and (dicts keep insertion order) the k-th key *is* entry k, so
+    nothing else has to be written while encoding. Contents (tuples of base ids) are expanded from
+    the keys on demand and memoised in creation order; `LZWStream` fills that memo as it goes.
     """
 
-    __slots__ = ("initial_vocab_size", "max_codebook_size", "_lookup", "_prefix", "_last", "_expanded")
+    __slots__ = ("initial_vocab_size", "max_codebook_size", "_lookup", "_expanded")
 
     def __init__(self, initial_vocab_size: int, max_codebook_size: int):
         self.initial_vocab_size = initial_vocab_size
         self.max_codebook_size = max_codebook_size
-        # (prefix_code * V + last_id) -> hyper id. An int key hashes far faster than a tuple.
+        # prefix_code * V + last_id -> hyper id, in creation order. An int key hashes far faster than
+        # a (prefix, last) tuple, and no key is negative: the loops use that to mark "no phrase".
         self._lookup: dict[int, int] = {}
-        self._prefix: list[int] = []
-        self._last: list[int] = []
-        self._expanded: list[tuple[int, ...]] = []
+        self._expanded: list[tuple[int, ...]] = []  # contents of entries 0 .. len - 1 (a prefix of them)
 
     def __len__(self) -> int:
-        return len(self._prefix)
+        return len(self._lookup)
 
     @property
     def is_full(self) -> bool:
-        return len(self._prefix) >= self.max_codebook_size
+        return len(self._lookup) >= self.max_codebook_size
 
     def __contains__(self, hyper_id: int) -> bool:
-        return 0 <= hyper_id - self.initial_vocab_size < len(self._prefix)
+        return 0 <= hyper_id - self.initial_vocab_size < len(self._lookup)
+
+    def _fill(self) -> None:
+        """Expand the entries created since the memo was last filled (a prefix is always older)."""
+        V, expanded = self.initial_vocab_size, self._expanded
+        for key in islice(self._lookup, len(expanded), None):
+            prefix, last = divmod(key, V)
+            expanded.append((expanded[prefix - V] if prefix >= V else (prefix,)) + (last,))
 
     def get_subtokens(self, code: int) -> tuple[int, ...]:
         """Base ids of ``code``: itself for a base id, the entry's content for an installed hyper id."""
         k = code - self.initial_vocab_size
         if k < 0:
+            if code < 0:
+                raise ValueError(f"id {code} is negative")
             return (code,)
-        expanded = self._expanded
-        while len(expanded) <= k:  # fill the memo in creation order: a prefix is always older
-            j = len(expanded)
-            prefix = self._prefix[j]
-            head = expanded[prefix - self.initial_vocab_size] if prefix >= self.initial_vocab_size else (prefix,)
-            expanded.append(head + (self._last[j],))
-        return expanded[k]
+        if k >= len(self._expanded):
+            if k >= len(self._lookup):
+                raise ValueError(f"hyper id {code} is not installed: the codebook has {len(self._lookup)} entries")
+            self._fill()
+        return self._expanded[k]
 
     def to_dict(self) -> dict[int, list[int]]:
         """``{hyper_id: [base ids]}`` in creation order."""
-        return {self.initial_vocab_size + k: list(self.get_subtokens(self.initial_vocab_size + k)) for k in range(len(self))}
+        self._fill()
+        V = self.initial_vocab_size
+        return {V + k: list(content) for k, content in enumerate(self._expanded)}
 
     def to_list(self) -> list[list[int]]:
         """Entry contents in creation order (entry k is hyper id ``V + k``)."""
-        return list(self.to_dict().values())
+        self._fill()
+        return [list(content) for content in self._expanded]
 
     def copy(self) -> Codebook:
         other = Codebook(self.initial_vocab_size, self.max_codebook_size)
         other._lookup = dict(self._lookup)
-        other._prefix = list(self._prefix)
-        other._last = list(self._last)
         other._expanded = list(self._expanded)
         return other
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Codebook):
             return NotImplemented
-        return self.initial_vocab_size == other.initial_vocab_size and self.to_dict() == other.to_dict()
+        # Same V and the same key -> id pairs is the same entries under the same ids.
+        return self.initial_vocab_size == other.initial_vocab_size and self._lookup == other._lookup
+
+    __hash__ = None  # mutable
 
     def __repr__(self) -> str:
         return f"Codebook({self.to_dict()})"
 
 
-def _scan(codec: LZWCodec, codebook: Codebook, base_ids: Iterable[int], w: int, wlen: int, emit) -> tuple[int, int]:
-    """Run greedy LZW over ``base_ids`` from phrase state ``(w, wlen)``; return the new state.
-
-    ``w`` is the code of the pending phrase (-1 for none) and ``wlen`` its length in base ids. Codes
-    are passed to ``emit`` as they are decided. This is the one LZW loop: `encode` and `LZWStream`
-    both run it, so their codebooks cannot drift apart.
-    """
-    V, M, disabled = codec.initial_vocab_size, codec.max_subtokens, codec.disabled_ids
-    lookup, prefix, last = codebook._lookup, codebook._prefix, codebook._last
-    room = codec.max_codebook_size - len(prefix)
-    for c in base_ids:
-        if c in disabled:
-            if w >= 0:
-                emit(w)
-                w = -1
-            emit(c)
-            continue
-        if w < 0:
-            w, wlen = c, 1
-            continue
-        if wlen < M:
-            key = w * V + c
-            extended = lookup.get(key)
-            if extended is not None:
-                w = extended
-                wlen += 1
-                continue
-            if room > 0:
-                lookup[key] = V + len(prefix)
-                prefix.append(w)
-                last.append(c)
-                room -= 1
-        emit(w)
-        w, wlen = c, 1
-    return w, wlen
-
-
-def _discard(code: int) -> None:
-    pass
-
-
 def _as_id_list(ids) -> list[int]:
-    if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
+    if hasattr(ids, "tolist"):  # torch tensors and numpy arrays (a 0-d one gives a bare int)
         ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
     return ids if isinstance(ids, list) else list(ids)
+
+
+def _setting(name: str, value, least: int | None) -> int:
+    """``value`` as a plain int (numpy/torch ints welcome; bools, floats and strings are not)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+    if least is not None and number < least:
+        raise ValueError(f"{name} must be >= {least}, got {number}")
+    return number
 
 
 class LZWCodec:
@@ -170,13 +158,10 @@ class LZWCodec:
         max_subtokens: int,
         disabled_ids: Iterable[int] = (),
     ):
-        if initial_vocab_size < 1:
-            raise ValueError(f"initial_vocab_size must be >= 1, got {initial_vocab_size}")
-        if max_codebook_size < 0:
-            raise ValueError(f"max_codebook_size must be >= 0, got {max_codebook_size}")
-        if max_subtokens < 1:
-            raise ValueError(f"max_subtokens must be >= 1, got {max_subtokens}")
-        disabled = frozenset(int(i) for i in disabled_ids)
+        initial_vocab_size = _setting("initial_vocab_size", initial_vocab_size, 1)
+        max_codebook_size = _setting("max_codebook_size", max_codebook_size, 0)
+        max_subtokens = _setting("max_subtokens", max_subtokens, 1)
+        disabled = frozenset(_setting("disabled id", i, None) for i in disabled_ids)
         bad = sorted(i for i in disabled if not 0 <= i < initial_vocab_size)
         if bad:
             raise ValueError(f"disabled_ids must be base ids in [0, {initial_vocab_size}), got {bad}")
@@ -208,16 +193,45 @@ class LZWCodec:
             ValueError: an id is negative or ``>= V`` (hyper ids cannot be re-compressed).
         """
         ids = _as_id_list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= self.initial_vocab_size):
-            position, bad = next((i, c) for i, c in enumerate(ids) if not 0 <= c < self.initial_vocab_size)
-            raise ValueError(
-                f"encode() takes base ids in [0, {self.initial_vocab_size}); got {bad} at position {position}"
-            )
+        V = self.initial_vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= V):  # two C-speed passes; the loop below trusts its input
+            position, bad = next((i, c) for i, c in enumerate(ids) if not 0 <= c < V)
+            raise ValueError(f"encode() takes base ids in [0, {V}); got {bad} at position {position}")
         codebook = self.new_codebook()
+        lookup = codebook._lookup
+        disabled, M = self.disabled_ids, self.max_subtokens
         codes: list[int] = []
-        w, _ = _scan(self, codebook, ids, -1, 0, codes.append)
+        emit = codes.append
+        # The hot loop, one iteration per base id (profiled: this is where all the time goes).
+        # - w is the code of the pending phrase, -1 for none; wlen its length in base ids.
+        # - The common case, extending w, costs one dict probe. No `wlen < M` test is needed for it:
+        #   an entry of length M is never a prefix of another entry, so its keys are simply absent.
+        # - For w == -1 the key w * V + c is negative, never present: "no phrase" needs no own test.
+        # - Disabled ids are never inside an entry, so they too always miss; they are recognised
+        #   on the miss path only, which runs once per emitted code instead of once per base id.
+        # - The codebook's dict is the only thing written when an entry is created.
+        w, wlen = -1, 0
+        new, limit = V, V + self.max_codebook_size  # next hyper id; the first id past the codebook
+        for c in ids:
+            key = w * V + c
+            if key in lookup:
+                w = lookup[key]
+                wlen += 1
+                continue
+            if c in disabled:  # flush w, emit c alone, start with no phrase
+                if w >= 0:
+                    emit(w)
+                emit(c)
+                w = -1
+                continue
+            if w >= 0:
+                emit(w)
+                if new < limit and wlen < M:
+                    lookup[key] = new
+                    new += 1
+            w, wlen = c, 1
         if w >= 0:
-            codes.append(w)
+            emit(w)
         return codes, codebook
 
     def batch_encode(self, batch: Iterable[Sequence[int]]) -> list[tuple[list[int], Codebook]]:
@@ -237,7 +251,7 @@ class LZWCodec:
         """
         stream = self.stream()
         base_ids: list[int] = []
-        stream.feed(codes, out=base_ids)
+        stream._feed(_as_id_list(codes), base_ids)
         return base_ids, stream.codebook
 
     def batch_decode(self, batch: Iterable[Sequence[int]]) -> list[tuple[list[int], Codebook]]:
@@ -314,19 +328,84 @@ class LZWStream:
     def feed(self, codes: Sequence[int] | int, out: list[int] | None = None) -> list[tuple[int, tuple[int, ...]]]:
         """Consume compressed ids; return the entries they installed as ``(hyper_id, base ids)``.
 
-        Base ids are appended to ``out`` when given. The state is unchanged when an id is illegal
-        up to the ids before it, which were consumed.
+        Base ids are appended to ``out`` when given. On an illegal id a ValueError names it and its
+        position; the ids before it stay consumed, and the state is exactly as after them.
         """
-        if isinstance(codes, int):
-            codes = [codes]
-        codebook = self.codebook
-        before = len(codebook)
-        for code in _as_id_list(codes):
-            base_ids = self.expand(code)
-            self._w, self._wlen = _scan(self.codec, codebook, base_ids, self._w, self._wlen, _discard)
-            self.num_codes += 1
-            self.num_base_ids += len(base_ids)
-            if out is not None:
-                out.extend(base_ids)
-        V = self.codec.initial_vocab_size
-        return [(V + k, codebook.get_subtokens(V + k)) for k in range(before, len(codebook))]
+        before = len(self.codebook)
+        self._feed(_as_id_list(codes), out)
+        V, expanded = self.codec.initial_vocab_size, self.codebook._expanded
+        return [(V + k, expanded[k]) for k in range(before, len(expanded))]
+
+    def _feed(self, codes: list[int], out: list[int] | None) -> None:
+        """`feed` without the report: expand each id and run its base ids through greedy LZW.
+
+        This is `LZWCodec.encode`'s loop (see the comments there) applied to the expanded text, so
+        the codebook is the canonical one by construction; the tests pin the two loops together.
+        It also memoises each new entry's content, as the next ids may use that entry at once.
+
+        Shortcut (profiled: it halves decode time): every prefix (length >= 2) of an entry is an
+        entry too, so once the first base id of an entry ``x`` has started a new phrase, the rest of
+        ``x`` can only re-match its own prefixes and ends with the phrase ``x``: nothing is created
+        and no lookups are needed. Only when that first id *extends* the pending phrase does the rest
+        go through the loop one base id at a time. Greedy streams (ours) never hit that slow case.
+        """
+        codec, codebook = self.codec, self.codebook
+        V, M, disabled = codec.initial_vocab_size, codec.max_subtokens, codec.disabled_ids
+        lookup, expanded = codebook._lookup, codebook._expanded
+        if len(expanded) < len(lookup):
+            codebook._fill()
+        new, limit = V + len(lookup), V + codec.max_codebook_size
+        w, wlen = self._w, self._wlen
+        sink = out if out is not None else []  # base ids land here; its growth counts them
+        start = len(sink)
+        for position, code in enumerate(codes):
+            if 0 <= code < V:
+                c, content = code, None
+            else:
+                if V <= code < new:
+                    content = expanded[code - V]
+                else:  # the provisional id, or an illegal one: rare, so take the slow, shared path
+                    self._w, self._wlen = w, wlen
+                    self.num_codes += position
+                    self.num_base_ids += len(sink) - start
+                    content = self.expand(code)  # raises, naming the id and its position, unless legal
+                    self.num_codes -= position
+                    self.num_base_ids -= len(sink) - start
+                c = content[0]
+            # One LZW step for the first base id c of this code.
+            key = w * V + c
+            if key in lookup:
+                w = lookup[key]
+                wlen += 1
+                if content is not None:  # the rest of the entry, one base id at a time
+                    for c in content[1:]:
+                        key = w * V + c
+                        if key in lookup:
+                            w = lookup[key]
+                            wlen += 1
+                            continue
+                        if new < limit and wlen < M:  # (w is a phrase here, and c never disabled)
+                            lookup[key] = new
+                            new += 1
+                            expanded.append((expanded[w - V] if w >= V else (w,)) + (c,))
+                        w, wlen = c, 1
+            elif c in disabled:
+                w = -1
+            else:
+                if w >= 0 and new < limit and wlen < M:
+                    lookup[key] = new
+                    new += 1
+                    expanded.append((expanded[w - V] if w >= V else (w,)) + (c,))
+                # A new phrase starts at c; for an entry it runs to the entry's end (the shortcut above).
+                # The provisional id lands here too: its first id creates it, just in time.
+                if content is None:
+                    w, wlen = c, 1
+                else:
+                    w, wlen = code, len(content)
+            if content is None:
+                sink.append(c)
+            else:
+                sink.extend(content)
+        self._w, self._wlen = w, wlen
+        self.num_codes += len(codes)
+        self.num_base_ids += len(sink) - start

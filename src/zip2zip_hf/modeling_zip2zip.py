@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .configuration_zip2zip import Zip2ZipConfig
+from .configuration_zip2zip import COMPRESSION_KEYS, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_cache import HyperState, Zip2ZipCache
 from .hyper_encoder import build_hyper_encoder
@@ -163,6 +166,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
         if problems:
             raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
+        _check_saved_tokenizer(model.config, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return (model, info) if want_info else model
 
     # ------------------------------------------------------------------ embeddings (PEFT, resize)
@@ -415,6 +419,17 @@ def _consume(state: HyperState, input_ids: torch.LongTensor, mask: torch.Tensor,
         provisional_contents=provisional_contents,
         provisional_index=provisional_index,
     )
+
+
+def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
+    """A tokenizer saved beside the weights must compress exactly as the config says."""
+    tokenizer_config = os.path.join(str(path), "tokenizer_config.json")
+    if not os.path.isfile(tokenizer_config):
+        return
+    with open(tokenizer_config, encoding="utf-8") as f:
+        saved = json.load(f)
+    if "max_codebook_size" in saved:  # a Zip2ZipTokenizer (a plain one is not ours to judge)
+        config.check_tokenizer(SimpleNamespace(**{key: saved.get(key) for key in COMPRESSION_KEYS}))
 
 
 def _kept_positions(length: int, logits_to_keep) -> list[int]:
