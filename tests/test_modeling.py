@@ -428,3 +428,20 @@ def wrap_real(base, tokenizer):
             if "hyper_encoder" in name:
                 param.add_(torch.randn_like(param) * 0.02)
     return model
+
+
+def test_dtype_follows_the_base_model():
+    base = tiny_base("qwen2", tie=True).to(torch.bfloat16)
+    model = Zip2ZipForCausalLM.from_base(base, SimpleTokenizerSettings())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids, mask = left_pad([compressed(18, 60), compressed(19, 40)])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+class SimpleTokenizerSettings:
+    """The compression settings `from_base` reads off a tokenizer."""
+
+    initial_vocab_size, max_codebook_size, max_subtokens, disabled_ids = V, K, M, DISABLED
+    pad_token_id, bos_token_id, eos_token_id = PAD, None, 1

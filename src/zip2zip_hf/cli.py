@@ -1,8 +1,9 @@
 """Command line: ``python -m zip2zip_hf compress FILE...`` and ``python -m zip2zip_hf demo``.
 
 ``compress`` prints how much LZW shortens each file (each compressed on its own) and a total.
-``demo`` does the same on real text every Python install has (CPython standard-library sources and
-English prose) and shows a coloured sample of the hypertokens.
+``demo`` (see `zip2zip_hf.demo`) zip2zip-fies SmolLM2-135M, LoRA-finetunes it briefly on CPython
+standard-library sources and shows compression, held-out loss and a generated sample;
+``demo --compression-only`` shows the compression of real text (code and prose) alone.
 
 The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.smollm2`).
 """
@@ -14,17 +15,14 @@ import codecs
 import contextlib
 import io
 import sys
-import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
 from .tokenization_zip2zip import ANSI_RESET, ANSI_STYLES, Zip2ZipTokenizer
 
-
 __all__ = ["main"]
 
 # Standard-library sources for the demo: present in every CPython install, varied in style.
-DEMO_FILES = ("argparse.py", "textwrap.py", "difflib.py", "json/encoder.py", "csv.py")
 # Sections of the Python language reference (English prose) shipped in pydoc_data.
 DEMO_TOPICS = ("if", "while", "for", "try", "with", "function", "class", "import")
 SAMPLE_LINES = 18
@@ -165,24 +163,9 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    tokenizer = load_tokenizer(args.tokenizer, args.max_codebook_size, args.max_subtokens)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    code = [
-        (f"stdlib/{name}", (stdlib / name).read_text(encoding="utf-8"))
-        for name in DEMO_FILES
-        if (stdlib / name).is_file()
-    ]
-    if not code:
-        raise CLIError(f"no standard-library sources found under {stdlib}")
-    print(describe(tokenizer))
-    print("Each text is compressed on its own; ratio = zip2zip tokens / base tokens (lower is better).\n")
-    print(stats_table(tokenizer, code + prose_samples()))
-    name, text = code[0]
-    print(f"\nHypertokens in {name} (each coloured run is one token; plain text is base tokens):")
-    print(legend())
-    print()
-    print(coloured_sample(tokenizer, text))
-    return 0
+    from .demo import run_demo as demo
+
+    return demo(args)
 
 
 def at_least(minimum: int):
@@ -229,8 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_options(compress)
     compress.set_defaults(run=run_compress)
 
-    demo = commands.add_parser("demo", help="compression of standard-library code and prose, with a coloured sample")
+    demo = commands.add_parser(
+        "demo",
+        help="zip2zip-fy SmolLM2-135M, LoRA-finetune it briefly on standard-library code, show compression, "
+        "loss and a generated sample",
+    )
     add_tokenizer_options(demo)
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(demo)
     demo.set_defaults(run=run_demo)
     return parser
 

@@ -343,7 +343,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             if step.provisional_index:
                 b_idx, t_idx, k_idx = (torch.tensor(x, device=hidden.device) for x in zip(*step.provisional_index))
                 scores = (hidden[b_idx, t_idx] * provisional_vectors.to(hidden.dtype)).sum(-1)
-                hyper = hyper.index_put((b_idx, t_idx, k_idx), scores)
+                hyper = hyper.index_put((b_idx, t_idx, k_idx), scores.to(hyper.dtype))  # autocast: einsum may be bf16
             illegal = torch.arange(width, device=hidden.device) >= legal[..., None]
             pieces.append(hyper.masked_fill(illegal, float("-inf")).to(base_logits.dtype))
         pieces.append(base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf")))

@@ -1,0 +1,209 @@
+"""Training helpers for zip2zip: PEFT LoRA defaults, gradient checkpointing, TrainingArguments, logging.
+
+The recipe (paper §3): LoRA on the base LM's linear layers, the hyper-encoders trained fully. With
+plain ``transformers.Trainer``::
+
+    from zip2zip_hf.data import Zip2ZipDataCollator, compress_dataset
+    from zip2zip_hf.training import default_lora_config, prepare_model_for_training, training_arguments
+
+    rows = compress_dataset(texts, tokenizer, max_length=512)
+    model = prepare_model_for_training(model, default_lora_config(model), gradient_checkpointing=True)
+    collator = Zip2ZipDataCollator(tokenizer)
+    trainer = Trainer(model=model, args=training_arguments("out", ...), train_dataset=rows,
+                      data_collator=collator, callbacks=[CompressionLoggingCallback(collator)])
+    trainer.train()
+    model.merge_and_unload().save_pretrained("final"); tokenizer.save_pretrained("final")
+
+Nothing special is needed for DDP (``torchrun`` / ``accelerate launch``): in training the model runs
+both hyper-encoders every step, whether or not a rank's batch holds a hypertoken.
+
+Not part of a checkpoint's remote-code closure. Keeps the transformers 4.57 / 5.x differences of the
+training side (gradient vs activation checkpointing names) in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+
+__all__ = [
+    "HYPER_ENCODER_MODULES",
+    "CompressionLoggingCallback",
+    "bf16_available",
+    "default_lora_config",
+    "enable_gradient_checkpointing",
+    "lora_target_modules",
+    "prepare_model_for_training",
+    "training_arguments",
+]
+
+# Trained fully (PEFT `modules_to_save`), never given LoRA adapters.
+HYPER_ENCODER_MODULES = ("input_hyper_encoder", "output_hyper_encoder")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The wrapped base ``*ForCausalLM`` of a `Zip2ZipForCausalLM` (or the model itself)."""
+    if hasattr(model, "get_base_model"):  # a PeftModel
+        model = model.get_base_model()
+    return model.model if all(hasattr(model, name) for name in ("model", "input_hyper_encoder")) else model
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:  # GPT-2 style Conv1D (a transposed linear layer); PEFT supports it
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names (last path component) of the base LM's linear layers, the output head excluded.
+
+    E.g. ``["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]`` for Llama /
+    Qwen2, ``["c_attn", "c_fc", "c_proj"]`` for GPT-2. Only modules inside the base model count; the
+    hyper-encoders (whose layers may share names such as ``o_proj``) are excluded separately.
+    """
+    base = _base_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    names = set()
+    for name, module in base.named_modules():
+        if module is head or not name or not _is_linear(module):
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise ValueError(f"no linear layers found in {type(base).__name__}: pass target_modules explicitly")
+    return sorted(names)
+
+
+def default_lora_config(
+    model: nn.Module,
+    r: int = 16,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    train_hyper_encoders: bool = True,
+    **kwargs,
+):
+    """A PEFT ``LoraConfig`` for a `Zip2ZipForCausalLM`: LoRA on the base LM, hyper-encoders trained fully.
+
+    Args:
+        model: the `Zip2ZipForCausalLM` to adapt.
+        r: LoRA rank. ``lora_alpha`` defaults to ``2 * r``.
+        target_modules: default `lora_target_modules` (every linear layer of the base LM but the head).
+        train_hyper_encoders: put the hyper-encoders in ``modules_to_save`` (trained and saved in full).
+            With tied encoders ``output_hyper_encoder`` is None and only the input one is listed.
+        kwargs: more ``LoraConfig`` fields (``use_rslora``, ``layers_to_transform``, ...).
+
+    The hyper-encoders never get LoRA layers, even where their layer names (``o_proj``,
+    ``up_proj``, ...) match ``target_modules``: ``exclude_modules`` keeps them out.
+    """
+    from peft import LoraConfig, TaskType
+
+    if target_modules is None:
+        target_modules = lora_target_modules(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoders = [name for name in HYPER_ENCODER_MODULES if getattr(inner, name, None) is not None]
+    kwargs.setdefault("modules_to_save", list(encoders) if train_hyper_encoders else None)
+    # A regex over full module names: the encoders and everything inside them.
+    kwargs.setdefault("exclude_modules", rf"(?:.*\.)?(?:{'|'.join(HYPER_ENCODER_MODULES)})(?:\..*)?")
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=2 * r if lora_alpha is None else lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=list(target_modules),
+        **kwargs,
+    )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Non-reentrant gradient checkpointing plus input-embedding grads (safe with frozen embeddings / LoRA).
+
+    transformers 4.57 calls it ``gradient_checkpointing_enable`` (default reentrant), 5.x
+    ``activation_checkpointing_enable`` (default non-reentrant); both get ``use_reentrant=False``.
+    Call it before ``get_peft_model`` (or on the PEFT model, which forwards it).
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(target, "activation_checkpointing_enable"):
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Frozen embeddings would otherwise give checkpointed blocks inputs without grad.
+    target.enable_input_require_grads()
+    target.config.use_cache = False
+    if hasattr(target.config, "get_text_config"):
+        target.config.get_text_config().use_cache = False
+    return model
+
+
+def prepare_model_for_training(model: nn.Module, lora_config=None, gradient_checkpointing: bool = False) -> nn.Module:
+    """Wrap a `Zip2ZipForCausalLM` for training.
+
+    With a ``lora_config`` (e.g. `default_lora_config`) returns the PEFT model (LoRA layers and the
+    hyper-encoders trainable, the rest frozen); without, the model itself, fully trainable (full
+    finetune). ``gradient_checkpointing`` enables it the safe way (`enable_gradient_checkpointing`).
+    """
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if lora_config is None:
+        model.requires_grad_(True)
+        return model.train()
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config).train()
+
+
+def bf16_available() -> bool:
+    """True on a CUDA device with bfloat16 support (CPU training stays float32)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def training_arguments(output_dir: str, gradient_checkpointing: bool = False, **kwargs) -> TrainingArguments:
+    """``TrainingArguments`` with the settings zip2zip training needs, on transformers 4.57 and 5.x.
+
+    * ``remove_unused_columns=False``: `Zip2ZipDataCollator` picks its own keys and reads
+      ``num_base_tokens`` for logging the compression ratio;
+    * ``bf16`` where the hardware has it (`bf16_available`), unless given;
+    * gradient checkpointing non-reentrant (``gradient_checkpointing=True``), under the argument name
+      the installed transformers uses;
+    * ``report_to="none"`` unless given.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    kwargs.setdefault("remove_unused_columns", False)
+    kwargs.setdefault("report_to", "none")
+    if "bf16" not in kwargs and "fp16" not in kwargs:
+        kwargs["bf16"] = bf16_available()
+    if gradient_checkpointing:
+        prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+        kwargs[f"{prefix}_checkpointing"] = True
+        kwargs[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
+    return TrainingArguments(output_dir=output_dir, **kwargs)
+
+
+class CompressionLoggingCallback(TrainerCallback):
+    """Adds ``hypertoken_share`` and ``compression_ratio`` of the batches since the last log to the
+    Trainer's logs (read from a `zip2zip_hf.data.Zip2ZipDataCollator`).
+
+    Added with ``Trainer(callbacks=[...])`` it runs after the printing callbacks; `attach` puts it
+    first so the printed lines show the values too. Under DDP each rank counts its own batches.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def attach(self, trainer) -> CompressionLoggingCallback:
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            stats = {k: round(v, 4) for k, v in self.collator.pop_stats().items()}
+            logs.update(stats)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)

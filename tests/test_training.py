@@ -1,0 +1,446 @@
+"""Training: compressed datasets, the collator, LoRA defaults, Trainer / SFTTrainer runs, resume, merge, reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Trainer
+
+from conftest import build_tiny_base_tokenizer
+from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
+from zip2zip_hf.data import (
+    Zip2ZipCompressor,
+    Zip2ZipDataCollator,
+    compress_dataset,
+    dataset_stats,
+    split_windows,
+)
+from zip2zip_hf.training import (
+    CompressionLoggingCallback,
+    default_lora_config,
+    lora_target_modules,
+    prepare_model_for_training,
+    training_arguments,
+)
+
+datasets = pytest.importorskip("datasets")
+
+K, M = 64, 3
+NAMES = ["alpha", "beta", "gamma", "delta"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and lose a lot to a busy machine's oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Zip2ZipTokenizer:
+    return Zip2ZipTokenizer.from_base(
+        build_tiny_base_tokenizer(), max_codebook_size=K, max_subtokens=M, padding_side="right"
+    )
+
+
+def repetitive_texts(n: int, seed: int = 0) -> list[str]:
+    """Short 'programs' built from four lines: LZW finds many repeats, and a model learns them fast."""
+    rng = random.Random(seed)
+    return [
+        "".join(f"    self.{name} = {name}\n" for name in rng.choices(NAMES, k=rng.randint(6, 14))) for _ in range(n)
+    ]
+
+
+def tiny_model(tok, arch: str = "llama", tie_encoders: bool = False, hidden: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), tie_word_embeddings=False)
+    if arch == "llama":
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    elif arch == "qwen2":
+        config = Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    else:
+        config = GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=256, **common)
+    base = AutoModelForCausalLM.from_config(config)
+    return Zip2ZipForCausalLM.from_base(base, tok, hyper_encoder_num_heads=2, tie_hyper_encoders=tie_encoders)
+
+
+@pytest.fixture(scope="module")
+def rows(tok):
+    return compress_dataset(datasets.Dataset.from_dict({"text": repetitive_texts(400)}), tok, max_length=64, desc=None)
+
+
+def no_pickles(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+
+
+# ---------------------------------------------------------------------- data
+
+
+def test_windows_are_maximal_and_encode_their_base_text(tok):
+    codec = tok.codec
+    ids = tok.base_ids(["".join(repetitive_texts(6, seed=3))], add_special_tokens=False)[0]
+    for max_length in (2, 7, 40):
+        windows = split_windows(codec, ids, max_length)
+        start = 0
+        for i, (codes, n_base) in enumerate(windows):
+            window = ids[start : start + n_base]
+            assert codes == codec.encode(window)[0] and len(codes) <= max_length
+            if i < len(windows) - 1:  # one more base id would not fit
+                assert len(codec.encode(ids[start : start + n_base + 1])[0]) > max_length
+            start += n_base
+        assert start == len(ids)
+
+
+def test_compress_dataset_rows_are_inference_encodings(tok, rows, tmp_path):
+    texts = repetitive_texts(400)
+    stats = dataset_stats(rows, tok.initial_vocab_size)
+    assert stats["hypertoken_share"] > 0.2 and stats["compression_ratio"] < 0.8
+    # Re-cut every document and compare: rows are codec.encode(window) with EOS closing each document.
+    expected = []
+    for ids in tok.base_ids(texts):
+        for codes, _ in split_windows(tok.codec, ids + [tok.eos_token_id], 64):
+            if len(codes) >= 2:
+                expected.append(codes)
+    assert rows["input_ids"] == expected
+    assert max(map(len, rows["input_ids"])) == 64
+
+    # Deterministic and picklable: same fingerprint, cache hit from disk, same rows with num_proc=2.
+    compressor = Zip2ZipCompressor(tok, 64)
+    assert pickle.loads(pickle.dumps(compressor))(dict(text=texts[:3])) == compressor(dict(text=texts[:3]))
+    from datasets.fingerprint import Hasher
+
+    assert Hasher.hash(compressor) == Hasher.hash(Zip2ZipCompressor(tok, 64))
+    assert Hasher.hash(compressor) != Hasher.hash(Zip2ZipCompressor(tok, 63))
+    datasets.Dataset.from_dict({"text": texts[:40]}).save_to_disk(tmp_path / "raw")
+    raw = datasets.load_from_disk(str(tmp_path / "raw"))
+    first = compress_dataset(raw, tok, max_length=64, desc=None)
+    again = compress_dataset(raw, tok, max_length=64, desc=None)
+    assert first._fingerprint == again._fingerprint and first.cache_files == again.cache_files
+    parallel = compress_dataset(raw, tok, max_length=64, num_proc=2, desc=None, load_from_cache_file=False)
+    assert parallel["input_ids"] == first["input_ids"]
+
+
+def test_compress_dataset_rejects_missing_column(tok):
+    with pytest.raises(ValueError, match="no column 'text'"):
+        compress_dataset(datasets.Dataset.from_dict({"content": ["x"]}), tok)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collator_pads_and_labels_only_real_ids(tok, side):
+    pad, V = tok.pad_token_id, tok.initial_vocab_size
+    collator = Zip2ZipDataCollator(tok, padding_side=side)
+    features = [
+        {"input_ids": [5, 6, V, pad], "num_base_tokens": 5},
+        {"input_ids": [7, 8]},
+    ]  # row 0 ends with a real pad id
+    batch = collator(features)
+    if side == "right":
+        assert batch["input_ids"].tolist() == [[5, 6, V, pad], [7, 8, pad, pad]]
+        assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+        assert batch["labels"].tolist() == [[5, 6, V, pad], [7, 8, -100, -100]]
+    else:
+        assert batch["input_ids"].tolist() == [[5, 6, V, pad], [pad, pad, 7, 8]]
+        assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+        assert batch["labels"].tolist() == [[5, 6, V, pad], [-100, -100, 7, 8]]
+    assert collator.pop_stats() == {"hypertoken_share": 1 / 6, "compression_ratio": 6 / 5}
+    with pytest.raises(ValueError, match="cut documents in base space"):
+        Zip2ZipDataCollator(tok, max_length=3)(features)
+
+
+# ---------------------------------------------------------------------- LoRA config
+
+
+@pytest.mark.parametrize(
+    "arch, targets",
+    [
+        ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+        ("qwen2", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+        ("gpt2", ["c_attn", "c_fc", "c_proj"]),
+    ],
+)
+@pytest.mark.parametrize("tie_encoders", [False, True])
+def test_default_lora_config_targets_base_linears_and_saves_encoders(tok, arch, targets, tie_encoders):
+    from peft import get_peft_model
+    from peft.utils import ModulesToSaveWrapper
+
+    model = tiny_model(tok, arch, tie_encoders=tie_encoders, hidden=32)
+    assert lora_target_modules(model) == targets
+    config = default_lora_config(model, r=4)
+    assert sorted(config.target_modules) == targets
+    peft_model = get_peft_model(model, config)
+    inner = peft_model.get_base_model()
+    encoders = ["input_hyper_encoder"] + ([] if tie_encoders else ["output_hyper_encoder"])
+    assert inner.output_hyper_encoder is None if tie_encoders else True
+    for name in encoders:
+        assert isinstance(getattr(inner, name), ModulesToSaveWrapper), name
+    lora_names = [n for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert lora_names and not [n for n in lora_names if "hyper_encoder" in n]
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "hyper_encoder" in n for n in trainable)
+    assert any("input_hyper_encoder" in n for n in trainable)
+
+
+# ---------------------------------------------------------------------- Trainer
+
+
+def test_trainer_learns_and_model_emits_hypertokens(tok, rows, tmp_path):
+    """Full finetune of a tiny random model on a repetitive corpus: loss falls far, greedy output compresses."""
+    model = prepare_model_for_training(tiny_model(tok))
+    collator = Zip2ZipDataCollator(tok)
+    args = training_arguments(
+        str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=200,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        logging_steps=10,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    CompressionLoggingCallback(collator).attach(trainer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.25 * losses[0], losses
+    logged = [entry for entry in trainer.state.log_history if "hypertoken_share" in entry]
+    assert logged and 0.2 < logged[-1]["hypertoken_share"] < 1 and 0 < logged[-1]["compression_ratio"] < 1
+
+    model.eval()
+    prompt = tok(["    self.alpha = alpha\n    self.beta = beta\n"], return_tensors="pt")
+    n = prompt["input_ids"].shape[1]
+    out = model.generate(**prompt, max_new_tokens=24, do_sample=False, return_hypertokens=True)
+    generated = out[0, n:].tolist()
+    assert sum(i >= tok.initial_vocab_size for i in generated) >= 5, generated
+    text = tok.decode(out[0], skip_special_tokens=True)
+    assert "    self." in text[len("    self.alpha = alpha\n    self.beta = beta\n") :]
+
+
+def lora_trainer(tok, rows, output_dir, max_steps, tie_encoders=False):
+    model = tiny_model(tok, tie_encoders=tie_encoders, seed=0)
+    torch.manual_seed(1)
+    peft_model = prepare_model_for_training(model, default_lora_config(model, r=8), gradient_checkpointing=True)
+    args = training_arguments(
+        str(output_dir),
+        gradient_checkpointing=True,
+        per_device_train_batch_size=8,
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=3,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=Zip2ZipDataCollator(tok))
+
+
+def test_lora_training_resume_merge_save_and_remote_code_reload(tok, rows, tmp_path):
+    trainer = lora_trainer(tok, rows, tmp_path / "run", max_steps=6)
+    peft_model = trainer.model
+    inner = peft_model.get_base_model()
+    assert inner.is_gradient_checkpointing
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    trainer.train()
+    after = dict(peft_model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
+    assert any("input_hyper_encoder.modules_to_save" in n for n in changed)
+    assert any("output_hyper_encoder.modules_to_save" in n for n in changed)
+    frozen = [n for n, p in after.items() if not p.requires_grad]
+    assert frozen and not changed.intersection(frozen)
+
+    # Checkpoints: safetensors adapters (with the full encoders); resuming gives the same weights.
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    # (The Trainer's own optimizer.pt / scheduler.pt / rng_state.pth / training_args.bin are not model weights.)
+    assert not [
+        p for p in no_pickles(tmp_path / "run") if Path(p).name.startswith(("adapter_model", "pytorch_model", "model"))
+    ]
+    resumed = lora_trainer(tok, rows, tmp_path / "resumed", max_steps=6)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, after[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    # Merge, save with the tokenizer, reload through remote code: same logits, same text.
+    merged = peft_model.merge_and_unload().eval()
+    assert type(merged) is Zip2ZipForCausalLM
+    final = tmp_path / "final"
+    merged.save_pretrained(final)
+    tok.save_pretrained(final)
+    assert not no_pickles(final)
+    # A fresh process without our package: the checkpoint's own code must do everything.
+    prompt_text = "    self.gamma = gamma\n    self.gamma = gamma\n"
+    ids = tok([prompt_text], return_tensors="pt")
+    with torch.no_grad():
+        logits = merged(**ids).logits
+    text = tok.decode(merged.generate(**ids, max_new_tokens=12, do_sample=False)[0])
+    save_file({"ids": ids["input_ids"], "logits": logits.contiguous()}, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        sys.modules["zip2zip_hf"] = None
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(final)!r}, trust_remote_code=True).eval()
+        tok = AutoTokenizer.from_pretrained({str(final)!r}, trust_remote_code=True)
+        assert "transformers_modules" in type(model).__module__, type(model)
+        ids = tok([{prompt_text!r}], return_tensors="pt")
+        assert torch.equal(ids["input_ids"], expected["ids"])
+        with torch.no_grad():
+            torch.testing.assert_close(model(**ids).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        print(json.dumps(tok.decode(out[0])))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == text
+
+
+def test_lora_with_tied_encoders_trains(tok, rows, tmp_path):
+    trainer = lora_trainer(tok, rows, tmp_path, max_steps=2, tie_encoders=True)
+    encoder = trainer.model.get_base_model().input_hyper_encoder
+    before = [p.detach().clone() for p in encoder.modules_to_save.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, encoder.modules_to_save.parameters(), strict=True))
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() and not no_pickles(tmp_path / "adapter")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok, rows):
+    batch = Zip2ZipDataCollator(tok)([rows[i] for i in range(4)])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(tok, seed=0)
+        torch.manual_seed(1)
+        peft_model = prepare_model_for_training(
+            model, default_lora_config(model, r=4), gradient_checkpointing=checkpointing
+        )
+        peft_model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------- TRL
+
+
+def test_trl_sft_trainer_with_our_tokenizer(tok, tmp_path):
+    trl = pytest.importorskip("trl")
+    from packaging.version import Version
+
+    if Version(trl.__version__) >= Version("1.15"):
+        pytest.skip("trl >= 1.15 replaces the LM head with a fused static one, which cannot score hypertokens")
+    from trl import SFTConfig, SFTTrainer
+
+    model = tiny_model(tok, hidden=32)
+    texts = datasets.Dataset.from_dict({"text": repetitive_texts(32, seed=5)})
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=1e-3,
+        max_length=128,
+        loss_type="nll",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=texts, processing_class=tok, peft_config=default_lora_config(model, r=4)
+    )
+    row = trainer.train_dataset[0]["input_ids"]
+    assert any(i >= tok.initial_vocab_size for i in row) and row[-1] == tok.eos_token_id
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+# ---------------------------------------------------------------------- the demo
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """`python -m zip2zip_hf demo` with every stage, shrunk: a tiny base model folder and a few steps."""
+    from zip2zip_hf.cli import main
+
+    base_tokenizer = build_tiny_base_tokenizer()
+    base_tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(base_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    argv = [
+        "demo",
+        "--model",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--max-length",
+        "48",
+        "--train-chars",
+        "30000",
+        "--eval-rows",
+        "2",
+        "--new-tokens",
+        "8",
+        "-K",
+        "64",
+        "-M",
+        "3",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for heading in ("1/6 model", "2/6 data", "3/6 held-out loss", "4/6 LoRA", "5/6 held-out loss after", "6/6 greedy"):
+        assert heading in out
+    assert "zip2zip, after training" in out and "stdlib/textwrap.py" in out
+    assert out.rstrip().splitlines()[-1].startswith("demo finished in")
