@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from test_modeling import DISABLED, K, M, PAD, V, compressed, left_pad, tiny_base, wrap
+from test_modeling import DISABLED, PAD, K, M, V, compressed, left_pad, tiny_base, wrap
 from zip2zip_hf import LZWCodec
+from zip2zip_hf.generation_zip2zip import ForcedContinuationLogitsProcessor, canonical_continuation
 
 
 CODEC = LZWCodec(V, K, M, DISABLED)
@@ -120,3 +121,334 @@ def test_forced_canonical_continuation_reproduces_the_text(model):
     out = generate(model, torch.tensor([prompt]), logits_processor=LogitsProcessorList([processor]),
                    max_new_tokens=len(continuation))
     assert CODEC.decode(prompt)[0] + out[0, len(prompt) :].tolist() == text
+
+
+def test_canonical_continuation_is_what_encode_writes():
+    text = CODEC.decode(compressed(31, 200))[0]
+    codes = CODEC.encode(text)[0]
+    assert canonical_continuation(CODEC, [], text) == codes
+    for cut in (1, 17, 40, len(codes) - 1):
+        prompt_text = CODEC.decode(codes[:cut])[0]
+        assert canonical_continuation(CODEC, codes[:cut], text[len(prompt_text) :]) == codes[cut:]
+    runs = LZWCodec(50, 16, 4, [0])
+    assert canonical_continuation(runs, [], [5] * 6) == [5, 50, 51] == runs.encode([5] * 6)[0]  # KwKwK twice
+
+
+def test_forced_continuation_processor_reproduces_the_text_and_refuses_illegal_ids(model):
+    text = CODEC.decode(compressed(30, 160))[0]
+    codes = CODEC.encode(text)[0]
+    prompt = codes[:30]
+    processor = ForcedContinuationLogitsProcessor(CODEC, text[len(CODEC.decode(prompt)[0]) :])
+    out = generate(model, torch.tensor([prompt]), logits_processor=LogitsProcessorList([processor]),
+                   max_new_tokens=len(codes) - 30, return_hypertokens=True)
+    assert out[0, 30:].tolist() == codes[30:] == processor.codes[0]
+
+    class Illegal(ForcedContinuationLogitsProcessor):  # pretends a not-yet-installed entry is canonical
+        def __call__(self, input_ids, scores):
+            if self.prompt_length is None:
+                super().__call__(input_ids, scores)
+                self.codes = [[V + K - 1]]
+            return super().__call__(input_ids, scores)
+
+    with pytest.raises(ValueError, match=f"forced id {V + K - 1} is not legal"):
+        generate(model, torch.tensor([prompt]), logits_processor=LogitsProcessorList([Illegal(CODEC, [5, 6])]))
+
+
+# ---------------------------------------------------------------------- stopping, processors, legality
+
+
+class ForceEosAt(LogitsProcessor):
+    """Row b writes EOS at step ``steps[b]`` (and whatever the model likes before)."""
+
+    def __init__(self, steps: list[int], prompt_length: int):
+        self.steps, self.prompt_length = steps, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        for b, k in enumerate(self.steps):
+            if step == k:
+                scores[b] = float("-inf")
+                scores[b, EOS] = 0
+            else:
+                scores[b, EOS] = float("-inf")
+        return scores
+
+
+def test_eos_stops_rows_and_pads_them(model):
+    rows = [compressed(32, 50), compressed(33, 36)]
+    ids, mask = left_pad(rows)
+    steps = [3, 7]
+    processor = ForceEosAt(steps, ids.shape[1])
+    kwargs = dict(eos_token_id=EOS, max_new_tokens=20, logits_processor=LogitsProcessorList([processor]))
+    kwargs.update(input_ids=ids, attention_mask=mask, pad_token_id=PAD, do_sample=False)
+    raw = model.generate(return_hypertokens=True, **kwargs)
+    out = model.generate(**kwargs)
+    assert raw.shape[1] == ids.shape[1] + max(steps) + 1  # stopped when the last row wrote EOS
+    assert torch.equal(out[:, : ids.shape[1]], ids)
+    for b, (row, k) in enumerate(zip(rows, steps, strict=True)):
+        generated = raw[b, ids.shape[1] :].tolist()
+        assert generated[k] == EOS and EOS not in generated[:k]
+        assert all(i == PAD for i in generated[k + 1 :])
+        written, _ = CODEC.decode(row + generated[: k + 1])
+        expected = written[len(CODEC.decode(row)[0]) :]
+        tail = out[b, ids.shape[1] :].tolist()
+        assert tail[: len(expected)] == expected and expected[-1] == EOS
+        assert all(i == PAD for i in tail[len(expected) :])
+
+
+class RecordScores(LogitsProcessor):
+    def __init__(self):
+        self.widths, self.finite = [], []
+
+    def __call__(self, input_ids, scores):
+        self.widths.append(scores.shape[-1])
+        self.finite.append(torch.isfinite(scores).clone())
+        return scores
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_logits_processors_see_the_widened_vocabulary(model, num_beams):
+    ids = torch.tensor([compressed(34, 40)])
+    recorder = RecordScores()
+    generate(model, ids, logits_processor=LogitsProcessorList([recorder]), max_new_tokens=6, num_beams=num_beams)
+    assert recorder.widths and set(recorder.widths) == {V + K}
+    assert any(f[:, V:].any() for f in recorder.finite), "hyper ids should be legal somewhere"
+
+
+def test_sampled_ids_are_always_legal_for_their_row(model):
+    """Hot, untruncated sampling over a left-padded batch: every raw row must decode with the codec."""
+    rows = [compressed(35, 60), compressed(36, 20), compressed(37, 44)]
+    ids, mask = left_pad(rows)
+    torch.manual_seed(1)
+    out = generate(model, ids, mask, do_sample=True, temperature=3.0, top_k=0, top_p=1.0, num_return_sequences=4,
+                   max_new_tokens=25, return_hypertokens=True, return_dict_in_generate=True, output_scores=True)
+    hyper_written = 0
+    for b, row in enumerate(out.sequences.tolist()):
+        generated = row[ids.shape[1] :]
+        stream = CODEC.stream()
+        stream.feed(rows[b // 4])
+        for step, code in enumerate(generated):
+            assert code < V or code < V + stream.num_legal_hyper, f"row {b} step {step}: illegal id {code}"
+            assert torch.isfinite(out.scores[step][b, code])
+            stream.feed(code)
+            hyper_written += code >= V
+        assert out.codebooks[b] == stream.codebook.to_dict()
+    assert hyper_written > 0
+
+
+# ---------------------------------------------------------------------- with a real tokenizer: streamers, stop strings
+
+CODE_PROMPT = "def area(width, height):\n    return width * height\n\n"
+CODE_CONTINUATION = (
+    "def perimeter(width, height):\n    return 2 * (width + height)\n\n"
+    "def volume(width, height, depth):\n    return width * height * depth\n\n"
+    "def surface(width, height, depth):\n    return 2 * (width * height + width * depth + height * depth)\n"
+)
+
+
+def build_text_tok(tiny_base_tokenizer):
+    from zip2zip_hf import Zip2ZipTokenizer
+
+    return Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=256, max_subtokens=4)
+
+
+def build_text_model(text_tok):
+    """A tiny random Llama over the tiny BPE tokenizer (512 ids), wrapped with `from_base`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zip2zip_hf import Zip2ZipForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(text_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=text_tok.bos_token_id,
+        eos_token_id=text_tok.eos_token_id, pad_token_id=text_tok.pad_token_id,
+    )
+    base = AutoModelForCausalLM.from_config(config).eval()
+    model = Zip2ZipForCausalLM.from_base(base, text_tok).eval()
+    with torch.no_grad():  # a fresh encoder averages: entries like [a, a] and [a, a, a] would tie exactly
+        for name, param in model.named_parameters():
+            if "hyper_encoder" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def text_tok(tiny_base_tokenizer):
+    return build_text_tok(tiny_base_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def text_model(text_tok):
+    return build_text_model(text_tok)
+
+
+def forced_text_generation(model, tok, prompt: str, continuation: str, eos: bool = False, **kwargs):
+    """Generate ``continuation`` after ``prompt`` by forced decoding; return (inputs, output, processor)."""
+    inputs = tok(prompt, return_tensors="pt")
+    base_ids = tok.base_ids([continuation], add_special_tokens=False)[0]
+    processor = ForcedContinuationLogitsProcessor(tok.codec, base_ids, eos_token_id=tok.eos_token_id if eos else None)
+    steps = len(canonical_continuation(tok.codec, inputs["input_ids"][0].tolist(), base_ids)) + eos
+    kwargs.setdefault("max_new_tokens", steps + 5 if eos else steps)
+    out = model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), do_sample=False, **kwargs)
+    return inputs, out, processor
+
+
+def test_forced_text_generation_writes_hypertokens_and_the_exact_text(text_model, text_tok):
+    inputs, raw, processor = forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION,
+                                                    return_hypertokens=True)
+    n = inputs["input_ids"].shape[1]
+    generated = raw[0, n:].tolist()
+    assert sum(i >= text_tok.initial_vocab_size for i in generated) > 10
+    assert len(generated) < 0.8 * len(text_tok.base_ids([CODE_CONTINUATION], add_special_tokens=False)[0])
+    assert text_tok.decode(raw[0]) == CODE_PROMPT + CODE_CONTINUATION
+    assert set(processor.widths) == {text_tok.initial_vocab_size + text_tok.max_codebook_size}
+
+
+@pytest.mark.parametrize("skip_prompt", [True, False])
+@pytest.mark.parametrize("eos", [False, True])
+def test_text_streamer_prints_the_decoded_text(text_model, text_tok, capsys, skip_prompt, eos):
+    from transformers import TextStreamer
+
+    capsys.readouterr()
+    streamer = TextStreamer(text_tok, skip_prompt=skip_prompt, skip_special_tokens=True)
+    inputs, out, _ = forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION, eos=eos,
+                                            streamer=streamer)
+    printed = capsys.readouterr().out
+    n = inputs["input_ids"].shape[1]
+    generated = text_tok.decode(out[0, n:], skip_special_tokens=True)
+    assert generated == CODE_CONTINUATION
+    if eos:
+        assert out[0, -1] == text_tok.eos_token_id
+    expected = generated if skip_prompt else text_tok.decode(out[0], skip_special_tokens=True)
+    assert printed == expected + "\n"  # TextStreamer ends the stream with a newline of its own
+
+
+@pytest.mark.parametrize("skip_prompt", [True, False])
+def test_text_iterator_streamer_yields_the_decoded_text(text_model, text_tok, skip_prompt):
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(text_tok, skip_prompt=skip_prompt, timeout=60)
+    result = {}
+    thread = Thread(target=lambda: result.update(
+        out=forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION, streamer=streamer)[1]))
+    thread.start()
+    text = "".join(streamer)
+    thread.join(timeout=60)
+    assert text == (CODE_CONTINUATION if skip_prompt else CODE_PROMPT + CODE_CONTINUATION)
+    assert text_tok.decode(result["out"][0]).endswith(text)
+
+
+def test_streamer_refuses_batches(text_model, text_tok):
+    from transformers import TextStreamer
+
+    inputs = text_tok([CODE_PROMPT, "x = 1\n"], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="batch size 1"):
+        text_model.generate(**inputs, max_new_tokens=2, streamer=TextStreamer(text_tok))
+
+
+@pytest.mark.parametrize("stop", ["width * depth", "volume(", "n 2 * (w"])
+def test_stop_strings_stop_right_after_the_string_appears(text_model, text_tok, stop):
+    inputs, raw, _ = forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION,
+                                            stop_strings=[stop, "never in the text"], tokenizer=text_tok,
+                                            return_hypertokens=True)
+    n = inputs["input_ids"].shape[1]
+    assert raw.shape[1] > n + 1
+    text = text_tok.decode(raw[0])[len(CODE_PROMPT) :]
+    before = text_tok.decode(raw[0, :-1])[len(CODE_PROMPT) :]
+    assert stop in text and stop not in before
+    assert CODE_CONTINUATION.startswith(text)
+
+
+def test_stop_strings_in_a_batch_stop_each_row(text_model, text_tok):
+    prompts = [CODE_PROMPT, "# helpers\n" + CODE_PROMPT]
+    inputs = text_tok(prompts, return_tensors="pt", padding=True)
+    base_ids = text_tok.base_ids([CODE_CONTINUATION], add_special_tokens=False)[0]
+    processor = ForcedContinuationLogitsProcessor(text_tok.codec, base_ids, pad_token_id=text_tok.pad_token_id)
+    stop = "volume("
+    out = text_model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), do_sample=False,
+                              max_new_tokens=200, stop_strings=stop, tokenizer=text_tok)
+    n = inputs["input_ids"].shape[1]
+    for b in range(2):
+        text = text_tok.decode(out[b, n:], skip_special_tokens=True)
+        assert stop in text and CODE_CONTINUATION.startswith(text)
+        assert len(text) < CODE_CONTINUATION.index(stop) + len(stop) + 12  # at most the step that completed it
+
+
+def test_stop_strings_criterion_follows_reordered_and_repeated_rows(text_tok):
+    """Beam search reorders and duplicates rows between calls: the criterion must agree with decoding each
+    row from scratch (true exactly when a stop string appears in the text of the last step)."""
+    from zip2zip_hf.generation_zip2zip import StopStringsOnText
+
+    codec = text_tok.codec
+    prompt = text_tok(CODE_PROMPT)["input_ids"]
+    texts = [CODE_CONTINUATION, CODE_CONTINUATION.replace("width", "w"), CODE_CONTINUATION[::-1]]
+    texts_ids = text_tok.base_ids(texts, add_special_tokens=False)
+    streams = [canonical_continuation(codec, prompt, ids) for ids in texts_ids]
+    stops = ["* depth", "return w", "(w", "\n\n"]
+    criterion = StopStringsOnText(stops, text_tok, codec)
+    g = torch.Generator().manual_seed(0)
+    rows = [list(prompt) for _ in range(4)]
+    picks = [0, 1, 2, 0]
+    for step in range(40):
+        order = torch.randint(0, 4, (4,), generator=g).tolist() if step % 3 == 2 else [0, 1, 2, 3]
+        rows, picks = [list(rows[i]) for i in order], [picks[i] for i in order]
+        for b in range(4):
+            rows[b].append(streams[picks[b]][step])
+        done = criterion(torch.tensor(rows), None).tolist()
+        for b, row in enumerate(rows):
+            now = text_tok.decode(row)[len(CODE_PROMPT) :]
+            before = text_tok.decode(row[:-1])[len(CODE_PROMPT) :]
+            new = any(s in now and s not in before for s in stops)
+            assert done[b] == new or (not new and any(s in before for s in stops)), (step, b, now[-30:])
+
+
+# ---------------------------------------------------------------------- the real SmolLM2-135M-Instruct
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    """SmolLM2-135M-Instruct wrapped fresh (untrained encoders), with its Zip2ZipTokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
+
+    tok = Zip2ZipTokenizer.from_base(AutoTokenizer.from_pretrained(smollm2_dir))
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    return Zip2ZipForCausalLM.from_base(base, tok).eval(), tok
+
+
+def stdlib_function(name: str, function: str) -> str:
+    from conftest import STDLIB
+
+    source = (STDLIB / name).read_text(encoding="utf-8")
+    start = source.index(f"def {function}(")
+    return source[start : source.index("\ndef ", start + 1) + 1]
+
+
+@pytest.mark.real_model
+def test_real_forced_canonical_continuation_reproduces_the_text(smol):
+    model, tok = smol
+    text = stdlib_function("textwrap.py", "dedent")
+    prompt, continuation = text[:300], text[300:700]
+    inputs, raw, processor = forced_text_generation(model, tok, prompt, continuation, return_hypertokens=True)
+    n = inputs["input_ids"].shape[1]
+    generated = raw[0, n:].tolist()
+    assert tok.decode(raw[0]) == prompt + continuation
+    assert len(generated) < len(tok.base_ids([continuation], add_special_tokens=False)[0])
+    assert sum(i >= tok.initial_vocab_size for i in generated) >= 5  # hypertokens of prompt and continuation
+    assert set(processor.widths) == {tok.initial_vocab_size + tok.max_codebook_size}
+
+
+@pytest.mark.real_model
+def test_real_greedy_equals_hand_written_loop(smol):
+    model, tok = smol
+    prompt = stdlib_function("textwrap.py", "dedent")[:400]
+    inputs = tok(prompt, return_tensors="pt")
+    assert inputs["input_ids"].max() >= tok.initial_vocab_size
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, return_hypertokens=True)
+    with torch.no_grad():
+        by_hand = greedy_by_hand(model, inputs["input_ids"][0].tolist(), 16)
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == by_hand

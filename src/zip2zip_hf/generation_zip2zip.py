@@ -11,6 +11,10 @@ What this mixin adds is the boundary with code that only knows base ids:
 * streamers receive base ids;
 * ``stop_strings`` are matched on the decoded generated text (transformers' own criterion indexes a
   table by token id and knows nothing of hyper ids).
+
+It also holds the tools of *forced decoding* (tests, benchmarks): `canonical_continuation` gives the
+compressed ids a model should write to produce a known text after its prompt, and
+`ForcedContinuationLogitsProcessor` makes ``generate`` write exactly those.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import GenerationMixin, StoppingCriteria
+from transformers import GenerationMixin, LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from .lzw import LZWCodec, LZWStream
 
 
-__all__ = ["Zip2ZipGenerationMixin"]
+__all__ = [
+    "ForcedContinuationLogitsProcessor",
+    "StopStringsOnText",
+    "Zip2ZipGenerationMixin",
+    "canonical_continuation",
+]
 
 
 class Zip2ZipGenerationMixin(GenerationMixin):
@@ -77,7 +86,8 @@ class Zip2ZipGenerationMixin(GenerationMixin):
 
     def _pad_id(self, generation_config, kwargs) -> int:
         config = generation_config or self.generation_config
-        for candidate in (kwargs.get("pad_token_id"), config.pad_token_id, self.config.pad_token_id, config.eos_token_id):
+        candidates = (kwargs.get("pad_token_id"), config.pad_token_id, self.config.pad_token_id, config.eos_token_id)
+        for candidate in candidates:
             if isinstance(candidate, (list, tuple)):
                 candidate = candidate[0] if candidate else None
             if candidate is not None:
@@ -121,7 +131,7 @@ class _PromptStreams:
         if prompt not in self._streams:
             ids = self.input_ids[prompt]
             if self.mask is not None:
-                ids = [i for i, keep in zip(ids, self.mask[prompt]) if keep]
+                ids = [i for i, keep in zip(ids, self.mask[prompt], strict=True) if keep]
             stream = self.codec.stream()
             stream.feed(ids)
             self._streams[prompt] = stream
@@ -167,27 +177,142 @@ class _BaseIdStreamer(BaseStreamer):
 class StopStringsOnText(StoppingCriteria):
     """Stops a row once its generated text (decoded through its own codebook) contains a stop string.
 
-    The first call fixes the prompt length (transformers calls stopping criteria after every step).
+    transformers calls stopping criteria after every step with the whole ``input_ids``; the first call
+    fixes the prompt length. Each row's decoding state is kept under its ids so far, so a step costs
+    one hash of the row plus decoding a short window of base ids, not the whole row again (and beam
+    reordering, which reshuffles rows, simply finds each row's state under its own prefix).
+    A stop string can only newly appear in text that overlaps the last step: the window holds the
+    last step's base ids plus 4 base ids per character of the longest stop string (every base id
+    carries at least one UTF-8 byte) and a margin for decoders that treat the first id specially.
     """
+
+    _MARGIN = 8
 
     def __init__(self, stop_strings: str | list[str], tokenizer, codec: LZWCodec):
         self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         self.tokenizer = tokenizer
         self.codec = codec
         self.prompt_length: int | None = None
+        self._lookback = 4 * max((len(s) for s in self.stop_strings), default=0) + self._MARGIN
         self._prompt_streams: dict[tuple[int, ...], LZWStream] = {}
+        self._rows: dict[tuple[int, ...], tuple[LZWStream, list[int]]] = {}
+
+    def _decode_base(self, base_ids: list[int]) -> str:
+        base = getattr(self.tokenizer, "base_tokenizer", None)  # a Zip2ZipTokenizer's rust tokenizer
+        if base is not None:
+            return base.decode(base_ids, skip_special_tokens=False)
+        return self.tokenizer.decode(base_ids)
+
+    def _fresh(self, row: list[int]) -> tuple[LZWStream, list[int]]:
+        """The state of ``row`` (without its last id) rebuilt from its prompt."""
+        prompt = tuple(row[: self.prompt_length])
+        if prompt not in self._prompt_streams:
+            self._prompt_streams[prompt] = self.codec.stream()
+            self._prompt_streams[prompt].feed(prompt)
+        stream, base_ids = self._prompt_streams[prompt].copy(), []
+        stream.feed(row[self.prompt_length : -1], out=base_ids)
+        return stream, base_ids
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1] - 1
+        rows: dict[tuple[int, ...], tuple[LZWStream, list[int]]] = {}
+        taken: set[tuple[int, ...]] = set()
         done = []
         for row in input_ids.tolist():
-            prompt, generated = tuple(row[: self.prompt_length]), row[self.prompt_length :]
-            if prompt not in self._prompt_streams:
-                self._prompt_streams[prompt] = self.codec.stream()
-                self._prompt_streams[prompt].feed(prompt)
-            base_ids: list[int] = []
-            self._prompt_streams[prompt].copy().feed(generated, out=base_ids)
-            text = self.tokenizer.decode(base_ids)
+            previous = tuple(row[:-1])
+            if previous in self._rows:
+                stream, base_ids = self._rows[previous]
+                if previous in taken:  # several rows grew from one (beams): each needs its own copy
+                    stream, base_ids = stream.copy(), list(base_ids)
+                taken.add(previous)
+            else:
+                stream, base_ids = self._fresh(row)
+            before = len(base_ids)
+            stream.feed(row[-1:], out=base_ids)
+            rows[tuple(row)] = (stream, base_ids)
+            text = self._decode_base(base_ids[max(0, before - self._lookback) :])
             done.append(any(s in text for s in self.stop_strings))
+        self._rows = rows
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def canonical_continuation(codec: LZWCodec, prompt: list[int], base_ids: list[int]) -> list[int]:
+    """The compressed ids that continue ``prompt`` (compressed ids) with the text ``base_ids`` (base ids).
+
+    Greedy longest match against the row's codebook as it grows, the provisional ("KwKwK") id
+    included: exactly what `LZWCodec.encode` writes for the whole text when ``prompt`` is a prefix of
+    its codes (e.g. ``encode(prompt_base_ids)[0]`` need not be: its last phrase may grow).
+    """
+    stream = codec.stream()
+    stream.feed(prompt)
+    V, M = codec.initial_vocab_size, codec.max_subtokens
+    known = {tuple(content): code for code, content in stream.codebook.to_dict().items()}
+    codes: list[int] = []
+    i = 0
+    while i < len(base_ids):
+        code, length = int(base_ids[i]), 1
+        provisional = stream.provisional_subtokens()
+        for n in range(min(M, len(base_ids) - i), 1, -1):
+            piece = tuple(base_ids[i : i + n])
+            if piece in known:
+                code, length = known[piece], n
+                break
+            if piece == provisional:
+                code, length = V + stream.num_installed, n
+                break
+        for hyper_id, content in stream.feed(code):
+            known[tuple(content)] = hyper_id
+        codes.append(code)
+        i += length
+    return codes
+
+
+class ForcedContinuationLogitsProcessor(LogitsProcessor):
+    """Makes every row write the canonical compressed ids of a known text after its prompt (forced decoding).
+
+    The prompt of each row is what the first call sees (leading ``pad_token_id`` ids dropped); after
+    the text, ``eos_token_id`` is forced (or, without one, the last id again). A forced id the model
+    scores ``-inf`` (not legal for its row) raises: the model's legal set must hold the canonical ids.
+
+    Attributes:
+        codes: per row, the forced compressed ids (set at the first call).
+        widths: the width of ``scores`` at each call (``V + K`` for a zip2zip model).
+    """
+
+    def __init__(self, codec: LZWCodec, base_ids: list[int], eos_token_id: int | None = None,
+                 pad_token_id: int | None = None):
+        self.codec = codec
+        self.base_ids = [int(i) for i in base_ids]
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.prompt_length: int | None = None
+        self.codes: list[list[int]] = []
+        self.widths: list[int] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+            for row in input_ids.tolist():
+                start = 0
+                while self.pad_token_id is not None and start < len(row) and row[start] == self.pad_token_id:
+                    start += 1
+                self.codes.append(canonical_continuation(self.codec, row[start:], self.base_ids))
+        self.widths.append(scores.shape[-1])
+        step = input_ids.shape[1] - self.prompt_length
+        rows, ids = [], []
+        for row, codes in enumerate(self.codes):
+            if step < len(codes):
+                ids.append(codes[step])
+            else:
+                ids.append(self.eos_token_id if self.eos_token_id is not None else codes[-1] if codes else 0)
+            rows.append(row)
+        rows_t = torch.tensor(rows, device=scores.device)
+        ids_t = torch.tensor(ids, device=scores.device)
+        picked = scores[rows_t, ids_t]
+        if not torch.isfinite(picked).all():
+            row = int((~torch.isfinite(picked)).nonzero()[0, 0])
+            raise ValueError(f"row {row}, step {step}: the forced id {ids[row]} is not legal for the model there")
+        forced = torch.full_like(scores, float("-inf"))
+        forced[rows_t, ids_t] = 0.0
+        return forced
