@@ -10,6 +10,9 @@ import pytest
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Tiny models run faster on one thread, and a second thread only fights the other test processes
+# (torchrun ranks, remote-code subprocesses) for the machine's two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Remote-code loads must never pick up a stale copy of our modules from the user's cache.
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="zip2zip-hf-modules-")

@@ -188,7 +188,7 @@ def test_only_new_entries_are_encoded():
         installed = len(out.past_key_values.hyper_state.streams[0].codebook)
         assert seen == [installed] and installed < K
         model(input_ids=ids[:, -1:], past_key_values=out.past_key_values)
-    assert seen[1] <= 1
+    assert sum(seen[1:]) <= 1  # at most the one entry the new id installs (no call when none)
 
 
 @pytest.mark.parametrize("tie_encoders", [False, True])

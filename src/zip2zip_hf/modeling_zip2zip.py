@@ -309,9 +309,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         subtokens, lengths = _pad_contents(contents or ([(0,)] if anchor else []), input_ids.device)
         # One call per encoder: the new entries, and (output side) the provisional contents.
         prov_subtokens, prov_lengths = _pad_contents(step.provisional_contents, input_ids.device)
-        input_vectors = self.input_hyper_encoder(subtokens, lengths, input_weight)
-        output_vectors = self._output_hyper_encoder()(
-            _cat_padded(subtokens, prov_subtokens), torch.cat([lengths, prov_lengths]), output_weight
+        input_vectors = _encode(self.input_hyper_encoder, subtokens, lengths, input_weight)
+        output_vectors = _encode(
+            self._output_hyper_encoder(), _cat_padded(subtokens, prov_subtokens), torch.cat([lengths, prov_lengths]), output_weight
         )
         n_new = len(subtokens)
         provisional_vectors = output_vectors[n_new:]
@@ -454,6 +454,13 @@ def _pad_contents(contents: list[tuple[int, ...]], device) -> tuple[torch.LongTe
     subtokens = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(contents), longest)
     lengths = torch.tensor([len(c) for c in contents], dtype=torch.long, device=device)
     return subtokens, lengths
+
+
+def _encode(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.LongTensor, weight: torch.Tensor):
+    """Encoder vectors of the given entries; most decoding steps have none, and skip the call."""
+    if len(subtokens) == 0:
+        return weight.new_zeros(0, weight.shape[-1])
+    return encoder(subtokens, lengths, weight)
 
 
 def _cat_padded(a: torch.LongTensor, b: torch.LongTensor) -> torch.LongTensor:
