@@ -84,3 +84,62 @@ def smollm2_dir():
 def smollm2_tokenizer_dir():
     """HF folder holding at least the real SmolLM2-135M-Instruct tokenizer (weights not guaranteed)."""
     return _smollm2_or_skip(weights=False)
+
+
+def save_tiny_base_model(folder, seed: int = 0):
+    """A tiny random Llama and the tiny tokenizer saved as a plain HF folder (a stand-in base model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = build_tiny_base_tokenizer()
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def _build_text_tok(tiny_base_tokenizer):
+    from zip2zip_hf import Zip2ZipTokenizer
+
+    return Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=256, max_subtokens=4)
+
+
+def _build_text_model(text_tok):
+    """A tiny random Llama over the tiny BPE tokenizer (512 ids), wrapped with `from_base`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zip2zip_hf import Zip2ZipForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(text_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=text_tok.bos_token_id,
+        eos_token_id=text_tok.eos_token_id, pad_token_id=text_tok.pad_token_id,
+    )
+    base = AutoModelForCausalLM.from_config(config).eval()
+    model = Zip2ZipForCausalLM.from_base(base, text_tok).eval()
+    with torch.no_grad():  # a fresh encoder averages: entries like [a, a] and [a, a, a] would tie exactly
+        for name, param in model.named_parameters():
+            if "hyper_encoder" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def text_tok(tiny_base_tokenizer):
+    return _build_text_tok(tiny_base_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def text_model(text_tok):
+    return _build_text_model(text_tok)

@@ -17,9 +17,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import build_tiny_base_tokenizer
+from conftest import save_tiny_base_model
 
 pytest.importorskip("datasets")
 REPO = Path(__file__).resolve().parents[1]
@@ -98,23 +97,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tiny_base_tokenizer()
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+    return save_tiny_base_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -246,43 +246,6 @@ CODE_CONTINUATION = (
 )
 
 
-def build_text_tok(tiny_base_tokenizer):
-    from zip2zip_hf import Zip2ZipTokenizer
-
-    return Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=256, max_subtokens=4)
-
-
-def build_text_model(text_tok):
-    """A tiny random Llama over the tiny BPE tokenizer (512 ids), wrapped with `from_base`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from zip2zip_hf import Zip2ZipForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(text_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=text_tok.bos_token_id,
-        eos_token_id=text_tok.eos_token_id, pad_token_id=text_tok.pad_token_id,
-    )
-    base = AutoModelForCausalLM.from_config(config).eval()
-    model = Zip2ZipForCausalLM.from_base(base, text_tok).eval()
-    with torch.no_grad():  # a fresh encoder averages: entries like [a, a] and [a, a, a] would tie exactly
-        for name, param in model.named_parameters():
-            if "hyper_encoder" in name:
-                param.add_(torch.randn_like(param) * 0.2)
-    return model
-
-
-@pytest.fixture(scope="module")
-def text_tok(tiny_base_tokenizer):
-    return build_text_tok(tiny_base_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def text_model(text_tok):
-    return build_text_model(text_tok)
-
-
 def forced_text_generation(model, tok, prompt: str, continuation: str, eos: bool = False, **kwargs):
     """Generate ``continuation`` after ``prompt`` by forced decoding; return (inputs, output, processor)."""
     inputs = tok(prompt, return_tensors="pt")

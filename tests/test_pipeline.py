@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from transformers import LogitsProcessorList, pipeline
 
-from test_generation import CODE_CONTINUATION, CODE_PROMPT, build_text_model, build_text_tok
+from test_generation import CODE_CONTINUATION, CODE_PROMPT
 from zip2zip_hf.generation_zip2zip import ForcedContinuationLogitsProcessor
 
 
@@ -18,16 +18,6 @@ CHAT = [
     {"role": "user", "content": "def area(w, h): return w * h\ndef area(w, h): return w * h"},
 ]
 GREEDY = dict(do_sample=False, max_new_tokens=24)
-
-
-@pytest.fixture(scope="module")
-def text_tok(tiny_base_tokenizer):
-    return build_text_tok(tiny_base_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def text_model(text_tok):
-    return build_text_model(text_tok)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Trainer
 
-from conftest import build_tiny_base_tokenizer
+from conftest import build_tiny_base_tokenizer, save_tiny_base_model
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
 from zip2zip_hf.data import (
     Zip2ZipCompressor,
@@ -404,19 +404,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """`python -m zip2zip_hf demo` with every stage, shrunk: a tiny base model folder and a few steps."""
     from zip2zip_hf.cli import main
 
-    base_tokenizer = build_tiny_base_tokenizer()
-    base_tokenizer.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(base_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    save_tiny_base_model(tmp_path)
     argv = [
         "demo",
         "--model",

@@ -232,7 +232,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         batch_size, length = input_ids.shape
         use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
         cache, state = self._resolve_state(past_key_values, batch_size, use_cache)
-        past_length = past_key_values.get_seq_length() if cache is not None and past_key_values is cache else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_length + length, dtype=torch.long, device=input_ids.device)
         keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
@@ -263,13 +263,14 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels, step, num_items_in_batch)
-        return CausalLMOutputWithPast(
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output.to_tuple() if return_dict is False else output
 
     def _resolve_state(self, past_key_values, batch_size: int, use_cache: bool):
         """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
