@@ -633,3 +633,19 @@ def test_real_save_load_keeps_base_encoding(smol, smol_base, tmp_path):
 
 def test_package_exports_the_tokenizer():
     assert zip2zip_hf.Zip2ZipTokenizer is Zip2ZipTokenizer and "Zip2ZipTokenizer" in zip2zip_hf.__all__
+
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_saved_special_tokens_load_in_either_transformers_major(tok, tmp_path, layout):
+    """transformers 5 saves the extra special tokens as a list under `extra_special_tokens`, 4.x as
+    `additional_special_tokens`; a folder written by either major loads in the running one."""
+    tok.save_pretrained(tmp_path)
+    path = tmp_path / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    extra = config.pop("extra_special_tokens", None) or config.pop("additional_special_tokens")
+    config["extra_special_tokens" if layout == "v5" else "additional_special_tokens"] = extra
+    path.write_text(json.dumps(config))
+    loaded = Zip2ZipTokenizer.from_pretrained(tmp_path)
+    assert loaded.all_special_tokens == tok.all_special_tokens
+    text = "<|im_start|>user\nhi<|im_end|>"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]

@@ -156,6 +156,11 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         # Facts about one load (transformers 5 passes them), not settings: keep them out of the saved config.
         kwargs.pop("is_local", None)
         kwargs.pop("local_files_only", None)
+        # transformers 5 saves the extra special tokens as a list under `extra_special_tokens`; 4.x
+        # reads that key as a dict of named tokens and wants the list as `additional_special_tokens`.
+        extra = kwargs.get("extra_special_tokens")
+        if isinstance(extra, (list, tuple)) and "additional_special_tokens" in self.SPECIAL_TOKENS_ATTRIBUTES:
+            kwargs["additional_special_tokens"] = list(kwargs.pop("extra_special_tokens"))
         super().__init__(
             initial_vocab_size=self.initial_vocab_size,
             max_codebook_size=self.max_codebook_size,
