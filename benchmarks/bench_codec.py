@@ -112,7 +112,10 @@ def main() -> None:
         f"{n:,} tokens of CPython {sys.version.split()[0]} stdlib source, SmolLM2 tokenizer (V={V}), "
         f"K={K}, M={M}, {len(disabled)} disabled ids; median of {args.repeats} runs, M tokens/s\n"
     )
-    print("| data | split | base tokens per code | ours encode | ref encode | ours/ref | ours decode | ref decode | ours/ref |")
+    print(
+        "| data | split | base tokens per code | ours encode | ref encode | ours/ref "
+        "| ours decode | ref decode | ours/ref |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for split in ("stream", 4096, 1024):
         size = n if split == "stream" else split

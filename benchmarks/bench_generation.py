@@ -90,9 +90,13 @@ def run(model, prompt: list[int], forced: list[int], zip2zip: bool):
 
     input_ids = torch.tensor([prompt])
     processor = ForceIds(forced, len(prompt))
-    kwargs = dict(max_new_tokens=len(forced), do_sample=False,
-                  logits_processor=LogitsProcessorList([processor]), attention_mask=torch.ones_like(input_ids),
-                  pad_token_id=model.generation_config.pad_token_id or 0)
+    kwargs = dict(
+        max_new_tokens=len(forced),
+        do_sample=False,
+        logits_processor=LogitsProcessorList([processor]),
+        attention_mask=torch.ones_like(input_ids),
+        pad_token_id=model.generation_config.pad_token_id or 0,
+    )
     start = time.perf_counter()
     if zip2zip:
         kwargs["return_hypertokens"] = True
@@ -217,9 +221,11 @@ def main() -> None:
         assert decoded == case["base"][1], "the canonical continuation does not decode to the text"
         results[name] = {variant: statistics.median(t) for variant, t in times.items()}
 
-    print(f"SmolLM2-135M-Instruct, CPU ({torch.get_num_threads()} torch threads), K=2048, M=4, "
-          f"{args.prompt_tokens}-token prompt, {args.continuation_tokens}-token forced continuation, "
-          f"median of {args.repeats}; load average before: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f}\n")
+    print(
+        f"SmolLM2-135M-Instruct, CPU ({torch.get_num_threads()} torch threads), K=2048, M=4, "
+        f"{args.prompt_tokens}-token prompt, {args.continuation_tokens}-token forced continuation, "
+        f"median of {args.repeats}; load average before: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f}\n"
+    )
     print("| text | model | steps | wall (s) | ms / step | bytes / s | zip2zip / base (bytes/s) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, case in cases.items():
@@ -227,8 +233,10 @@ def main() -> None:
             steps = len(case[variant][1])
             wall = results[name][variant]
             ratio = results[name]["base"] / results[name]["zip2zip"]
-            print(f"| {name} | {variant} | {steps} | {wall:.2f} | {wall / steps * 1e3:.1f} | "
-                  f"{case['bytes'] / wall:.0f} | {f'{ratio:.2f}x' if variant == 'zip2zip' else ''} |")
+            print(
+                f"| {name} | {variant} | {steps} | {wall:.2f} | {wall / steps * 1e3:.1f} | "
+                f"{case['bytes'] / wall:.0f} | {f'{ratio:.2f}x' if variant == 'zip2zip' else ''} |"
+            )
     sizes = [f"{n}: {c['bytes']} bytes, {c['base_tokens']} base tokens" for n, c in cases.items()]
     print(f"\n({'; '.join(sizes)})")
 

@@ -86,22 +86,41 @@ def main() -> None:
         return
     results = {}
     for variant in ("base", "zip2zip"):
-        command = [sys.executable, __file__, "--worker", variant, "--prompt-tokens", str(args.prompt_tokens),
-                   "--steps", str(args.steps), "--repeats", str(args.repeats)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--prompt-tokens",
+            str(args.prompt_tokens),
+            "--steps",
+            str(args.steps),
+            "--repeats",
+            str(args.repeats),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     base, ours = results["base"], results["zip2zip"]
-    print(f"SmolLM2-135M, CPU, {args.prompt_tokens}-base-token prompt of Python source, K=2048, M=4, "
-          f"median of {args.repeats} repeats ({args.steps} steps each)\n")
+    print(
+        f"SmolLM2-135M, CPU, {args.prompt_tokens}-base-token prompt of Python source, K=2048, M=4, "
+        f"median of {args.repeats} repeats ({args.steps} steps each)\n"
+    )
     print("| measure | base | zip2zip | zip2zip / base |")
     print("|---|---:|---:|---:|")
-    print(f"| prompt positions | {base['positions']} | {ours['positions']} | {ours['positions'] / base['positions']:.2f} |")
-    print(f"| prefill (ms) | {base['prefill_s'] * 1e3:.1f} | {ours['prefill_s'] * 1e3:.1f} | "
-          f"{ours['prefill_s'] / base['prefill_s']:.2f} |")
-    print(f"| one decoding step (ms) | {base['step_s'] * 1e3:.2f} | {ours['step_s'] * 1e3:.2f} | "
-          f"{ours['step_s'] / base['step_s']:.2f} |")
-    print(f"| peak RSS (MB) | {base['peak_rss_mb']:.0f} | {ours['peak_rss_mb']:.0f} | "
-          f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+    positions = (base["positions"], ours["positions"])
+    print(f"| prompt positions | {positions[0]} | {positions[1]} | {positions[1] / positions[0]:.2f} |")
+    print(
+        f"| prefill (ms) | {base['prefill_s'] * 1e3:.1f} | {ours['prefill_s'] * 1e3:.1f} | "
+        f"{ours['prefill_s'] / base['prefill_s']:.2f} |"
+    )
+    print(
+        f"| one decoding step (ms) | {base['step_s'] * 1e3:.2f} | {ours['step_s'] * 1e3:.2f} | "
+        f"{ours['step_s'] / base['step_s']:.2f} |"
+    )
+    print(
+        f"| peak RSS (MB) | {base['peak_rss_mb']:.0f} | {ours['peak_rss_mb']:.0f} | "
+        f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

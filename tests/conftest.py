@@ -122,9 +122,16 @@ def _build_text_model(text_tok):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(text_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=text_tok.bos_token_id,
-        eos_token_id=text_tok.eos_token_id, pad_token_id=text_tok.pad_token_id,
+        vocab_size=len(text_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=text_tok.bos_token_id,
+        eos_token_id=text_tok.eos_token_id,
+        pad_token_id=text_tok.pad_token_id,
     )
     base = AutoModelForCausalLM.from_config(config).eval()
     model = Zip2ZipForCausalLM.from_base(base, text_tok).eval()

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import save_tiny_base_model
 
+
 pytest.importorskip("datasets")
 REPO = Path(__file__).resolve().parents[1]
 

@@ -90,8 +90,19 @@ def test_sampled_return_sequences_have_their_own_codebooks(model):
     rows = [compressed(28, 40), compressed(29, 25)]
     ids, mask = left_pad(rows)
     torch.manual_seed(0)
-    out = generate(model, ids, mask, do_sample=True, top_k=50, top_p=0.9, temperature=1.5, num_return_sequences=3,
-                   return_hypertokens=True, return_dict_in_generate=True, max_new_tokens=15)
+    out = generate(
+        model,
+        ids,
+        mask,
+        do_sample=True,
+        top_k=50,
+        top_p=0.9,
+        temperature=1.5,
+        num_return_sequences=3,
+        return_hypertokens=True,
+        return_dict_in_generate=True,
+        max_new_tokens=15,
+    )
     assert len(out.sequences) == 6
     for b, row in enumerate(out.sequences.tolist()):
         prompt = rows[b // 3]
@@ -118,8 +129,12 @@ def test_forced_canonical_continuation_reproduces_the_text(model):
     codes = CODEC.encode(text)[0]
     prompt, continuation = codes[:30], codes[30:]
     processor = OnlyAllow(continuation, len(prompt))
-    out = generate(model, torch.tensor([prompt]), logits_processor=LogitsProcessorList([processor]),
-                   max_new_tokens=len(continuation))
+    out = generate(
+        model,
+        torch.tensor([prompt]),
+        logits_processor=LogitsProcessorList([processor]),
+        max_new_tokens=len(continuation),
+    )
     assert CODEC.decode(prompt)[0] + out[0, len(prompt) :].tolist() == text
 
 
@@ -139,8 +154,13 @@ def test_forced_continuation_processor_reproduces_the_text_and_refuses_illegal_i
     codes = CODEC.encode(text)[0]
     prompt = codes[:30]
     processor = ForcedContinuationLogitsProcessor(CODEC, text[len(CODEC.decode(prompt)[0]) :])
-    out = generate(model, torch.tensor([prompt]), logits_processor=LogitsProcessorList([processor]),
-                   max_new_tokens=len(codes) - 30, return_hypertokens=True)
+    out = generate(
+        model,
+        torch.tensor([prompt]),
+        logits_processor=LogitsProcessorList([processor]),
+        max_new_tokens=len(codes) - 30,
+        return_hypertokens=True,
+    )
     assert out[0, 30:].tolist() == codes[30:] == processor.codes[0]
 
     class Illegal(ForcedContinuationLogitsProcessor):  # pretends a not-yet-installed entry is canonical
@@ -220,8 +240,20 @@ def test_sampled_ids_are_always_legal_for_their_row(model):
     rows = [compressed(35, 60), compressed(36, 20), compressed(37, 44)]
     ids, mask = left_pad(rows)
     torch.manual_seed(1)
-    out = generate(model, ids, mask, do_sample=True, temperature=3.0, top_k=0, top_p=1.0, num_return_sequences=4,
-                   max_new_tokens=25, return_hypertokens=True, return_dict_in_generate=True, output_scores=True)
+    out = generate(
+        model,
+        ids,
+        mask,
+        do_sample=True,
+        temperature=3.0,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=4,
+        max_new_tokens=25,
+        return_hypertokens=True,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     hyper_written = 0
     for b, row in enumerate(out.sequences.tolist()):
         generated = row[ids.shape[1] :]
@@ -258,8 +290,9 @@ def forced_text_generation(model, tok, prompt: str, continuation: str, eos: bool
 
 
 def test_forced_text_generation_writes_hypertokens_and_the_exact_text(text_model, text_tok):
-    inputs, raw, processor = forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION,
-                                                    return_hypertokens=True)
+    inputs, raw, processor = forced_text_generation(
+        text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION, return_hypertokens=True
+    )
     n = inputs["input_ids"].shape[1]
     generated = raw[0, n:].tolist()
     assert sum(i >= text_tok.initial_vocab_size for i in generated) > 10
@@ -275,8 +308,9 @@ def test_text_streamer_prints_the_decoded_text(text_model, text_tok, capsys, ski
 
     capsys.readouterr()
     streamer = TextStreamer(text_tok, skip_prompt=skip_prompt, skip_special_tokens=True)
-    inputs, out, _ = forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION, eos=eos,
-                                            streamer=streamer)
+    inputs, out, _ = forced_text_generation(
+        text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION, eos=eos, streamer=streamer
+    )
     printed = capsys.readouterr().out
     n = inputs["input_ids"].shape[1]
     generated = text_tok.decode(out[0, n:], skip_special_tokens=True)
@@ -295,8 +329,11 @@ def test_text_iterator_streamer_yields_the_decoded_text(text_model, text_tok, sk
 
     streamer = TextIteratorStreamer(text_tok, skip_prompt=skip_prompt, timeout=60)
     result = {}
-    thread = Thread(target=lambda: result.update(
-        out=forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION, streamer=streamer)[1]))
+    thread = Thread(
+        target=lambda: result.update(
+            out=forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION, streamer=streamer)[1]
+        )
+    )
     thread.start()
     text = "".join(streamer)
     thread.join(timeout=60)
@@ -314,9 +351,15 @@ def test_streamer_refuses_batches(text_model, text_tok):
 
 @pytest.mark.parametrize("stop", ["width * depth", "volume(", "n 2 * (w"])
 def test_stop_strings_stop_right_after_the_string_appears(text_model, text_tok, stop):
-    inputs, raw, _ = forced_text_generation(text_model, text_tok, CODE_PROMPT, CODE_CONTINUATION,
-                                            stop_strings=[stop, "never in the text"], tokenizer=text_tok,
-                                            return_hypertokens=True)
+    inputs, raw, _ = forced_text_generation(
+        text_model,
+        text_tok,
+        CODE_PROMPT,
+        CODE_CONTINUATION,
+        stop_strings=[stop, "never in the text"],
+        tokenizer=text_tok,
+        return_hypertokens=True,
+    )
     n = inputs["input_ids"].shape[1]
     assert raw.shape[1] > n + 1
     text = text_tok.decode(raw[0])[len(CODE_PROMPT) :]
@@ -331,8 +374,14 @@ def test_stop_strings_in_a_batch_stop_each_row(text_model, text_tok):
     base_ids = text_tok.base_ids([CODE_CONTINUATION], add_special_tokens=False)[0]
     processor = ForcedContinuationLogitsProcessor(text_tok.codec, base_ids, pad_token_id=text_tok.pad_token_id)
     stop = "volume("
-    out = text_model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), do_sample=False,
-                              max_new_tokens=200, stop_strings=stop, tokenizer=text_tok)
+    out = text_model.generate(
+        **inputs,
+        logits_processor=LogitsProcessorList([processor]),
+        do_sample=False,
+        max_new_tokens=200,
+        stop_strings=stop,
+        tokenizer=text_tok,
+    )
     n = inputs["input_ids"].shape[1]
     for b in range(2):
         text = text_tok.decode(out[b, n:], skip_special_tokens=True)

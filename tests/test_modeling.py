@@ -25,11 +25,25 @@ def tiny_base(arch: str, tie: bool = False, rows: int = V):
     torch.manual_seed(0)
     common = dict(vocab_size=rows, tie_word_embeddings=tie)
     if arch == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, **common)
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
     elif arch == "qwen2":
-        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, **common)
+        config = Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
     elif arch == "gpt2":
         config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
     else:
@@ -39,9 +53,16 @@ def tiny_base(arch: str, tie: bool = False, rows: int = V):
 
 def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=False, max_codebook_size=K):
     config = Zip2ZipConfig(
-        text_config=base.config, initial_vocab_size=V, max_codebook_size=max_codebook_size, max_subtokens=M,
-        disabled_ids=DISABLED, pad_token_id=PAD, hyper_encoder=hyper_encoder, hyper_encoder_num_heads=2,
-        tie_hyper_encoders=tie_encoders, position_mode=position_mode,
+        text_config=base.config,
+        initial_vocab_size=V,
+        max_codebook_size=max_codebook_size,
+        max_subtokens=M,
+        disabled_ids=DISABLED,
+        pad_token_id=PAD,
+        hyper_encoder=hyper_encoder,
+        hyper_encoder_num_heads=2,
+        tie_hyper_encoders=tie_encoders,
+        position_mode=position_mode,
     )
     model = Zip2ZipForCausalLM(config, base_model=base).eval()
     torch.manual_seed(1)
@@ -55,7 +76,9 @@ def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=Fal
 def repetitive_ids(seed: int, length: int) -> list[int]:
     """Base ids with many repeats, so LZW installs and reuses plenty of hypertokens."""
     g = torch.Generator().manual_seed(seed)
-    motifs = [torch.randint(2, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist() for _ in range(4)]
+    motifs = [
+        torch.randint(2, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist() for _ in range(4)
+    ]
     ids = []
     while len(ids) < length:
         ids += motifs[int(torch.randint(0, 4, (1,), generator=g))]
@@ -80,7 +103,9 @@ def step_by_step_logits(model, ids, mask, first: int = 1):
     out = model(input_ids=ids[:, :first], attention_mask=mask[:, :first], use_cache=True)
     logits, cache = [out.logits], out.past_key_values
     for t in range(first, ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True
+        )
         logits.append(out.logits)
         cache = out.past_key_values
     return torch.cat(logits, dim=1)
@@ -355,7 +380,9 @@ def test_remote_code_load_in_fresh_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:] + done.stdout[-2000:]
 
 
@@ -370,8 +397,11 @@ def test_tokenizer_config_mismatch_raises_on_load(tmp_path, tiny_base_tokenizer)
     from zip2zip_hf import Zip2ZipTokenizer
 
     tokenizer = Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=64, max_subtokens=3)
-    base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                                        num_hidden_layers=1, num_attention_heads=4))
+    base = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+        )
+    )
     model = Zip2ZipForCausalLM.from_base(base, tokenizer)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -385,12 +415,20 @@ def test_tokenizer_config_mismatch_raises_on_load(tmp_path, tiny_base_tokenizer)
 
 
 def test_from_base_pretrained_wraps_a_saved_base(tmp_path, tiny_base_tokenizer):
-    base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tiny_base_tokenizer), hidden_size=32,
-                                                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    base = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=len(tiny_base_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+        )
+    )
     base.save_pretrained(tmp_path)
     tiny_base_tokenizer.save_pretrained(tmp_path)
-    model, tokenizer = Zip2ZipForCausalLM.from_base_pretrained(str(tmp_path), max_codebook_size=32, max_subtokens=2,
-                                                               hyper_encoder="mean", position_mode="compressed")
+    model, tokenizer = Zip2ZipForCausalLM.from_base_pretrained(
+        str(tmp_path), max_codebook_size=32, max_subtokens=2, hyper_encoder="mean", position_mode="compressed"
+    )
     assert (model.config.max_codebook_size, model.config.max_subtokens, model.config.hyper_encoder) == (32, 2, "mean")
     assert tokenizer.initial_vocab_size == model.config.initial_vocab_size == len(tiny_base_tokenizer)
     batch = tokenizer(["def f(x):\n    return x\n" * 3], return_tensors="pt")
@@ -409,7 +447,8 @@ def test_real_smollm2_training_equals_inference(smollm2_dir):
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tokenizer = Zip2ZipTokenizer.from_base(AutoTokenizer.from_pretrained(smollm2_dir))
     model = wrap_real(base, tokenizer)
-    text = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
+    functions = (("add", "+"), ("sub", "-"), ("mul", "*"))
+    text = "".join(f"def {name}(a, b):\n    return a {op} b\n\n\n" for name, op in functions)
     batch = tokenizer([text, text[:70]], return_tensors="pt", padding=True)
     assert (batch["input_ids"] >= tokenizer.initial_vocab_size).any()
     with torch.no_grad():

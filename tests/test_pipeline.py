@@ -90,8 +90,9 @@ def test_pipeline_from_a_saved_checkpoint_without_the_package(pipe, text_model, 
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"
     args = [str(checkpoint), CODE_PROMPT, json.dumps(CHAT), json.dumps(GREEDY)]
-    done = subprocess.run([sys.executable, "-c", REMOTE_CHILD, *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", REMOTE_CHILD, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["model"].startswith("transformers_modules.") and out["model"].endswith(".Zip2ZipForCausalLM")

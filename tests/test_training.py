@@ -33,6 +33,7 @@ from zip2zip_hf.training import (
     training_arguments,
 )
 
+
 datasets = pytest.importorskip("datasets")
 
 K, M = 64, 3

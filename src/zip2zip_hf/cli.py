@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .tokenization_zip2zip import ANSI_RESET, ANSI_STYLES, Zip2ZipTokenizer
 
+
 __all__ = ["main"]
 
 # Standard-library sources for the demo: present in every CPython install, varied in style.

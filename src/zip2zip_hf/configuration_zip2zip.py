@@ -79,7 +79,9 @@ class Zip2ZipConfig(PretrainedConfig):
                 f"initial_vocab_size ({initial_vocab_size}) exceeds the model's embedding rows "
                 f"({self.text_config.vocab_size}): the tokenizer has ids the model cannot embed"
             )
-        disabled = sorted({int(i) for i in disabled_ids} | ({int(pad_token_id)} if pad_token_id is not None else set()))
+        disabled = sorted(
+            {int(i) for i in disabled_ids} | ({int(pad_token_id)} if pad_token_id is not None else set())
+        )
         self.initial_vocab_size = int(initial_vocab_size)
         self.max_codebook_size = int(max_codebook_size)
         self.max_subtokens = int(max_subtokens)
@@ -113,6 +115,10 @@ class Zip2ZipConfig(PretrainedConfig):
         theirs = {key: getattr(tokenizer, key, None) for key in COMPRESSION_KEYS}
         theirs["disabled_ids"] = sorted(theirs["disabled_ids"] or ())
         mine = self.compression_settings()
-        diff = [f"{key}: model {mine[key]} vs tokenizer {theirs[key]}" for key in COMPRESSION_KEYS if mine[key] != theirs[key]]
+        diff = [
+            f"{key}: model {mine[key]} vs tokenizer {theirs[key]}"
+            for key in COMPRESSION_KEYS
+            if mine[key] != theirs[key]
+        ]
         if diff:
             raise ValueError("the tokenizer and the model disagree on compression settings: " + "; ".join(diff))

@@ -22,6 +22,7 @@ import torch
 
 from .lzw import LZWCodec
 
+
 __all__ = ["Zip2ZipCompressor", "Zip2ZipDataCollator", "compress_dataset", "dataset_stats", "split_windows"]
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .cli import CLIError, coloured_sample, describe, legend, load_tokenizer, prose_samples, stats_table
 
+
 __all__ = ["run_demo"]
 
 # Held out from training: the compression table, the held-out loss and the generation prompt use them.

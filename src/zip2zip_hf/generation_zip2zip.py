@@ -280,8 +280,9 @@ class ForcedContinuationLogitsProcessor(LogitsProcessor):
         widths: the width of ``scores`` at each call (``V + K`` for a zip2zip model).
     """
 
-    def __init__(self, codec: LZWCodec, base_ids: list[int], eos_token_id: int | None = None,
-                 pad_token_id: int | None = None):
+    def __init__(
+        self, codec: LZWCodec, base_ids: list[int], eos_token_id: int | None = None, pad_token_id: int | None = None
+    ):
         self.codec = codec
         self.base_ids = [int(i) for i in base_ids]
         self.eos_token_id = eos_token_id

@@ -101,4 +101,3 @@ class Zip2ZipCache(DynamicCache):
 
     def crop(self, max_length: int):
         raise NotImplementedError("a zip2zip cache cannot be rewound: codebook entries cannot be uninstalled")
-

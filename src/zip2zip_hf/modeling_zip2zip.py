@@ -62,7 +62,11 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
 
     def _hyper_encoder_modules(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "input_hyper_encoder", None), getattr(self, "output_hyper_encoder", None)) if m is not None]
+        return [
+            m
+            for m in (getattr(self, "input_hyper_encoder", None), getattr(self, "output_hyper_encoder", None))
+            if m is not None
+        ]
 
 
 class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
@@ -226,9 +230,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if input_ids is None or inputs_embeds is not None:
-            raise ValueError("Zip2ZipForCausalLM needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook")
+            raise ValueError(
+                "Zip2ZipForCausalLM needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook"
+            )
         if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}"
+            )
         batch_size, length = input_ids.shape
         use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
         cache, state = self._resolve_state(past_key_values, batch_size, use_cache)
@@ -288,7 +296,11 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             return None, state
         # An empty cache from elsewhere (e.g. the one generate() makes) is replaced by ours, which
         # generate() then carries on from our output.
-        cache = past_key_values if isinstance(past_key_values, Zip2ZipCache) else Zip2ZipCache(config=self.config.get_text_config())
+        cache = (
+            past_key_values
+            if isinstance(past_key_values, Zip2ZipCache)
+            else Zip2ZipCache(config=self.config.get_text_config())
+        )
         cache.hyper_state = state
         return cache, state
 
@@ -312,7 +324,10 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         prov_subtokens, prov_lengths = _pad_contents(step.provisional_contents, input_ids.device)
         input_vectors = _encode(self.input_hyper_encoder, subtokens, lengths, input_weight)
         output_vectors = _encode(
-            self._output_hyper_encoder(), _cat_padded(subtokens, prov_subtokens), torch.cat([lengths, prov_lengths]), output_weight
+            self._output_hyper_encoder(),
+            _cat_padded(subtokens, prov_subtokens),
+            torch.cat([lengths, prov_lengths]),
+            output_weight,
         )
         n_new = len(subtokens)
         provisional_vectors = output_vectors[n_new:]
@@ -337,7 +352,11 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         width = int(legal.max()) if legal.numel() else 0
         pieces = [base_logits[..., :V]]
         if width:
-            table = state.output_table if state.output_table is not None else hidden.new_zeros(len(hidden), 0, hidden.shape[-1])
+            table = (
+                state.output_table
+                if state.output_table is not None
+                else hidden.new_zeros(len(hidden), 0, hidden.shape[-1])
+            )
             if table.shape[1] < width:
                 table = F.pad(table, (0, 0, 0, width - table.shape[1]))
             hyper = torch.einsum("btd,bkd->btk", hidden, table[:, :width].to(hidden.dtype))
@@ -364,7 +383,10 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
                 f"(legal hyper ids: {V}..{V + int(legal[b, t]) - 1})"
             )
         loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         denominator = num_items_in_batch if num_items_in_batch is not None else counted.sum().clamp(min=1)
         if isinstance(denominator, torch.Tensor):
@@ -388,7 +410,9 @@ class _Step:
         self.provisional_index = provisional_index  # (row, kept index, slot) of each of those
 
 
-def _consume(state: HyperState, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str) -> _Step:
+def _consume(
+    state: HyperState, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str
+) -> _Step:
     """Feed each row's real (unmasked) ids to its stream; record legal sets and positions."""
     ids, real = input_ids.tolist(), mask.bool().tolist()
     kept_at = {t: j for j, t in enumerate(keep)}

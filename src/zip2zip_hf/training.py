@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
+
 __all__ = [
     "HYPER_ENCODER_MODULES",
     "CompressionLoggingCallback",
