@@ -38,6 +38,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_codec.py
+	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_generation.py
+	$(BIN)/python benchmarks/bench_training.py --steps 5 --batch-size 2 --max-length 512
 
 clean:
 	rm -rf .venv .venv-transformers-* build src/*.egg-info .pytest_cache
