@@ -36,6 +36,27 @@ def stdlib_text(max_chars: int = 400_000) -> str:
     return "".join(parts)[:max_chars]
 
 
+def tiny_causal_lm_config(arch: str, vocab_size: int, hidden: int = 32, positions: int = 512, tie: bool = False, **kw):
+    """Config of a tiny random Llama, Qwen2 or GPT-2 (2 layers, 4 heads)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, **kw)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=positions, **common)
+    decoders = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    if arch not in decoders:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    return decoders[arch](
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        **common,
+    )
+
+
 def build_tiny_base_tokenizer(vocab_size: int = 512):
     """A byte-level BPE trained in memory on stdlib sources, wrapped as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -89,20 +110,12 @@ def smollm2_tokenizer_dir():
 def save_tiny_base_model(folder, seed: int = 0):
     """A tiny random Llama and the tiny tokenizer saved as a plain HF folder (a stand-in base model)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     tokenizer = build_tiny_base_tokenizer()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = tiny_causal_lm_config("llama", len(tokenizer), positions=256)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 
@@ -116,19 +129,15 @@ def _build_text_tok(tiny_base_tokenizer):
 def _build_text_model(text_tok):
     """A tiny random Llama over the tiny BPE tokenizer (512 ids), wrapped with `from_base`."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from zip2zip_hf import Zip2ZipForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(text_tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+    config = tiny_causal_lm_config(
+        "llama",
+        len(text_tok),
+        positions=1024,
         bos_token_id=text_tok.bos_token_id,
         eos_token_id=text_tok.eos_token_id,
         pad_token_id=text_tok.pad_token_id,

@@ -9,9 +9,10 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import zip2zip_hf
+from conftest import tiny_causal_lm_config
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
 
 
@@ -23,32 +24,7 @@ DISABLED = [0, 1]
 
 def tiny_base(arch: str, tie: bool = False, rows: int = V):
     torch.manual_seed(0)
-    common = dict(vocab_size=rows, tie_word_embeddings=tie)
-    if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
-    elif arch == "qwen2":
-        config = Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
-    elif arch == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
-    else:
-        raise ValueError(arch)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(tiny_causal_lm_config(arch, rows, tie=tie)).eval()
 
 
 def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=False, max_codebook_size=K):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Trainer
+from transformers import AutoModelForCausalLM, Trainer
 
-from conftest import build_tiny_base_tokenizer, save_tiny_base_model
+from conftest import build_tiny_base_tokenizer, save_tiny_base_model, tiny_causal_lm_config
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
 from zip2zip_hf.data import (
     Zip2ZipCompressor,
@@ -66,29 +66,7 @@ def repetitive_texts(n: int, seed: int = 0) -> list[str]:
 
 def tiny_model(tok, arch: str = "llama", tie_encoders: bool = False, hidden: int = 64, seed: int = 0):
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tok), tie_word_embeddings=False)
-    if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **common,
-        )
-    elif arch == "qwen2":
-        config = Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **common,
-        )
-    else:
-        config = GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=256, **common)
+    config = tiny_causal_lm_config(arch, len(tok), hidden=hidden, positions=256)
     base = AutoModelForCausalLM.from_config(config)
     return Zip2ZipForCausalLM.from_base(base, tok, hyper_encoder_num_heads=2, tie_hyper_encoders=tie_encoders)
 
