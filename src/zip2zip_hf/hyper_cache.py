@@ -43,7 +43,14 @@ class HyperState:
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep (and repeat or reorder) rows: row ``i`` becomes old row ``rows[i]``."""
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        self.streams = [self.streams[r].copy() for r in rows]
+        # Beam search calls this every step: a row kept once keeps its stream object, and only a
+        # duplicated row pays for copying its codebook.
+        taken: set[int] = set()
+        streams = []
+        for r in rows:
+            streams.append(self.streams[r].copy() if r in taken else self.streams[r])
+            taken.add(r)
+        self.streams = streams
         self.num_encoded = [self.num_encoded[r] for r in rows]
         self.num_real_tokens = [self.num_real_tokens[r] for r in rows]
         if self.input_table is not None:
