@@ -110,14 +110,14 @@ def test_compress_bad_paths(base_dir, files, tmp_path, capsys):
 
 def test_compress_unreadable_file(base_dir, files, monkeypatch, capsys):
     # chmod cannot make a file unreadable for root, so simulate the OS refusing.
-    real_read_bytes = Path.read_bytes
+    real_open = Path.open
 
-    def refuse(self):
+    def refuse(self, *args, **kwargs):
         if self.name == "code.py":
             raise PermissionError(13, "Permission denied", str(self))
-        return real_read_bytes(self)
+        return real_open(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "open", refuse)
     assert main(["compress", str(files[0]), "--tokenizer", str(base_dir)]) == 1
     assert "code.py: cannot read it (Permission denied)" in bad_input_message(capsys)
 

@@ -14,6 +14,7 @@ import argparse
 import codecs
 import contextlib
 import io
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,9 @@ __all__ = ["main"]
 # Sections of the Python language reference (English prose) shipped in pydoc_data.
 DEMO_TOPICS = ("if", "while", "for", "try", "with", "function", "class", "import")
 SAMPLE_LINES = 18
+# Files larger than this are refused unless --max-bytes says otherwise: compression statistics hold
+# the whole text, its base ids and its codes in memory at once.
+DEFAULT_MAX_BYTES = 64 * 2**20
 
 HEADERS = ("text", "bytes", "base tokens", "zip2zip tokens", "ratio", "bytes/base tok", "bytes/z2z tok")
 
@@ -35,17 +39,32 @@ class CLIError(Exception):
     """A problem with the user's input: reported as one line on stderr, without a traceback."""
 
 
-def read_text_file(path: str) -> str:
-    """The UTF-8 text of ``path``, or a CLIError saying in one line why it cannot be had."""
+def read_text_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """The UTF-8 text of ``path``, or a CLIError saying in one line why it cannot be had.
+
+    Only regular files are read (a FIFO or a device such as /dev/zero could block or never end),
+    and at most ``max_bytes`` of them.
+    """
     file = Path(path)
-    if not file.exists():
-        raise CLIError(f"{path}: no such file")
-    if file.is_dir():
-        raise CLIError(f"{path}: is a directory, not a file")
     try:
-        data = file.read_bytes()
+        info = file.stat()
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file") from None
     except OSError as error:
         raise CLIError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CLIError(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise CLIError(f"{path}: not a regular file (pipes and devices are not read)")
+    if info.st_size > max_bytes:
+        raise CLIError(f"{path}: {info.st_size} bytes, more than --max-bytes {max_bytes}")
+    try:
+        with file.open("rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since stat()
+    except OSError as error:
+        raise CLIError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if len(data) > max_bytes:
+        raise CLIError(f"{path}: more than --max-bytes {max_bytes} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -156,7 +175,7 @@ def coloured_sample(tokenizer: Zip2ZipTokenizer, text: str, n_lines: int = SAMPL
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    named_texts = [(path, read_text_file(path)) for path in args.files]  # every file checked before loading
+    named_texts = [(path, read_text_file(path, args.max_bytes)) for path in args.files]  # all checked first
     tokenizer = load_tokenizer(args.tokenizer, args.max_codebook_size, args.max_subtokens)
     print(describe(tokenizer))
     print(stats_table(tokenizer, named_texts))
@@ -209,7 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     compress = commands.add_parser("compress", help="compression statistics of text files")
-    compress.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
+    compress.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (regular files only)")
+    compress.add_argument(
+        "--max-bytes",
+        type=at_least(1),
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
+    )
     add_tokenizer_options(compress)
     compress.set_defaults(run=run_compress)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .lzw import LZWCodec
+from .lzw import LZWCodec, setting
 
 
 __all__ = ["Zip2ZipConfig"]
@@ -74,18 +74,29 @@ class Zip2ZipConfig(PretrainedConfig):
                 f"this checkpoint uses zip2zip format {zip2zip_format_version}; this code reads up to "
                 f"{ZIP2ZIP_FORMAT_VERSION}: upgrade zip2zip_hf"
             )
-        if initial_vocab_size > self.text_config.vocab_size:
+        # Numbers from a hand-edited config.json are checked, never truncated: `setting` and the codec
+        # reject floats, bools and None, and the codec bounds K and M.
+        hyper_encoder_num_layers = setting("hyper_encoder_num_layers", hyper_encoder_num_layers, least=0)
+        hyper_encoder_num_heads = setting("hyper_encoder_num_heads", hyper_encoder_num_heads, least=1)
+        if hyper_encoder_hidden_size is not None:
+            hyper_encoder_hidden_size = setting("hyper_encoder_hidden_size", hyper_encoder_hidden_size, least=1)
+        if not isinstance(tie_hyper_encoders, bool):
+            raise ValueError(f"tie_hyper_encoders must be a bool, got {tie_hyper_encoders!r}")
+        if pad_token_id is not None:
+            pad_token_id = setting("pad_token_id", pad_token_id, least=0)
+        if disabled_ids is None or isinstance(disabled_ids, (str, int)):
+            raise ValueError(f"disabled_ids must be a list of ints, got {disabled_ids!r}")
+        disabled = [*disabled_ids, *([pad_token_id] if pad_token_id is not None else [])]
+        codec = LZWCodec(initial_vocab_size, max_codebook_size, max_subtokens, disabled)
+        if codec.initial_vocab_size > self.text_config.vocab_size:
             raise ValueError(
-                f"initial_vocab_size ({initial_vocab_size}) exceeds the model's embedding rows "
+                f"initial_vocab_size ({codec.initial_vocab_size}) exceeds the model's embedding rows "
                 f"({self.text_config.vocab_size}): the tokenizer has ids the model cannot embed"
             )
-        disabled = sorted(
-            {int(i) for i in disabled_ids} | ({int(pad_token_id)} if pad_token_id is not None else set())
-        )
-        self.initial_vocab_size = int(initial_vocab_size)
-        self.max_codebook_size = int(max_codebook_size)
-        self.max_subtokens = int(max_subtokens)
-        self.disabled_ids = disabled
+        self.initial_vocab_size = codec.initial_vocab_size
+        self.max_codebook_size = codec.max_codebook_size
+        self.max_subtokens = codec.max_subtokens
+        self.disabled_ids = sorted(codec.disabled_ids)
         self.hyper_encoder = hyper_encoder
         if hyper_encoder_hidden_size is None:
             quarter = max(64, self.text_config.hidden_size // 4)
@@ -96,7 +107,6 @@ class Zip2ZipConfig(PretrainedConfig):
         self.tie_hyper_encoders = tie_hyper_encoders
         self.position_mode = position_mode
         self.zip2zip_format_version = zip2zip_format_version
-        self.codec()  # validate V/K/M/disabled ids once, here, with the codec's own messages
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         # transformers propagates the attention implementation down to sub-configs; without this the
         # wrapped model's choice (sdpa, flash, ...) would be reset to None.

@@ -22,9 +22,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import GenerationMixin, LogitsProcessor, StoppingCriteria
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, StoppingCriteria
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.streamers import BaseStreamer
 
+from ._compat import beam_search_vocab_size, check_generation_internals
 from .lzw import LZWCodec, LZWStream
 
 
@@ -34,6 +36,15 @@ __all__ = [
     "Zip2ZipGenerationMixin",
     "canonical_continuation",
 ]
+
+
+# The modes whose loop only reorders, repeats or selects cache rows, which the codebooks follow.
+_SUPPORTED_MODES = (
+    GenerationMode.GREEDY_SEARCH,
+    GenerationMode.SAMPLE,
+    GenerationMode.BEAM_SEARCH,
+    GenerationMode.BEAM_SAMPLE,
+)
 
 
 class Zip2ZipGenerationMixin(GenerationMixin):
@@ -61,6 +72,10 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("Zip2ZipForCausalLM.generate needs input_ids (or inputs): there is no text-free start")
+        check_generation_internals()
+        self._refuse_unsupported_modes(generation_config, kwargs)
+        if kwargs.get("tokenizer") is not None:
+            self._check_tokenizer(kwargs["tokenizer"])
         attention_mask = kwargs.get("attention_mask")
         if streamer is not None:
             streamer = _BaseIdStreamer(streamer, self.codec)
@@ -94,16 +109,40 @@ class Zip2ZipGenerationMixin(GenerationMixin):
                 return int(candidate)
         return 0
 
+    def _refuse_unsupported_modes(self, generation_config: GenerationConfig | None, kwargs: dict) -> None:
+        """NotImplementedError naming the mode, before any work, for what the codebooks cannot follow yet."""
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        config.update(**{key: value for key, value in kwargs.items() if hasattr(config, key)})
+        if kwargs.get("assistant_model") is not None:
+            raise NotImplementedError("assisted generation (assistant_model=) is not supported by zip2zip models yet")
+        if config.prompt_lookup_num_tokens is not None:
+            raise NotImplementedError(
+                "prompt lookup decoding (prompt_lookup_num_tokens=) is not supported by zip2zip models yet"
+            )
+        if config.cache_implementation not in (None, "dynamic"):
+            raise NotImplementedError(
+                f"cache_implementation={config.cache_implementation!r} is not supported by zip2zip models yet: "
+                "the codebooks ride in a dynamic cache (leave cache_implementation unset)"
+            )
+        if getattr(config, "watermarking_config", None) is not None:
+            raise NotImplementedError("watermarking is not supported: it assumes a fixed vocabulary of logits")
+        mode = config.get_generation_mode(kwargs.get("assistant_model"))
+        if mode not in _SUPPORTED_MODES:
+            raise NotImplementedError(f"generation mode {mode.value!r} is not supported by zip2zip models")
+
+    def _check_tokenizer(self, tokenizer) -> None:
+        """A tokenizer handed to generate must make the ids this model reads (ours: the same settings)."""
+        if hasattr(tokenizer, "max_codebook_size"):
+            self.config.check_tokenizer(tokenizer)
+        elif len(tokenizer) != self.codec.initial_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} ids but the model's base vocabulary V is "
+                f"{self.codec.initial_vocab_size}: it is not this model's tokenizer"
+            )
+
     def _beam_search(self, *args, **kwargs):
-        # transformers 4.x beam search reshapes scores with the text config's vocab_size, not the
-        # logits' width (5.x reads the width). Show it V + K for the search only, restored after.
-        text_config = self.config.get_text_config()
-        vocab_size = text_config.vocab_size
-        text_config.vocab_size = self.codec.total_vocab_size
-        try:
+        with beam_search_vocab_size(self.config.get_text_config(), self.codec.total_vocab_size):
             return super()._beam_search(*args, **kwargs)
-        finally:
-            text_config.vocab_size = vocab_size
 
     def _get_stopping_criteria(self, generation_config, stopping_criteria, tokenizer=None, **kwargs):
         stop_strings = generation_config.stop_strings

@@ -58,6 +58,22 @@ class HyperState:
             self.input_table = self.input_table.index_select(0, index)
             self.output_table = self.output_table.index_select(0, index)
 
+    def snapshot(self) -> tuple:
+        """A cheap record of the state (O(rows)): `restore` returns to it after any consuming and
+        storing (not after a row selection)."""
+        marks = [stream.mark() for stream in self.streams]
+        return marks, list(self.num_encoded), list(self.num_real_tokens), self.input_table, self.output_table
+
+    def restore(self, snapshot: tuple) -> None:
+        """Return to a `snapshot`: entries installed since are uninstalled, counters and tables reset.
+
+        Vectors stored since then sit in table slots at or past the restored ``num_encoded``, which
+        count as free again, so the tables need no copy.
+        """
+        marks, self.num_encoded, self.num_real_tokens, self.input_table, self.output_table = snapshot
+        for stream, mark in zip(self.streams, marks, strict=True):
+            stream.rollback(mark)
+
     def store(self, rows: list[int], slots: list[int], input_vectors: torch.Tensor, output_vectors: torch.Tensor):
         """Write the vectors of newly installed entries (row ``rows[i]``, entry ``slots[i]``)."""
         if not rows:
@@ -106,5 +122,13 @@ class Zip2ZipCache(DynamicCache):
         if self.hyper_state is not None:
             self.hyper_state.select(indices)
 
-    def crop(self, max_length: int):
-        raise NotImplementedError("a zip2zip cache cannot be rewound: codebook entries cannot be uninstalled")
+    def crop(self, *args, **kwargs):
+        raise NotImplementedError(
+            "DynamicCache.crop is not supported for a zip2zip cache yet: rewinding would have to uninstall "
+            "codebook entries (assisted and prompt-lookup decoding need it)"
+        )
+
+    @property
+    def is_croppable(self) -> bool:
+        # transformers 5.24 asks before deferring its stop check by one (cropped) step.
+        return False

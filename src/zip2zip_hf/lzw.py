@@ -34,12 +34,13 @@ codebook is not full and ``w + w[0]`` is not an entry yet (so feeding it creates
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Iterable, Sequence
 from itertools import islice
 
 
-__all__ = ["Codebook", "LZWCodec", "LZWStream"]
+__all__ = ["MAX_CODEBOOK_SIZE", "MAX_SUBTOKENS", "Codebook", "LZWCodec", "LZWStream", "setting"]
 
 
 class Codebook:
@@ -102,6 +103,13 @@ class Codebook:
         self._fill()
         return [list(content) for content in self._expanded]
 
+    def truncate(self, num_entries: int) -> None:
+        """Keep the first ``num_entries`` entries: uninstall the newer ones (newest first, O(removed))."""
+        lookup = self._lookup
+        while len(lookup) > num_entries:
+            lookup.popitem()  # dicts pop in LIFO order: the newest entry
+        del self._expanded[num_entries:]
+
     def copy(self) -> Codebook:
         other = Codebook(self.initial_vocab_size, self.max_codebook_size)
         other._lookup = dict(self._lookup)
@@ -120,16 +128,44 @@ class Codebook:
         return f"Codebook({self.to_dict()})"
 
 
+# Upper bounds on the settings, so that a typo fails here and not as a huge allocation later.
+# K: logits are V + K wide at every position, and a sequence creates at most one entry per base
+# token, so 2**20 entries already serve contexts of a million tokens (and cost 4 MiB of float32
+# logits per position on their own).
+MAX_CODEBOOK_SIZE = 2**20
+# M: the attention hyper-encoder learns one position per constituent and runs over M slots per entry;
+# phrases of hundreds of tokens almost never repeat verbatim, so longer entries buy nothing.
+MAX_SUBTOKENS = 256
+
+
 def _as_id_list(ids) -> list[int]:
+    """``ids`` as a list of Python ints; a ValueError names the first element that is not an integer id."""
     if hasattr(ids, "tolist"):  # torch tensors and numpy arrays (a 0-d one gives a bare int)
         ids = ids.tolist()
-    if isinstance(ids, int):
+    if isinstance(ids, int) and not isinstance(ids, bool):
         return [ids]
-    return ids if isinstance(ids, list) else list(ids)
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValueError(f"ids must be a sequence of ints, got {type(ids).__name__}: {ids!r:.80}")
+    ids = ids if isinstance(ids, list) else list(ids)
+    try:  # one C-speed pass: a float, string, None or list anywhere makes the sum fail or not an int
+        if type(sum(ids)) is int:
+            return ids
+    except TypeError:
+        pass
+    return [_id(i, position) for position, i in enumerate(ids)]
 
 
-def _setting(name: str, value, least: int | None) -> int:
-    """``value`` as a plain int (numpy/torch ints welcome; bools, floats and strings are not)."""
+def _id(value, position: int) -> int:
+    """One id as a plain int (numpy/torch ints welcome; bools, floats, strings and lists are not)."""
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)
+    raise ValueError(f"ids must be ints: got {type(value).__name__} {value!r:.40} at position {position}")
+
+
+def setting(name: str, value, least: int | None = None, most: int | None = None) -> int:
+    """A compression setting as a plain int in ``[least, most]``; numpy/torch ints are welcome, but
+    bools, floats (even ``2.0``), strings and None are rejected, never truncated."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -138,6 +174,8 @@ def _setting(name: str, value, least: int | None) -> int:
         raise ValueError(f"{name} must be an int, got {value!r}") from None
     if least is not None and number < least:
         raise ValueError(f"{name} must be >= {least}, got {number}")
+    if most is not None and number > most:
+        raise ValueError(f"{name} must be <= {most}, got {number}")
     return number
 
 
@@ -149,6 +187,9 @@ class LZWCodec:
         max_codebook_size: K, the most entries one sequence may create.
         max_subtokens: M, the most base ids one hypertoken stands for.
         disabled_ids: ids never merged (special and added tokens, pad).
+
+    Settings must be ints (never truncated from floats); K is at most `MAX_CODEBOOK_SIZE` and M at
+    most `MAX_SUBTOKENS`.
     """
 
     def __init__(
@@ -158,10 +199,10 @@ class LZWCodec:
         max_subtokens: int,
         disabled_ids: Iterable[int] = (),
     ):
-        initial_vocab_size = _setting("initial_vocab_size", initial_vocab_size, 1)
-        max_codebook_size = _setting("max_codebook_size", max_codebook_size, 0)
-        max_subtokens = _setting("max_subtokens", max_subtokens, 1)
-        disabled = frozenset(_setting("disabled id", i, None) for i in disabled_ids)
+        initial_vocab_size = setting("initial_vocab_size", initial_vocab_size, least=1)
+        max_codebook_size = setting("max_codebook_size", max_codebook_size, least=0, most=MAX_CODEBOOK_SIZE)
+        max_subtokens = setting("max_subtokens", max_subtokens, least=1, most=MAX_SUBTOKENS)
+        disabled = frozenset(setting("disabled id", i) for i in disabled_ids)
         bad = sorted(i for i in disabled if not 0 <= i < initial_vocab_size)
         if bad:
             raise ValueError(f"disabled_ids must be base ids in [0, {initial_vocab_size}), got {bad}")
@@ -287,6 +328,15 @@ class LZWStream:
         other.num_codes, other.num_base_ids = self.num_codes, self.num_base_ids
         other._w, other._wlen = self._w, self._wlen
         return other
+
+    def mark(self) -> tuple[int, int, int, int, int]:
+        """An O(1) snapshot of this state; `rollback` returns to it as long as only `feed` ran since."""
+        return len(self.codebook), self.num_codes, self.num_base_ids, self._w, self._wlen
+
+    def rollback(self, mark: tuple[int, int, int, int, int]) -> None:
+        """Return to the state of `mark`, uninstalling the entries created since (O(entries removed))."""
+        num_entries, self.num_codes, self.num_base_ids, self._w, self._wlen = mark
+        self.codebook.truncate(num_entries)
 
     @property
     def num_installed(self) -> int:

@@ -27,10 +27,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, Cache, DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
+from ._compat import cache_keyword, output_cache_field, pop_cache, truncate_cache
 from .configuration_zip2zip import COMPRESSION_KEYS, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_cache import HyperState, Zip2ZipCache
@@ -40,6 +41,9 @@ from .hyper_encoder import build_hyper_encoder
 logger = logging.get_logger(__name__)
 
 __all__ = ["Zip2ZipForCausalLM", "Zip2ZipPreTrainedModel"]
+
+# Weight names of the modules this class adds to the base model.
+_ENCODER_PREFIXES = ("input_hyper_encoder.", "output_hyper_encoder.")
 
 
 class Zip2ZipPreTrainedModel(PreTrainedModel):
@@ -53,7 +57,6 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _supports_cache_class = True  # read by transformers <= 4.53 only
 
     def _init_weights(self, module: nn.Module) -> None:
         # The base model's own modules are initialised by its own `_init_weights` (transformers
@@ -93,6 +96,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         self.output_hyper_encoder = None if config.tie_hyper_encoders else build_hyper_encoder(**encoder_kwargs)
         self.codec = config.codec()
         self._base_forward_params = set(inspect.signature(self.model.forward).parameters)
+        self._base_cache_keyword = cache_keyword(self._base_forward_params)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -163,11 +167,14 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but loud: missing or mis-shaped weights raise."""
+        """`PreTrainedModel.from_pretrained`, but loud: missing or mis-shaped weights raise, and so do
+        weights of the hyper-encoders the model does not have (e.g. after editing ``hyper_encoder`` or
+        ``tie_hyper_encoders`` in config.json): trained weights are never silently dropped."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
         problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
+        problems += [f"unexpected: {k}" for k in info.get("unexpected_keys", ()) if k.startswith(_ENCODER_PREFIXES)]
         if problems:
             raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
         _check_saved_tokenizer(model.config, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
@@ -200,11 +207,11 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -214,93 +221,97 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
 
         Args:
             input_ids: ``(B, T)`` compressed ids: base ids ``< V`` and hyper ids ``V + k``. Without a
-                cache, the whole sequences; with ``past_key_values``, only the new ids of each row.
+                cache, the whole sequences; with a cache, only the new ids of each row.
             attention_mask: ``(B, past + T)``; 0 marks padding, which is skipped by the codebook.
             position_ids: accepted for API compatibility and ignored: positions always come from the
                 attention mask and the codebook (``position_mode``), so padding and caching cannot
                 make them disagree with the codebook.
-            past_key_values: the `Zip2ZipCache` a previous call returned (it carries the codebooks).
+            cache: the `Zip2ZipCache` a previous call returned (it carries the codebooks); also taken
+                as ``past_key_values``, its name before transformers 5.24.
             labels: ``(B, T)`` targets in compressed id space (``-100`` ignored), shifted inside.
-            logits_to_keep: compute logits for the last this many positions only (0: all).
+            logits_to_keep: compute logits for the last this many positions only (0: all), or a 1-D
+                tensor of the positions to keep.
             num_items_in_batch (in ``kwargs``): the Trainer's token count for gradient accumulation.
 
         Returns:
             `CausalLMOutputWithPast` whose ``logits`` are ``V + K`` wide; ids that are not legal at a
-            position are ``-inf`` there.
+            position are ``-inf`` there. The cache is returned under the name the installed
+            transformers reads (``cache`` from 5.24 on, ``past_key_values`` before).
+
+        Raises:
+            ValueError: bad input (shapes, ids outside the id space or not legal at their position, a
+                cache this model did not make). Nothing is changed then: the cache holds exactly what
+                it held before the call.
         """
+        cache = pop_cache(kwargs, cache)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        if input_ids is None or inputs_embeds is not None:
-            raise ValueError(
-                "Zip2ZipForCausalLM needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook"
-            )
-        if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ValueError(
-                f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}"
-            )
+        _check_input_ids(input_ids, inputs_embeds)
         batch_size, length = input_ids.shape
-        use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
-        cache, state = self._resolve_state(past_key_values, batch_size, use_cache)
+        if labels is not None and tuple(labels.shape) != (batch_size, length):
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
         past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(batch_size, past_length + length, dtype=torch.long, device=input_ids.device)
+        attention_mask = _checked_attention_mask(attention_mask, input_ids, past_length)
         keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
+        use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+        cache, state = self._resolve_state(cache, batch_size, use_cache)
 
-        step = _consume(state, input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
-        inputs_embeds, provisional_vectors, unused = self._embed(state, input_ids, step)
+        with _all_or_nothing(state, cache, past_length):
+            step = _consume(state, input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
+            inputs_embeds, provisional_vectors, unused = self._embed(state, input_ids, step)
+            base_kwargs = {
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "position_ids": step.positions.to(input_ids.device),
+                self._base_cache_keyword: cache,
+                "use_cache": cache is not None,
+                "output_attentions": output_attentions,
+                "output_hidden_states": output_hidden_states,
+                "return_dict": True,
+            }
+            if "logits_to_keep" in self._base_forward_params:
+                base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
+            with _capture_input(self.get_output_embeddings()) as head_inputs:
+                outputs = self.model(**base_kwargs, **kwargs)
+            hidden = _select(head_inputs[-1], keep, length)
+            base_logits = _select(outputs.logits, keep, length)
+            logits = self._widen(state, base_logits, hidden, step, provisional_vectors)
+            if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
+                logits = logits + unused
+            loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
 
-        base_kwargs = dict(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=step.positions.to(input_ids.device),
-            past_key_values=cache,
-            use_cache=cache is not None,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        if "logits_to_keep" in self._base_forward_params:
-            base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
-        with _capture_input(self.get_output_embeddings()) as head_inputs:
-            outputs = self.model(**base_kwargs, **kwargs)
-        hidden = _select(head_inputs[-1], keep, length)
-        base_logits = _select(outputs.logits, keep, length)
-        logits = self._widen(state, base_logits, hidden, step, provisional_vectors)
-        if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
-            logits = logits + unused
-
-        loss = None
-        if labels is not None:
-            loss = self._loss(logits, labels, step, num_items_in_batch)
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{output_cache_field(): cache},
         )
         return output.to_tuple() if return_dict is False else output
 
-    def _resolve_state(self, past_key_values, batch_size: int, use_cache: bool):
+    def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
         """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            state = getattr(past_key_values, "hyper_state", None)
+        if cache is not None and cache.get_seq_length() > 0:
+            state = getattr(cache, "hyper_state", None)
             if state is None:
                 raise ValueError(
-                    "past_key_values carries no zip2zip codebook state: pass the cache this model returned"
+                    f"the cache ({type(cache).__name__}) carries no zip2zip codebook state: pass the cache "
+                    "this model returned"
                 )
             if state.batch_size != batch_size:
                 raise ValueError(f"input_ids has {batch_size} rows but the cache holds {state.batch_size}")
-            return past_key_values, state
+            return cache, state
+        if cache is not None and type(cache) not in (Zip2ZipCache, DynamicCache):
+            raise NotImplementedError(
+                f"{type(cache).__name__} is not supported: a zip2zip model keeps its codebooks in a "
+                "Zip2ZipCache (a DynamicCache); static, offloaded and quantized caches are not supported yet"
+            )
         state = HyperState(self.codec, batch_size)
         if not use_cache:
             return None, state
-        # An empty cache from elsewhere (e.g. the one generate() makes) is replaced by ours, which
-        # generate() then carries on from our output.
-        cache = (
-            past_key_values
-            if isinstance(past_key_values, Zip2ZipCache)
-            else Zip2ZipCache(config=self.config.get_text_config())
-        )
+        # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
+        # which generate() then carries on from our output.
+        if not isinstance(cache, Zip2ZipCache):
+            cache = Zip2ZipCache(config=self.config.get_text_config())
         cache.hyper_state = state
         return cache, state
 
@@ -413,8 +424,13 @@ class _Step:
 def _consume(
     state: HyperState, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str
 ) -> _Step:
-    """Feed each row's real (unmasked) ids to its stream; record legal sets and positions."""
+    """Feed each row's real (unmasked) ids to its stream; record legal sets and positions.
+
+    A ValueError names the first id outside the id space (padding included) or not legal at its
+    position; the streams are then part-way fed, which the caller undoes (`_all_or_nothing`).
+    """
     ids, real = input_ids.tolist(), mask.bool().tolist()
+    _check_id_range(ids, state.codec.total_vocab_size)
     kept_at = {t: j for j, t in enumerate(keep)}
     legal = [[0] * len(keep) for _ in ids]
     positions = [[0] * len(ids[0]) for _ in ids]
@@ -446,6 +462,14 @@ def _consume(
     )
 
 
+def _check_id_range(ids: list[list[int]], total_vocab_size: int) -> None:
+    """Every id, padding included, lies in ``[0, V + K)``: the embedding reads even the masked ones."""
+    if min(map(min, ids)) >= 0 and max(map(max, ids)) < total_vocab_size:
+        return
+    b, t = next((b, t) for b, row in enumerate(ids) for t, i in enumerate(row) if not 0 <= i < total_vocab_size)
+    raise ValueError(f"input_ids[{b}, {t}] = {ids[b][t]} is outside the id space [0, {total_vocab_size})")
+
+
 def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
     """A tokenizer saved beside the weights must compress exactly as the config says."""
     tokenizer_config = os.path.join(str(path), "tokenizer_config.json")
@@ -457,12 +481,60 @@ def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
         config.check_tokenizer(SimpleNamespace(**{key: saved.get(key) for key in COMPRESSION_KEYS}))
 
 
+def _check_input_ids(input_ids, inputs_embeds) -> None:
+    if input_ids is None or inputs_embeds is not None:
+        raise ValueError(
+            "Zip2ZipForCausalLM needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook"
+        )
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+
+
+def _checked_attention_mask(attention_mask, input_ids: torch.Tensor, past_length: int) -> torch.Tensor:
+    """The ``(B, past + T)`` mask, all ones when none is given; any other shape is an error (a
+    broadcast mask would let rows skip their own codebook)."""
+    batch_size, length = input_ids.shape
+    expected = (batch_size, past_length + length)
+    if attention_mask is None:
+        return torch.ones(expected, dtype=torch.long, device=input_ids.device)
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != expected:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must be a (batch, past + length) = {expected} tensor of 0/1, got {shape}")
+    return attention_mask
+
+
 def _kept_positions(length: int, logits_to_keep) -> list[int]:
-    if isinstance(logits_to_keep, torch.Tensor):
-        return logits_to_keep.tolist() if logits_to_keep.dim() else list(range(length - int(logits_to_keep), length))
+    """Positions whose logits are computed: the last ``logits_to_keep`` (0: all), or the given indices."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
+        keep = logits_to_keep.tolist()
+        if logits_to_keep.dtype.is_floating_point or any(not 0 <= t < length for t in keep):
+            raise ValueError(f"logits_to_keep indices must be ints in [0, {length}), got {keep}")
+        return keep
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0:
+        logits_to_keep = logits_to_keep.item()
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            f"logits_to_keep must be an int >= 0 (0 keeps all) or a 1-D tensor of positions, got {logits_to_keep!r}"
+        )
     if logits_to_keep and logits_to_keep < length:
         return list(range(length - logits_to_keep, length))
     return list(range(length))
+
+
+@contextlib.contextmanager
+def _all_or_nothing(state: HyperState, cache: Cache | None, past_length: int):
+    """Undo what a failed forward changed: the codebooks and tables, and positions the base model
+    may already have written into the cache, so a caller that catches the error keeps its cache."""
+    snapshot = state.snapshot()
+    try:
+        yield
+    except BaseException:
+        state.restore(snapshot)
+        if cache is not None:
+            truncate_cache(cache, past_length)
+        raise
 
 
 def _select(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:

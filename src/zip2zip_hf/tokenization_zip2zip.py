@@ -20,7 +20,8 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import BatchEncoding, PreTrainedTokenizer
 
-from .lzw import Codebook, LZWCodec
+from ._compat import original_init_errors
+from .lzw import Codebook, LZWCodec, setting
 
 
 __all__ = ["Zip2ZipTokenizer"]
@@ -52,6 +53,16 @@ def _as_id_list(ids: Any) -> list:
 def _merge_class(length: int) -> int:
     """Colour class of a piece made of ``length`` base tokens: 1, 2, 3 or 4 (meaning 4+)."""
     return min(length, 4)
+
+
+def _load_base_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The ``tokenizers`` JSON at ``path``; a ValueError naming the file if it is not one."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+        if isinstance(error, OSError):
+            raise
+        raise ValueError(f"{path} is not a valid tokenizers JSON file: {error}") from None
 
 
 def _special_affixes(base: Tokenizer) -> tuple[list[int], list[int]]:
@@ -103,17 +114,25 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         self,
         base_tokenizer_file: str | os.PathLike | None = None,
         initial_vocab_size: int | None = None,
-        max_codebook_size: int = 2048,
-        max_subtokens: int = 4,
+        max_codebook_size: int | None = None,
+        max_subtokens: int | None = None,
         disabled_ids: Iterable[int] | None = None,
         base_tokenizer_object: Tokenizer | None = None,
         tokenizer_file: str | None = None,  # transformers 5 always passes it (a tokenizer.json we never write)
         **kwargs,
     ):
+        # No defaults here: a saved tokenizer_config.json that lost a setting must not silently get
+        # another K or M than its model (`from_base` is where the defaults live).
+        for name, value in (("max_codebook_size", max_codebook_size), ("max_subtokens", max_subtokens)):
+            if value is None:
+                raise ValueError(
+                    f"{name} must be an int, got None: a saved tokenizer_config.json must carry the "
+                    "value its model's config.json has"
+                )
         if base_tokenizer_object is not None:
             base = Tokenizer.from_str(base_tokenizer_object.to_str())  # a copy: we change its settings
         elif base_tokenizer_file is not None:
-            base = Tokenizer.from_file(str(base_tokenizer_file))
+            base = _load_base_tokenizer(base_tokenizer_file)
         else:
             raise ValueError(
                 "Zip2ZipTokenizer needs a base tokenizer: pass base_tokenizer_file, or build one with "
@@ -137,18 +156,19 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         self._prefix_ids, self._suffix_ids = _special_affixes(base)
         if disabled_ids is None:
             disabled_ids = set(base.get_added_tokens_decoder())
-        disabled = {int(i) for i in disabled_ids}
+        disabled = {setting("disabled id", i) for i in disabled_ids}
         # Left/right truncation keeps the post-processor's tokens (BOS, EOS) outside the compressed
         # part; that is only equivalent to compressing the whole row when they are never merged.
         stray = sorted(set(self._prefix_ids + self._suffix_ids) - disabled)
         if stray:
             raise ValueError(f"the base tokenizer's post-processor adds ids {stray} that are not in disabled_ids")
 
-        self.initial_vocab_size = int(initial_vocab_size)
-        self.max_codebook_size = int(max_codebook_size)
-        self.max_subtokens = int(max_subtokens)
-        self.disabled_ids = sorted(disabled)
-        self.codec = LZWCodec(self.initial_vocab_size, self.max_codebook_size, self.max_subtokens, disabled)
+        # The codec checks the settings (ints, never truncated floats; K and M bounded).
+        self.codec = LZWCodec(initial_vocab_size, max_codebook_size, max_subtokens, disabled)
+        self.initial_vocab_size = self.codec.initial_vocab_size
+        self.max_codebook_size = self.codec.max_codebook_size
+        self.max_subtokens = self.codec.max_subtokens
+        self.disabled_ids = sorted(self.codec.disabled_ids)
 
         # In init_kwargs, so save_pretrained writes their current values (class defaults are not saved).
         kwargs.setdefault("padding_side", type(self).padding_side)
@@ -239,6 +259,12 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
             settings["chat_template"] = copy.deepcopy(base_tokenizer.chat_template)
         settings.update(kwargs)
         return cls(**settings)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> Zip2ZipTokenizer:
+        """`PreTrainedTokenizer.from_pretrained`; a bad saved setting or file raises its own error."""
+        with original_init_errors():
+            return super().from_pretrained(*args, **kwargs)
 
     @property
     def base_tokenizer(self) -> Tokenizer:

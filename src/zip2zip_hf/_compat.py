@@ -1,0 +1,184 @@
+"""Everything that differs between the transformers releases zip2zip_hf supports (4.57 to 5.24).
+
+One place per difference, each saying which release needs it. Where the installed release can be
+asked (a dataclass field, a signature), the code asks instead of comparing version numbers, so a new
+release takes the path that matches what it has. What cannot be asked is checked by
+`check_generation_internals`, which fails loudly, naming the release, when an internal that the
+generation code overrides has moved: a silent fallback would give wrong text, not an error.
+
+Part of a checkpoint's remote-code closure. The tokenizer imports it too and must work without
+torch, so what needs torch is imported inside the function that needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import transformers
+
+
+__all__ = [
+    "CACHE_NAMES",
+    "SUPPORTED_RELEASES",
+    "TRANSFORMERS_VERSION",
+    "beam_search_vocab_size",
+    "cache_keyword",
+    "check_generation_internals",
+    "original_init_errors",
+    "output_cache_field",
+    "pop_cache",
+    "truncate_cache",
+]
+
+TRANSFORMERS_VERSION: str = transformers.__version__
+SUPPORTED_RELEASES = "4.57 to 5.24"
+_MAJOR = int(TRANSFORMERS_VERSION.split(".")[0])
+
+# ---------------------------------------------------------------------- the cache's name (5.24)
+
+# transformers 5.24 renamed the cache of `forward` and `generate`, and the output field that holds it,
+# from `past_key_values` to `cache` (`past_key_values` and Mamba's `cache_params` stay deprecated
+# aliases until 5.40). Our forward takes any of the names; its output uses the one generate reads.
+CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+
+
+@functools.cache
+def output_cache_field() -> str:
+    """The field of a model output that generate reads the cache from: ``cache`` from 5.24 on."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_keyword(forward_parameters) -> str:
+    """The keyword a base model's forward reads its cache from: ``cache`` from 5.24 on."""
+    return "cache" if "cache" in forward_parameters else "past_key_values"
+
+
+def pop_cache(kwargs: dict, cache=None):
+    """The cache given as ``cache`` or under any of `CACHE_NAMES` in ``kwargs`` (popped from them).
+
+    Passing it twice is an error, and so is any other cache-like object left in ``kwargs``: handed
+    to the base model, it would grow its keys and values while the codebooks stayed behind.
+    """
+    from transformers import Cache
+
+    given = {name: value for name in CACHE_NAMES if (value := kwargs.pop(name, None)) is not None}
+    if cache is not None:
+        given = {"cache": cache, **given}
+    if len(given) > 1:
+        raise ValueError(f"the cache was passed twice, as {' and '.join(given)}: pass it once, as `cache`")
+    cache = next(iter(given.values()), None)
+    if cache is not None and not isinstance(cache, Cache):
+        raise ValueError(
+            f"the cache must be the transformers Cache this model returned, got {type(cache).__name__} "
+            "(tuples of tensors, the legacy format, cannot carry the codebooks)"
+        )
+    for key, value in kwargs.items():
+        if isinstance(value, Cache) or _is_legacy_cache(value):
+            raise ValueError(
+                f"forward got a cache under `{key}`, which zip2zip_hf does not read on transformers "
+                f"{TRANSFORMERS_VERSION} (supported: {SUPPORTED_RELEASES}); pass the cache as `cache`"
+            )
+    return cache
+
+
+def _is_legacy_cache(value) -> bool:
+    """A tuple of per-layer ``(key, value)`` tensor tuples, the cache format of transformers 4.x."""
+    import torch
+
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) > 0
+        and isinstance(value[0], (tuple, list))
+        and len(value[0]) > 0
+        and isinstance(value[0][0], torch.Tensor)
+    )
+
+
+# ---------------------------------------------------------------------- cache methods
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Cut every layer of a dynamic cache back to ``length`` positions (layers already that short,
+    e.g. ones a failed forward never reached, stay as they are).
+
+    A layer's ``crop`` takes the length to keep up to 5.23 and the number of positions to remove from
+    5.24 on; both read a negative number as "remove that many from the end", which is what we pass.
+    """
+    for index, layer in enumerate(cache.layers):
+        excess = cache.get_seq_length(index) - length
+        if excess > 0:  # crop(0) would empty the layer before 5.24
+            layer.crop(-excess)
+
+
+# ---------------------------------------------------------------------- generation
+
+
+@contextlib.contextmanager
+def beam_search_vocab_size(text_config, width: int):
+    """transformers 4.x beam search reshapes scores with the text config's ``vocab_size``, not with
+    the logits' width (5.x reads the width): show it ``width`` for the search only."""
+    if _MAJOR >= 5:
+        yield
+        return
+    vocab_size = text_config.vocab_size
+    text_config.vocab_size = width
+    try:
+        yield
+    finally:
+        text_config.vocab_size = vocab_size
+
+
+# What the generation code overrides or calls by name: if a release renames one of these, our
+# version would silently stop being used (beams would lose their codebooks, stop strings would be
+# matched on hyper ids), so it must be an error instead.
+_GENERATION_INTERNALS = {
+    "GenerationMixin": {"_beam_search": (), "_get_stopping_criteria": ("generation_config", "tokenizer")},
+    "DynamicCache": {
+        "reorder_cache": ("beam_idx",),
+        "batch_repeat_interleave": ("repeats",),
+        "batch_select_indices": ("indices",),
+        "crop": (),
+        "get_seq_length": (),
+    },
+}
+
+
+def check_generation_internals() -> None:
+    """Raise RuntimeError, naming the release and what moved, if an internal we rely on is gone."""
+    moved = []
+    for owner_name, methods in _GENERATION_INTERNALS.items():
+        owner = getattr(transformers, owner_name)
+        for name, parameters in methods.items():
+            method = getattr(owner, name, None)
+            if method is None:
+                moved.append(f"{owner_name}.{name} is gone")
+                continue
+            missing = [p for p in parameters if p not in inspect.signature(method).parameters]
+            if missing:
+                moved.append(f"{owner_name}.{name} no longer takes {', '.join(missing)}")
+    if moved:
+        raise RuntimeError(
+            f"transformers {TRANSFORMERS_VERSION} changed internals zip2zip_hf generation relies on "
+            f"({'; '.join(moved)}); supported releases: {SUPPORTED_RELEASES}"
+        )
+
+
+# ---------------------------------------------------------------------- tokenizer loading (4.57)
+
+
+@contextlib.contextmanager
+def original_init_errors():
+    """transformers 4.57 builds a tokenizer inside ``except import_protobuf_decode_error():``, which
+    without protobuf installed turns any error of the tokenizer's ``__init__`` (a bad setting in
+    tokenizer_config.json, a corrupt file) into an ImportError about protobuf: raise the original."""
+    try:
+        yield
+    except ImportError as error:
+        original = error.__context__
+        if "protobuf" in str(error).lower() and isinstance(original, (ValueError, TypeError)):
+            raise original from None
+        raise

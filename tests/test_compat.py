@@ -1,0 +1,139 @@
+"""Across transformers releases: the cache under either name, loud errors for what we do not read,
+and generation modes we cannot follow yet refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, GenerationConfig, GenerationMixin
+
+from test_modeling import V, assert_same_logits, compressed, left_pad, tiny_base, wrap
+from zip2zip_hf import Zip2ZipCache, Zip2ZipTokenizer
+from zip2zip_hf._compat import TRANSFORMERS_VERSION, check_generation_internals, output_cache_field
+
+
+@pytest.fixture(scope="module")
+def model():
+    return wrap(tiny_base("llama"))
+
+
+def step_by_step(model, ids, mask, cache_name: str):
+    out = model(input_ids=ids[:, :1], attention_mask=mask[:, :1], use_cache=True)
+    logits = [out.logits]
+    for t in range(1, ids.shape[1]):
+        cache = {cache_name: out[output_cache_field()]}
+        out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **cache)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+def test_cache_under_either_name_continues_the_codebooks(model, cache_name):
+    ids, mask = left_pad([compressed(1, 40), compressed(2, 30)])
+    with torch.no_grad():
+        teacher_forced = model(input_ids=ids, attention_mask=mask).logits
+        stepped = step_by_step(model, ids, mask, cache_name)
+    assert (ids >= V).any(), "the rows must read hypertokens"
+    assert_same_logits(teacher_forced, stepped, mask)
+
+
+def test_output_holds_the_cache_where_generate_reads_it(model):
+    out = model(input_ids=torch.tensor([compressed(1, 20)]), use_cache=True)
+    assert isinstance(out[output_cache_field()], Zip2ZipCache)
+    assert out.past_key_values is out[output_cache_field()]  # the old name stays readable on every release
+
+
+def test_cache_passed_twice_raises(model):
+    cache = model(input_ids=torch.tensor([[5, 6]]), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="passed twice"):
+        model(input_ids=torch.tensor([[7]]), cache=cache, past_key_values=cache)
+
+
+def test_cache_under_an_unknown_keyword_is_an_error_naming_it(model):
+    cache = model(input_ids=torch.tensor([[5, 6]]), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=rf"`kv_cache`.*transformers {TRANSFORMERS_VERSION}"):
+        model(input_ids=torch.tensor([[7]]), kv_cache=cache)
+
+
+def test_legacy_tuple_cache_is_an_error(model):
+    legacy = ((torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8)),) * 2
+    with pytest.raises(ValueError, match="legacy format"):
+        model(input_ids=torch.tensor([[7]]), past_key_values=legacy)
+    with pytest.raises(ValueError, match="`old_cache`"):
+        model(input_ids=torch.tensor([[7]]), old_cache=legacy)
+
+
+def test_a_cache_class_we_do_not_know_is_refused_even_when_empty(model):
+    class OtherCache(DynamicCache):
+        pass
+
+    with pytest.raises(NotImplementedError, match="OtherCache is not supported"):
+        model(input_ids=torch.tensor([[5, 6]]), cache=OtherCache(), use_cache=True)
+
+
+def test_a_plain_cache_with_content_is_refused(model):
+    base_cache = model.model(input_ids=torch.tensor([[5, 6]]), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="carries no zip2zip codebook state"):
+        model(input_ids=torch.tensor([[7]]), cache=base_cache)
+
+
+def test_crop_is_not_implemented_and_says_so():
+    with pytest.raises(NotImplementedError, match="crop"):
+        Zip2ZipCache().crop(1)
+
+
+# ---------------------------------------------------------------------- generate
+
+
+def forward_calls(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt_lookup_num_tokens": 3}, "prompt lookup decoding"),
+        ({"cache_implementation": "static"}, "cache_implementation='static'"),
+        ({"cache_implementation": "offloaded"}, "cache_implementation='offloaded'"),
+        ({"cache_implementation": "quantized"}, "cache_implementation='quantized'"),
+        ({"generation_config": GenerationConfig(cache_implementation="static", max_new_tokens=4)}, "'static'"),
+        ({"assistant_model": "itself"}, "assisted generation"),
+    ],
+)
+def test_unsupported_generation_modes_are_refused_before_any_work(model, kwargs, message):
+    if kwargs.get("assistant_model") == "itself":
+        kwargs = {"assistant_model": model}
+    calls, handle = forward_calls(model)
+    try:
+        with pytest.raises(NotImplementedError, match=message):
+            model.generate(input_ids=torch.tensor([compressed(1, 20)]), max_new_tokens=4, do_sample=False, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_generate_compares_the_tokenizer_it_is_given(model, tiny_base_tokenizer):
+    # The tiny BPE tokenizer has 512 ids; this model's V is 300: ids from it mean other things.
+    other = Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=64, max_subtokens=3)
+    ids = torch.tensor([compressed(1, 20)])
+    with pytest.raises(ValueError, match="disagree on compression settings"):
+        model.generate(input_ids=ids, max_new_tokens=2, tokenizer=other, stop_strings=["x"])
+    with pytest.raises(ValueError, match="not this model's tokenizer"):
+        model.generate(input_ids=ids, max_new_tokens=2, tokenizer=tiny_base_tokenizer, stop_strings=["x"])
+
+
+def test_generate_with_a_matching_tokenizer_runs(text_model, text_tok):
+    batch = text_tok(["def f(x):\n    return x\n"], return_tensors="pt")
+    out = text_model.generate(**batch, max_new_tokens=3, do_sample=False, tokenizer=text_tok, stop_strings=["@@"])
+    assert out.shape[0] == 1
+
+
+def test_moved_generation_internals_fail_loudly(model, monkeypatch):
+    check_generation_internals()  # the installed release has everything
+    monkeypatch.delattr(GenerationMixin, "_get_stopping_criteria")
+    with pytest.raises(RuntimeError, match=rf"transformers {TRANSFORMERS_VERSION} changed.*_get_stopping_criteria"):
+        check_generation_internals()
+    with pytest.raises(RuntimeError, match="_get_stopping_criteria is gone"):
+        model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=1)
