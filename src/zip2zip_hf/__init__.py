@@ -5,8 +5,6 @@ Importing the package registers its classes with the transformers Auto classes, 
 here load with or without the package installed.
 """
 
-import logging
-
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_zip2zip import Zip2ZipConfig
@@ -17,8 +15,6 @@ from .tokenization_zip2zip import Zip2ZipTokenizer
 
 
 __version__ = "0.1.0"
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 AutoConfig.register(Zip2ZipConfig.model_type, Zip2ZipConfig, exist_ok=True)
 Zip2ZipConfig.register_for_auto_class()

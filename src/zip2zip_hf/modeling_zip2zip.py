@@ -2,8 +2,8 @@
 
 A forward pass:
 
-1. feeds the new ids of every row through that row's canonical LZW stream (`lzw.LZWStream`),
-   validating each id and recording, per position, which hyper ids are legal next;
+1. hands the new ids to the batch's `HyperState`, which feeds each row through its canonical LZW
+   stream, validating each id and recording, per position, which hyper ids are legal next;
 2. encodes only the entries installed since the last call, with the input hyper-encoder over
    input-embedding rows and the output hyper-encoder over lm_head rows;
 3. runs the base model on mixed embeddings (base rows for base ids, encoder vectors for hyper ids)
@@ -29,16 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import logging
 
 from ._compat import cache_keyword, output_cache_field, pop_cache, truncate_cache
 from .configuration_zip2zip import COMPRESSION_KEYS, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
-from .hyper_cache import HyperState, Zip2ZipCache
+from .hyper_cache import ConsumedBlock, HyperState, Zip2ZipCache
 from .hyper_encoder import build_hyper_encoder
 
-
-logger = logging.get_logger(__name__)
 
 __all__ = ["Zip2ZipForCausalLM", "Zip2ZipPreTrainedModel"]
 
@@ -256,7 +253,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         cache, state = self._resolve_state(cache, batch_size, use_cache)
 
         with _all_or_nothing(state, cache, past_length):
-            step = _consume(state, input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
+            step = state.consume(input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
             inputs_embeds, provisional_vectors, unused = self._embed(state, input_ids, step)
             base_kwargs = {
                 "inputs_embeds": inputs_embeds,
@@ -315,15 +312,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         cache.hyper_state = state
         return cache, state
 
-    def _embed(self, state: HyperState, input_ids: torch.LongTensor, step: _Step):
+    def _embed(self, state: HyperState, input_ids: torch.LongTensor, step: ConsumedBlock):
         """Input embeddings of the new ids, after encoding the entries installed since the last call."""
-        V = self.codec.initial_vocab_size
-        rows, slots, contents = [], [], []
-        for b, stream in enumerate(state.streams):
-            for k in range(state.num_encoded[b], stream.num_installed):
-                rows.append(b)
-                slots.append(k)
-                contents.append(stream.codebook.get_subtokens(V + k))
+        rows, slots, contents = state.unencoded_entries()
         input_weight = self.get_input_embeddings().weight
         output_weight = self.get_output_embeddings().weight
         # Under DDP every rank must use every encoder parameter every step, whether or not its batch
@@ -352,25 +343,18 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         b_idx, t_idx = torch.nonzero(is_hyper & step.real.to(input_ids.device), as_tuple=True)
         if len(b_idx):
             k_idx = input_ids[b_idx, t_idx] - self.codec.initial_vocab_size
-            vectors = state.input_table[b_idx, k_idx].to(inputs_embeds.dtype)
+            vectors = state.input_vectors(b_idx, k_idx).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.index_put((b_idx, t_idx), vectors)
         return inputs_embeds, provisional_vectors, unused
 
-    def _widen(self, state: HyperState, base_logits, hidden, step: _Step, provisional_vectors) -> torch.Tensor:
+    def _widen(self, state: HyperState, base_logits, hidden, step: ConsumedBlock, provisional_vectors) -> torch.Tensor:
         """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf."""
         V, K = self.codec.initial_vocab_size, self.codec.max_codebook_size
         legal = step.legal.to(hidden.device)  # (B, kept): legal hyper ids at each kept position
         width = int(legal.max()) if legal.numel() else 0
         pieces = [base_logits[..., :V]]
         if width:
-            table = (
-                state.output_table
-                if state.output_table is not None
-                else hidden.new_zeros(len(hidden), 0, hidden.shape[-1])
-            )
-            if table.shape[1] < width:
-                table = F.pad(table, (0, 0, 0, width - table.shape[1]))
-            hyper = torch.einsum("btd,bkd->btk", hidden, table[:, :width].to(hidden.dtype))
+            hyper = torch.einsum("btd,bkd->btk", hidden, state.output_vectors(width, like=hidden))
             if step.provisional_index:
                 b_idx, t_idx, k_idx = (torch.tensor(x, device=hidden.device) for x in zip(*step.provisional_index))
                 scores = (hidden[b_idx, t_idx] * provisional_vectors.to(hidden.dtype)).sum(-1)
@@ -380,7 +364,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         pieces.append(base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf")))
         return torch.cat(pieces, dim=-1)
 
-    def _loss(self, logits, labels, step: _Step, num_items_in_batch=None) -> torch.Tensor:
+    def _loss(self, logits, labels, step: ConsumedBlock, num_items_in_batch=None) -> torch.Tensor:
         """Next-token cross-entropy over ``V + K`` classes; a target illegal at its position raises."""
         V = self.codec.initial_vocab_size
         targets = labels[:, 1:].to(logits.device)
@@ -406,68 +390,6 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-class _Step:
-    """What consuming one block of ids told us, per row and position."""
-
-    __slots__ = ("legal", "positions", "real", "provisional_contents", "provisional_index")
-
-    def __init__(self, legal, positions, real, provisional_contents, provisional_index):
-        self.legal = legal  # (B, kept) long: number of legal hyper ids after each kept position
-        self.positions = positions  # (B, T) long: position ids
-        self.real = real  # (B, T) bool: not padding
-        self.provisional_contents = provisional_contents  # base ids of each legal provisional slot
-        self.provisional_index = provisional_index  # (row, kept index, slot) of each of those
-
-
-def _consume(
-    state: HyperState, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str
-) -> _Step:
-    """Feed each row's real (unmasked) ids to its stream; record legal sets and positions.
-
-    A ValueError names the first id outside the id space (padding included) or not legal at its
-    position; the streams are then part-way fed, which the caller undoes (`_all_or_nothing`).
-    """
-    ids, real = input_ids.tolist(), mask.bool().tolist()
-    _check_id_range(ids, state.codec.total_vocab_size)
-    kept_at = {t: j for j, t in enumerate(keep)}
-    legal = [[0] * len(keep) for _ in ids]
-    positions = [[0] * len(ids[0]) for _ in ids]
-    provisional_contents, provisional_index = [], []
-    for b, (row, row_real) in enumerate(zip(ids, real)):
-        stream = state.streams[b]
-        for t, (code, is_real) in enumerate(zip(row, row_real)):
-            if is_real:
-                try:
-                    stream.feed(code)
-                except ValueError as error:
-                    raise ValueError(f"input_ids[{b}, {t}]: {error}") from None
-                state.num_real_tokens[b] += 1
-                positions[b][t] = stream.num_base_ids - 1 if position_mode == "base" else state.num_real_tokens[b] - 1
-            j = kept_at.get(t)
-            if j is None:
-                continue
-            provisional = stream.provisional_subtokens()
-            legal[b][j] = stream.num_installed + (provisional is not None)
-            if provisional is not None:
-                provisional_contents.append(provisional)
-                provisional_index.append((b, j, stream.num_installed))
-    return _Step(
-        legal=torch.tensor(legal, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
-        real=torch.tensor(real, dtype=torch.bool),
-        provisional_contents=provisional_contents,
-        provisional_index=provisional_index,
-    )
-
-
-def _check_id_range(ids: list[list[int]], total_vocab_size: int) -> None:
-    """Every id, padding included, lies in ``[0, V + K)``: the embedding reads even the masked ones."""
-    if min(map(min, ids)) >= 0 and max(map(max, ids)) < total_vocab_size:
-        return
-    b, t = next((b, t) for b, row in enumerate(ids) for t, i in enumerate(row) if not 0 <= i < total_vocab_size)
-    raise ValueError(f"input_ids[{b}, {t}] = {ids[b][t]} is outside the id space [0, {total_vocab_size})")
 
 
 def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
