@@ -38,7 +38,7 @@ K, M = 2048, 4
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    from zip2zip_hf.smollm2 import smollm2_path
+    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     return AutoTokenizer.from_pretrained(smollm2_path(weights=False))
 

@@ -64,7 +64,7 @@ class ForceIds:
 
 def make_cases(tok, prompt_tokens: int = PROMPT_TOKENS, continuation_tokens: int = CONTINUATION_TOKENS):
     """Per text: prompt and forced ids for each model, and the continuation's size in bytes."""
-    from zip2zip_hf.generation_zip2zip import canonical_continuation
+    from zip2zip_hf.tools.forced_decoding import canonical_continuation
 
     cases = {}
     for name, text in texts().items():
@@ -193,7 +193,7 @@ def main() -> None:
     import torch
 
     from zip2zip_hf import Zip2ZipForCausalLM
-    from zip2zip_hf.smollm2 import smollm2_path
+    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,7 +37,7 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
-    from zip2zip_hf.smollm2 import smollm2_path
+    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     torch.manual_seed(0)
     path = smollm2_path()

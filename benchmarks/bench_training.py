@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     path = args.model
     if path is None:
-        from zip2zip_hf.smollm2 import smollm2_path
+        from zip2zip_hf.tools.smollm2 import smollm2_path
 
         path = str(smollm2_path())
     tokenizer = Zip2ZipTokenizer.from_base(path, padding_side="right")

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     model_path = args.model
     if model_path is None:
-        from zip2zip_hf.smollm2 import smollm2_path
+        from zip2zip_hf.tools.smollm2 import smollm2_path
 
         model_path = str(smollm2_path())
 

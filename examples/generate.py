@@ -9,7 +9,7 @@ expect about one base token per step. A finetuned checkpoint (see examples/finet
 Prompts go through the chat template when the tokenizer has one (``--raw`` to skip it).
 
 The output shows the prompt's and the answer's hypertokens coloured (one colour per merge length,
-see `Zip2ZipTokenizer.color_decode`), then one line of statistics.
+see `zip2zip_hf.tools.visualize.color_decode`), then one line of statistics.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def load(checkpoint: str | None):
 
     if checkpoint:
         return AutoModelForCausalLM.from_pretrained(checkpoint).eval(), AutoTokenizer.from_pretrained(checkpoint)
-    from zip2zip_hf.smollm2 import smollm2_path
+    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     model, tok = zip2zip_hf.Zip2ZipForCausalLM.from_base_pretrained(str(smollm2_path()))
     return model.eval(), tok
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+
+    from zip2zip_hf.tools.visualize import color_decode
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_color:
         print(tok.decode(ids))
     else:
-        print(tok.color_decode(ids))
+        print(color_decode(tok, ids))
     print(
         f"[{steps} steps, {base_tokens} base tokens ({hypertokens} hypertokens written), "
         f"{base_tokens / max(steps, 1):.2f} tokens/step, {elapsed / max(steps, 1) * 1e3:.1f} ms/step]"

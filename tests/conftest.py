@@ -87,7 +87,7 @@ def tiny_base_tokenizer():
 
 
 def _smollm2_or_skip(weights: bool):
-    from zip2zip_hf.smollm2 import smollm2_path
+    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     try:
         return smollm2_path(weights=weights)

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import STDLIB, stdlib_text
 from zip2zip_hf import Zip2ZipTokenizer
-from zip2zip_hf.cli import main
+from zip2zip_hf.tools.cli import main
+from zip2zip_hf.tools.visualize import compression_stats
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -68,8 +69,8 @@ def test_compress_numbers_agree_with_compression_stats(base_dir, files, capsys):
     rows = table_rows(out)
     assert set(rows) == {str(files[0]), str(files[1]), "total"}
     for path, text in zip(files, texts, strict=True):
-        assert rows[str(path)] == expected_cells(tok.compression_stats([text]))
-    assert rows["total"] == expected_cells(tok.compression_stats(texts))
+        assert rows[str(path)] == expected_cells(compression_stats(tok, [text]))
+    assert rows["total"] == expected_cells(compression_stats(tok, texts))
     assert float(rows[str(files[1])][3]) < 0.7  # repeated prose compresses well
 
 
@@ -79,7 +80,7 @@ def test_compress_with_a_saved_zip2zip_tokenizer(base_dir, files, tmp_path, caps
     assert main(["compress", str(files[0]), "--tokenizer", str(saved)]) == 0
     rows = table_rows(capsys.readouterr().out)
     tok = Zip2ZipTokenizer.from_pretrained(saved)
-    assert rows[str(files[0])] == expected_cells(tok.compression_stats([files[0].read_text(encoding="utf-8")]))
+    assert rows[str(files[0])] == expected_cells(compression_stats(tok, [files[0].read_text(encoding="utf-8")]))
     assert main(["compress", str(files[0]), "--tokenizer", str(saved), "-K", "0"]) == 0  # K=0: no hypertokens
     assert table_rows(capsys.readouterr().out)["total"][3] == "1.000"
 
@@ -138,7 +139,7 @@ def test_demo_with_a_given_tokenizer(base_dir, capsys):
     assert "stdlib/argparse.py" in rows and "prose: the Zen of Python" in rows and "total" in rows
     tok = Zip2ZipTokenizer.from_base(base_dir, max_codebook_size=512)
     argparse_text = (STDLIB / "argparse.py").read_text(encoding="utf-8")
-    assert rows["stdlib/argparse.py"] == expected_cells(tok.compression_stats([argparse_text]))
+    assert rows["stdlib/argparse.py"] == expected_cells(compression_stats(tok, [argparse_text]))
     sample = out.split("legend:", 1)[1].split("\n", 2)[2]
     assert "\x1b[" in sample and ANSI.sub("", sample).strip() in argparse_text
 

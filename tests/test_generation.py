@@ -6,7 +6,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from test_modeling import DISABLED, PAD, K, M, V, compressed, left_pad, tiny_base, wrap
 from zip2zip_hf import LZWCodec
-from zip2zip_hf.generation_zip2zip import ForcedContinuationLogitsProcessor, canonical_continuation
+from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
 
 
 CODEC = LZWCodec(V, K, M, DISABLED)

@@ -10,7 +10,7 @@ import pytest
 from transformers import LogitsProcessorList, pipeline
 
 from test_generation import CODE_CONTINUATION, CODE_PROMPT
-from zip2zip_hf.generation_zip2zip import ForcedContinuationLogitsProcessor
+from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor
 
 
 CHAT = [

@@ -2,7 +2,7 @@
 
 import pytest
 
-from zip2zip_hf import smollm2
+from zip2zip_hf.tools import smollm2
 
 
 @pytest.mark.real_model

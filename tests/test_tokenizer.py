@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 import zip2zip_hf
 from conftest import STDLIB, stdlib_text
 from zip2zip_hf import Codebook, Zip2ZipConfig, Zip2ZipTokenizer
+from zip2zip_hf.tools.visualize import color_decode, compression_stats, to_html
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -345,7 +346,7 @@ def test_chat_template_gives_compressed_ids(tok):
 def test_color_decode_and_html(tok):
     text = "<tag> & " + "abcd " * 30 + "\n" + "😀 x😀 " * 5 + "\nend"
     ids = tok(text)["input_ids"]
-    coloured = tok.color_decode(ids)
+    coloured = color_decode(tok, ids)
     assert ANSI.sub("", coloured) == text
     lengths = {len(tok.codec.decode(ids)[1].get_subtokens(i)) for i in ids}
     assert {2, 3, 4} <= lengths
@@ -353,16 +354,16 @@ def test_color_decode_and_html(tok):
         assert style in coloured  # one colour per merge length; a repeat of the same length is bright
     for line in coloured.split("\n"):  # colours never run across a line end
         assert line.count("\x1b[0m") == len(re.findall(r"\x1b\[30;(?:4|10)\dm", line))
-    page = tok.to_html(ids)
+    page = to_html(tok, ids)
     assert page.startswith('<pre class="zip2zip">') and "&lt;tag&gt; &amp;" in page
     assert {'class="z2z-m2"', 'class="z2z-m3"', 'class="z2z-m4"'} <= set(re.findall(r'class="z2z-m\d"', page))
     assert html.unescape(TAGS.sub("", page)) == text
-    assert ANSI.sub("", tok.color_decode(ids, skip_special_tokens=True)) == text
+    assert ANSI.sub("", color_decode(tok, ids, skip_special_tokens=True)) == text
 
 
 def test_compression_stats(tok):
     texts = [stdlib_text(4000), "short text", "😀 unicode ünï"]
-    stats = tok.compression_stats(texts)
+    stats = compression_stats(tok, texts)
     base = sum(len(tok.base_ids([t], add_special_tokens=False)[0]) for t in texts)
     compressed = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -375,8 +376,8 @@ def test_compression_stats(tok):
         "bytes_per_base_token": n_bytes / base,
         "bytes_per_compressed_token": n_bytes / compressed,
     }
-    assert tok.compression_stats(texts[0])["base_tokens"] == len(tok.base_ids([texts[0]])[0])
-    assert tok.compression_stats([""])["ratio"] == 1.0
+    assert compression_stats(tok, texts[0])["base_tokens"] == len(tok.base_ids([texts[0]])[0])
+    assert compression_stats(tok, [""])["ratio"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------- save / load
@@ -565,7 +566,7 @@ def truncating_tokenizers(affix_base) -> dict[str, Zip2ZipTokenizer]:
 
 @pytest.fixture(scope="module")
 def smol_base():
-    from zip2zip_hf.smollm2 import smollm2_path
+    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     return AutoTokenizer.from_pretrained(smollm2_path(weights=False))
 
@@ -600,11 +601,11 @@ def test_real_base_ids_and_round_trip(smol, smol_base):
 @pytest.mark.real_model
 def test_real_compression_on_code(smol):
     texts = [(STDLIB / name).read_text(encoding="utf-8") for name in STDLIB_FILES]
-    stats = smol.compression_stats(texts)
+    stats = compression_stats(smol, texts)
     assert 0.3 < stats["ratio"] < 0.9
     assert stats["bytes_per_compressed_token"] > stats["bytes_per_base_token"]
     for text in texts:
-        assert smol.compression_stats(text)["ratio"] < 0.9
+        assert compression_stats(smol, text)["ratio"] < 0.9
 
 
 @pytest.mark.real_model

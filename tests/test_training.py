@@ -381,7 +381,7 @@ def test_trl_sft_trainer_with_our_tokenizer(tok, tmp_path):
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """`python -m zip2zip_hf demo` with every stage, shrunk: a tiny base model folder and a few steps."""
-    from zip2zip_hf.cli import main
+    from zip2zip_hf.tools.cli import main
 
     save_tiny_base_model(tmp_path)
     argv = [

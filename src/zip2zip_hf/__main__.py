@@ -1,6 +1,6 @@
-"""``python -m zip2zip_hf``: see `zip2zip_hf.cli`."""
+"""``python -m zip2zip_hf``: see `zip2zip_hf.tools.cli`."""
 
-from .cli import main
+from .tools.cli import main
 
 
 raise SystemExit(main())

@@ -26,9 +26,12 @@ __all__ = [
     "beam_search_vocab_size",
     "cache_keyword",
     "check_generation_internals",
+    "checkpointing_arguments",
+    "enable_activation_checkpointing",
     "original_init_errors",
     "output_cache_field",
     "pop_cache",
+    "tokenizer_init_kwargs",
     "truncate_cache",
 ]
 
@@ -167,7 +170,48 @@ def check_generation_internals() -> None:
         )
 
 
-# ---------------------------------------------------------------------- tokenizer loading (4.57)
+# ---------------------------------------------------------------------- training
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing under the name the release uses: ``activation_checkpointing_enable``
+    from 5.x on (default non-reentrant), ``gradient_checkpointing_enable`` in 4.57 (default reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_arguments() -> dict:
+    """`TrainingArguments` keywords for non-reentrant checkpointing: ``activation_checkpointing*``
+    where the release has them (5.x; 5.24 deprecates the ``gradient_*`` names), else ``gradient_*``."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+# ---------------------------------------------------------------------- tokenizers
+# Also a 4.57-only difference, kept as a method because transformers calls it: 4.57 batches through
+# `Zip2ZipTokenizer._batch_encode_plus`, 5.x sends every call to `_encode_plus`.
+
+
+def tokenizer_init_kwargs(kwargs: dict, special_token_attributes) -> dict:
+    """The keyword arguments of a tokenizer's ``__init__`` as the installed release wants them.
+
+    transformers 5 passes facts about one load (``is_local``, ``local_files_only``), which must not
+    be saved as settings, and saves the extra special tokens as a list under ``extra_special_tokens``;
+    4.57 reads that key as a dict of named tokens and wants the list as ``additional_special_tokens``.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("is_local", "local_files_only")}
+    extra = kwargs.get("extra_special_tokens")
+    if isinstance(extra, (list, tuple)) and "additional_special_tokens" in special_token_attributes:
+        kwargs["additional_special_tokens"] = list(kwargs.pop("extra_special_tokens"))
+    return kwargs
 
 
 @contextlib.contextmanager

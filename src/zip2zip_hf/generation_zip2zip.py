@@ -11,10 +11,6 @@ What this mixin adds is the boundary with code that only knows base ids:
 * streamers receive base ids;
 * ``stop_strings`` are matched on the decoded generated text (transformers' own criterion indexes a
   table by token id and knows nothing of hyper ids).
-
-It also holds the tools of *forced decoding* (tests, benchmarks): `canonical_continuation` gives the
-compressed ids a model should write to produce a known text after its prompt, and
-`ForcedContinuationLogitsProcessor` makes ``generate`` write exactly those.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, StoppingCriteria
+from transformers import GenerationConfig, GenerationMixin, StoppingCriteria
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.streamers import BaseStreamer
 
@@ -30,12 +26,7 @@ from ._compat import beam_search_vocab_size, check_generation_internals
 from .lzw import LZWCodec, LZWStream
 
 
-__all__ = [
-    "ForcedContinuationLogitsProcessor",
-    "StopStringsOnText",
-    "Zip2ZipGenerationMixin",
-    "canonical_continuation",
-]
+__all__ = ["StopStringsOnText", "Zip2ZipGenerationMixin"]
 
 
 # The modes whose loop only reorders, repeats or selects cache rows, which the codebooks follow.
@@ -274,85 +265,3 @@ class StopStringsOnText(StoppingCriteria):
             done.append(any(s in text for s in self.stop_strings))
         self._rows = rows
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def canonical_continuation(codec: LZWCodec, prompt: list[int], base_ids: list[int]) -> list[int]:
-    """The compressed ids that continue ``prompt`` (compressed ids) with the text ``base_ids`` (base ids).
-
-    Greedy longest match against the row's codebook as it grows, the provisional ("KwKwK") id
-    included: exactly what `LZWCodec.encode` writes for the whole text when ``prompt`` is a prefix of
-    its codes (e.g. ``encode(prompt_base_ids)[0]`` need not be: its last phrase may grow).
-    """
-    stream = codec.stream()
-    stream.feed(prompt)
-    V, M = codec.initial_vocab_size, codec.max_subtokens
-    known = {tuple(content): code for code, content in stream.codebook.to_dict().items()}
-    codes: list[int] = []
-    i = 0
-    while i < len(base_ids):
-        code, length = int(base_ids[i]), 1
-        provisional = stream.provisional_subtokens()
-        for n in range(min(M, len(base_ids) - i), 1, -1):
-            piece = tuple(base_ids[i : i + n])
-            if piece in known:
-                code, length = known[piece], n
-                break
-            if piece == provisional:
-                code, length = V + stream.num_installed, n
-                break
-        for hyper_id, content in stream.feed(code):
-            known[tuple(content)] = hyper_id
-        codes.append(code)
-        i += length
-    return codes
-
-
-class ForcedContinuationLogitsProcessor(LogitsProcessor):
-    """Makes every row write the canonical compressed ids of a known text after its prompt (forced decoding).
-
-    The prompt of each row is what the first call sees (leading ``pad_token_id`` ids dropped); after
-    the text, ``eos_token_id`` is forced (or, without one, the last id again). A forced id the model
-    scores ``-inf`` (not legal for its row) raises: the model's legal set must hold the canonical ids.
-
-    Attributes:
-        codes: per row, the forced compressed ids (set at the first call).
-        widths: the width of ``scores`` at each call (``V + K`` for a zip2zip model).
-    """
-
-    def __init__(
-        self, codec: LZWCodec, base_ids: list[int], eos_token_id: int | None = None, pad_token_id: int | None = None
-    ):
-        self.codec = codec
-        self.base_ids = [int(i) for i in base_ids]
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.prompt_length: int | None = None
-        self.codes: list[list[int]] = []
-        self.widths: list[int] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1]
-            for row in input_ids.tolist():
-                start = 0
-                while self.pad_token_id is not None and start < len(row) and row[start] == self.pad_token_id:
-                    start += 1
-                self.codes.append(canonical_continuation(self.codec, row[start:], self.base_ids))
-        self.widths.append(scores.shape[-1])
-        step = input_ids.shape[1] - self.prompt_length
-        rows, ids = [], []
-        for row, codes in enumerate(self.codes):
-            if step < len(codes):
-                ids.append(codes[step])
-            else:
-                ids.append(self.eos_token_id if self.eos_token_id is not None else codes[-1] if codes else 0)
-            rows.append(row)
-        rows_t = torch.tensor(rows, device=scores.device)
-        ids_t = torch.tensor(ids, device=scores.device)
-        picked = scores[rows_t, ids_t]
-        if not torch.isfinite(picked).all():
-            row = int((~torch.isfinite(picked)).nonzero()[0, 0])
-            raise ValueError(f"row {row}, step {step}: the forced id {ids[row]} is not legal for the model there")
-        forced = torch.full_like(scores, float("-inf"))
-        forced[rows_t, ids_t] = 0.0
-        return forced

