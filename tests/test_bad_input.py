@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_modeling import K, M, V, compressed, tiny_base, wrap
+from utils import K, M, V, compressed, tiny_base, wrap
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipTokenizer
 from zip2zip_hf.lzw import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
 from zip2zip_hf.tools.cli import main

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STDLIB, stdlib_text
+from utils import STDLIB, stdlib_text
 from zip2zip_hf import Zip2ZipTokenizer
 from zip2zip_hf.tools.cli import main
 from zip2zip_hf.tools.visualize import compression_stats

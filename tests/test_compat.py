@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
 
-from test_modeling import V, assert_same_logits, compressed, left_pad, tiny_base, wrap
+from utils import V, assert_same_logits, compressed, left_pad, tiny_base, wrap
 from zip2zip_hf import Zip2ZipCache, Zip2ZipTokenizer
 from zip2zip_hf._compat import TRANSFORMERS_VERSION, check_generation_internals, output_cache_field
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_base_model
+from utils import save_tiny_base_model
 
 
 pytest.importorskip("datasets")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from test_modeling import DISABLED, PAD, K, M, V, compressed, left_pad, tiny_base, wrap
+from utils import CODE_CONTINUATION, CODE_PROMPT, DISABLED, PAD, STDLIB, K, M, V, compressed, left_pad, tiny_base, wrap
 from zip2zip_hf import LZWCodec
 from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
 
@@ -270,13 +270,6 @@ def test_sampled_ids_are_always_legal_for_their_row(model):
 
 # ---------------------------------------------------------------------- with a real tokenizer: streamers, stop strings
 
-CODE_PROMPT = "def area(width, height):\n    return width * height\n\n"
-CODE_CONTINUATION = (
-    "def perimeter(width, height):\n    return 2 * (width + height)\n\n"
-    "def volume(width, height, depth):\n    return width * height * depth\n\n"
-    "def surface(width, height, depth):\n    return 2 * (width * height + width * depth + height * depth)\n"
-)
-
 
 def forced_text_generation(model, tok, prompt: str, continuation: str, eos: bool = False, **kwargs):
     """Generate ``continuation`` after ``prompt`` by forced decoding; return (inputs, output, processor)."""
@@ -421,7 +414,7 @@ def test_stop_strings_criterion_follows_reordered_and_repeated_rows(text_tok):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_dir):
+def smol_model_and_tok(smollm2_dir):
     """SmolLM2-135M-Instruct wrapped fresh (untrained encoders), with its Zip2ZipTokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -433,7 +426,6 @@ def smol(smollm2_dir):
 
 
 def stdlib_function(name: str, function: str) -> str:
-    from conftest import STDLIB
 
     source = (STDLIB / name).read_text(encoding="utf-8")
     start = source.index(f"def {function}(")
@@ -441,8 +433,8 @@ def stdlib_function(name: str, function: str) -> str:
 
 
 @pytest.mark.real_model
-def test_real_forced_canonical_continuation_reproduces_the_text(smol):
-    model, tok = smol
+def test_real_forced_canonical_continuation_reproduces_the_text(smol_model_and_tok):
+    model, tok = smol_model_and_tok
     text = stdlib_function("textwrap.py", "dedent")
     prompt, continuation = text[:300], text[300:700]
     inputs, raw, processor = forced_text_generation(model, tok, prompt, continuation, return_hypertokens=True)
@@ -455,8 +447,8 @@ def test_real_forced_canonical_continuation_reproduces_the_text(smol):
 
 
 @pytest.mark.real_model
-def test_real_greedy_equals_hand_written_loop(smol):
-    model, tok = smol
+def test_real_greedy_equals_hand_written_loop(smol_model_and_tok):
+    model, tok = smol_model_and_tok
     prompt = stdlib_function("textwrap.py", "dedent")[:400]
     inputs = tok(prompt, return_tensors="pt")
     assert inputs["input_ids"].max() >= tok.initial_vocab_size

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import zip2zip_hf
-from test_modeling import tiny_base, wrap
+from utils import tiny_base, wrap
 
 
 PACKAGE = Path(zip2zip_hf.__file__).parent

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,87 +10,21 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import zip2zip_hf
-from conftest import tiny_causal_lm_config
+from utils import (
+    DISABLED,
+    PAD,
+    K,
+    M,
+    V,
+    assert_same_logits,
+    compressed,
+    left_pad,
+    run_without_package,
+    step_by_step_logits,
+    tiny_base,
+    wrap,
+)
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
-
-
-V = 300  # tokenizer length; the base models below have V (or more) embedding rows
-K, M = 64, 3
-PAD = 0
-DISABLED = [0, 1]
-
-
-def tiny_base(arch: str, tie: bool = False, rows: int = V):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_causal_lm_config(arch, rows, tie=tie)).eval()
-
-
-def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=False, max_codebook_size=K):
-    config = Zip2ZipConfig(
-        text_config=base.config,
-        initial_vocab_size=V,
-        max_codebook_size=max_codebook_size,
-        max_subtokens=M,
-        disabled_ids=DISABLED,
-        pad_token_id=PAD,
-        hyper_encoder=hyper_encoder,
-        hyper_encoder_num_heads=2,
-        tie_hyper_encoders=tie_encoders,
-        position_mode=position_mode,
-    )
-    model = Zip2ZipForCausalLM(config, base_model=base).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():  # a random, non-trivial encoder (a fresh one is an exact average)
-        for name, param in model.named_parameters():
-            if "hyper_encoder" in name:
-                param.add_(torch.randn_like(param) * 0.2)
-    return model
-
-
-def repetitive_ids(seed: int, length: int) -> list[int]:
-    """Base ids with many repeats, so LZW installs and reuses plenty of hypertokens."""
-    g = torch.Generator().manual_seed(seed)
-    motifs = [
-        torch.randint(2, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist() for _ in range(4)
-    ]
-    ids = []
-    while len(ids) < length:
-        ids += motifs[int(torch.randint(0, 4, (1,), generator=g))]
-        if torch.rand(1, generator=g) < 0.1:
-            ids.append(1)  # a disabled id in the middle
-    return ids[:length]
-
-
-def compressed(seed: int, length: int) -> list[int]:
-    return LZWCodec(V, K, M, DISABLED).encode(repetitive_ids(seed, length))[0]
-
-
-def left_pad(rows: list[list[int]]):
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
-def step_by_step_logits(model, ids, mask, first: int = 1):
-    """Feed ``first`` ids, then one id per call with the KV cache; return the logits of every position."""
-    out = model(input_ids=ids[:, :first], attention_mask=mask[:, :first], use_cache=True)
-    logits, cache = [out.logits], out.past_key_values
-    for t in range(first, ids.shape[1]):
-        out = model(
-            input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True
-        )
-        logits.append(out.logits)
-        cache = out.past_key_values
-    return torch.cat(logits, dim=1)
-
-
-def assert_same_logits(a, b, mask=None, atol=1e-4):
-    if mask is not None:
-        a, b = a[mask.bool()], b[mask.bool()]
-    assert torch.equal(torch.isinf(a), torch.isinf(b)), "different legal sets"
-    finite = torch.isfinite(a)
-    torch.testing.assert_close(a[finite], b[finite], atol=atol, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------- training equals inference
@@ -339,8 +271,7 @@ def test_remote_code_load_in_fresh_process(tmp_path):
         save_file({"ids": ids, "logits": model(input_ids=ids).logits.contiguous()}, tmp_path / "expected.safetensors")
     script = textwrap.dedent(
         f"""
-        import sys, torch
-        sys.modules["zip2zip_hf"] = None  # the installed package must not be needed
+        import torch
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
         expected = load_file({str(tmp_path / "expected.safetensors")!r})
@@ -353,13 +284,7 @@ def test_remote_code_load_in_fresh_process(tmp_path):
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:] + done.stdout[-2000:]
+    assert run_without_package(script) == "ok"
 
 
 def test_auto_class_registration():
@@ -456,7 +381,16 @@ def test_dtype_follows_the_base_model():
 
 
 class SimpleTokenizerSettings:
-    """The compression settings `from_base` reads off a tokenizer."""
+    """What `from_base` reads off a tokenizer: its codec (compression settings) and special ids."""
 
+    codec = LZWCodec(V, K, M, DISABLED)
     initial_vocab_size, max_codebook_size, max_subtokens, disabled_ids = V, K, M, DISABLED
     pad_token_id, bos_token_id, eos_token_id = PAD, None, 1
+
+
+def test_from_base_takes_compression_settings_from_the_tokenizer_only():
+    with pytest.raises(ValueError, match="max_codebook_size come from the tokenizer"):
+        Zip2ZipForCausalLM.from_base(tiny_base("llama"), SimpleTokenizerSettings(), max_codebook_size=K + 1)
+    model = Zip2ZipForCausalLM.from_base(tiny_base("llama"), SimpleTokenizerSettings(), hyper_encoder="mean")
+    assert model.config.compression_settings() == SimpleTokenizerSettings.codec.settings()
+    assert model.config.hyper_encoder == "mean"

@@ -1,15 +1,12 @@
 """pipeline("text-generation") over a zip2zip model: in-process, and from a saved checkpoint via remote code."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 from transformers import LogitsProcessorList, pipeline
 
-from test_generation import CODE_CONTINUATION, CODE_PROMPT
+from utils import CODE_CONTINUATION, CODE_PROMPT, run_without_package
 from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor
 
 
@@ -67,7 +64,6 @@ def test_pipeline_batch_of_prompts(pipe, text_model, text_tok):
 REMOTE_CHILD = textwrap.dedent(
     """
     import json, sys
-    sys.modules["zip2zip_hf"] = None  # the installed package must not be needed
     from transformers import pipeline
     checkpoint, prompt, chat, greedy = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
     pipe = pipeline("text-generation", model=checkpoint, trust_remote_code=True)
@@ -86,15 +82,8 @@ def test_pipeline_from_a_saved_checkpoint_without_the_package(pipe, text_model, 
     checkpoint = tmp_path / "checkpoint"
     text_model.save_pretrained(checkpoint)
     text_tok.save_pretrained(checkpoint)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    env["HF_HUB_OFFLINE"] = "1"
     args = [str(checkpoint), CODE_PROMPT, json.dumps(CHAT), json.dumps(GREEDY)]
-    done = subprocess.run(
-        [sys.executable, "-c", REMOTE_CHILD, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(run_without_package(REMOTE_CHILD, *args))
     assert out["model"].startswith("transformers_modules.") and out["model"].endswith(".Zip2ZipForCausalLM")
     assert out["tokenizer"].startswith("transformers_modules.") and out["tokenizer"].endswith(".Zip2ZipTokenizer")
     assert out["text"] == pipe(CODE_PROMPT, **GREEDY)[0]["generated_text"]

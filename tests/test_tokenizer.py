@@ -6,9 +6,6 @@ import html
 import json
 import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from tokenizers import Tokenizer, processors
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 import zip2zip_hf
-from conftest import STDLIB, stdlib_text
+from utils import STDLIB, run_without_package, stdlib_text
 from zip2zip_hf import Codebook, Zip2ZipConfig, Zip2ZipTokenizer
 from zip2zip_hf.tools.visualize import color_decode, compression_stats, to_html
 
@@ -438,16 +435,7 @@ def test_settings_can_be_overridden_at_load(tok, tmp_path):
 
 
 REMOTE_CHILD = r"""
-import importlib.abc, json, sys
-
-class BlockZip2Zip(importlib.abc.MetaPathFinder):
-    # The checkpoint must work where zip2zip_hf does not exist at all.
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "zip2zip_hf":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return None
-
-sys.meta_path.insert(0, BlockZip2Zip())
+import json, sys
 from transformers import AutoTokenizer
 
 folder, texts = sys.argv[1], json.loads(sys.argv[2])
@@ -459,33 +447,16 @@ print(json.dumps({
     "batch": batch["input_ids"], "mask": batch["attention_mask"],
     "decoded": [tok.decode(tok(t)["input_ids"]) for t in texts],
     "settings": [tok.initial_vocab_size, tok.max_codebook_size, tok.max_subtokens, tok.disabled_ids, tok.padding_side],
-    "zip2zip_hf_loaded": any(m.split(".")[0] == "zip2zip_hf" for m in sys.modules),
+    "zip2zip_hf_loaded": any(m.split(".")[0] == "zip2zip_hf" and sys.modules[m] is not None for m in sys.modules),
 }))
 """
-
-
-def run_without_zip2zip_hf(script: str, *args: str) -> str:
-    """Run ``script`` in a fresh interpreter where zip2zip_hf cannot be imported; return its stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="zip2zip-remote-")
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script, *args],
-        env=env,
-        cwd=tempfile.gettempdir(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1]
 
 
 def test_remote_code_load_without_the_package(affix_base, tmp_path):
     tok = Zip2ZipTokenizer.from_base(affix_base, max_codebook_size=128, max_subtokens=3, padding_side="right")
     tok.save_pretrained(tmp_path)
     texts = TRICKY_TEXTS[:5] + [stdlib_text(3000)]
-    out = json.loads(run_without_zip2zip_hf(REMOTE_CHILD, str(tmp_path), json.dumps(texts)))
+    out = json.loads(run_without_package(REMOTE_CHILD, str(tmp_path), json.dumps(texts)))
     assert out["class"].startswith("transformers_modules.") and out["class"].endswith(".Zip2ZipTokenizer")
     assert not out["zip2zip_hf_loaded"]
     assert out["settings"] == [512, 128, 3, tok.disabled_ids, "right"]

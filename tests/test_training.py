@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Trainer
 
-from conftest import build_tiny_base_tokenizer, save_tiny_base_model, tiny_causal_lm_config
+from utils import build_tiny_base_tokenizer, run_without_package, save_tiny_base_model, tiny_causal_lm_config
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
 from zip2zip_hf.data import (
     Zip2ZipCompressor,
@@ -50,7 +47,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok() -> Zip2ZipTokenizer:
+def train_tok() -> Zip2ZipTokenizer:
     return Zip2ZipTokenizer.from_base(
         build_tiny_base_tokenizer(), max_codebook_size=K, max_subtokens=M, padding_side="right"
     )
@@ -64,16 +61,18 @@ def repetitive_texts(n: int, seed: int = 0) -> list[str]:
     ]
 
 
-def tiny_model(tok, arch: str = "llama", tie_encoders: bool = False, hidden: int = 64, seed: int = 0):
+def tiny_model(train_tok, arch: str = "llama", tie_encoders: bool = False, hidden: int = 64, seed: int = 0):
     torch.manual_seed(seed)
-    config = tiny_causal_lm_config(arch, len(tok), hidden=hidden, positions=256)
+    config = tiny_causal_lm_config(arch, len(train_tok), hidden=hidden, positions=256)
     base = AutoModelForCausalLM.from_config(config)
-    return Zip2ZipForCausalLM.from_base(base, tok, hyper_encoder_num_heads=2, tie_hyper_encoders=tie_encoders)
+    return Zip2ZipForCausalLM.from_base(base, train_tok, hyper_encoder_num_heads=2, tie_hyper_encoders=tie_encoders)
 
 
 @pytest.fixture(scope="module")
-def rows(tok):
-    return compress_dataset(datasets.Dataset.from_dict({"text": repetitive_texts(400)}), tok, max_length=64, desc=None)
+def rows(train_tok):
+    return compress_dataset(
+        datasets.Dataset.from_dict({"text": repetitive_texts(400)}), train_tok, max_length=64, desc=None
+    )
 
 
 def no_pickles(folder: Path) -> list[str]:
@@ -83,9 +82,9 @@ def no_pickles(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------- data
 
 
-def test_windows_are_maximal_and_encode_their_base_text(tok):
-    codec = tok.codec
-    ids = tok.base_ids(["".join(repetitive_texts(6, seed=3))], add_special_tokens=False)[0]
+def test_windows_are_maximal_and_encode_their_base_text(train_tok):
+    codec = train_tok.codec
+    ids = train_tok.base_ids(["".join(repetitive_texts(6, seed=3))], add_special_tokens=False)[0]
     for max_length in (2, 7, 40):
         windows = split_windows(codec, ids, max_length)
         start = 0
@@ -98,44 +97,44 @@ def test_windows_are_maximal_and_encode_their_base_text(tok):
         assert start == len(ids)
 
 
-def test_compress_dataset_rows_are_inference_encodings(tok, rows, tmp_path):
+def test_compress_dataset_rows_are_inference_encodings(train_tok, rows, tmp_path):
     texts = repetitive_texts(400)
-    stats = dataset_stats(rows, tok.initial_vocab_size)
+    stats = dataset_stats(rows, train_tok.initial_vocab_size)
     assert stats["hypertoken_share"] > 0.2 and stats["compression_ratio"] < 0.8
     # Re-cut every document and compare: rows are codec.encode(window) with EOS closing each document.
     expected = []
-    for ids in tok.base_ids(texts):
-        for codes, _ in split_windows(tok.codec, ids + [tok.eos_token_id], 64):
+    for ids in train_tok.base_ids(texts):
+        for codes, _ in split_windows(train_tok.codec, ids + [train_tok.eos_token_id], 64):
             if len(codes) >= 2:
                 expected.append(codes)
     assert rows["input_ids"] == expected
     assert max(map(len, rows["input_ids"])) == 64
 
     # Deterministic and picklable: same fingerprint, cache hit from disk, same rows with num_proc=2.
-    compressor = Zip2ZipCompressor(tok, 64)
+    compressor = Zip2ZipCompressor(train_tok, 64)
     assert pickle.loads(pickle.dumps(compressor))(dict(text=texts[:3])) == compressor(dict(text=texts[:3]))
     from datasets.fingerprint import Hasher
 
-    assert Hasher.hash(compressor) == Hasher.hash(Zip2ZipCompressor(tok, 64))
-    assert Hasher.hash(compressor) != Hasher.hash(Zip2ZipCompressor(tok, 63))
+    assert Hasher.hash(compressor) == Hasher.hash(Zip2ZipCompressor(train_tok, 64))
+    assert Hasher.hash(compressor) != Hasher.hash(Zip2ZipCompressor(train_tok, 63))
     datasets.Dataset.from_dict({"text": texts[:40]}).save_to_disk(tmp_path / "raw")
     raw = datasets.load_from_disk(str(tmp_path / "raw"))
-    first = compress_dataset(raw, tok, max_length=64, desc=None)
-    again = compress_dataset(raw, tok, max_length=64, desc=None)
+    first = compress_dataset(raw, train_tok, max_length=64, desc=None)
+    again = compress_dataset(raw, train_tok, max_length=64, desc=None)
     assert first._fingerprint == again._fingerprint and first.cache_files == again.cache_files
-    parallel = compress_dataset(raw, tok, max_length=64, num_proc=2, desc=None, load_from_cache_file=False)
+    parallel = compress_dataset(raw, train_tok, max_length=64, num_proc=2, desc=None, load_from_cache_file=False)
     assert parallel["input_ids"] == first["input_ids"]
 
 
-def test_compress_dataset_rejects_missing_column(tok):
+def test_compress_dataset_rejects_missing_column(train_tok):
     with pytest.raises(ValueError, match="no column 'text'"):
-        compress_dataset(datasets.Dataset.from_dict({"content": ["x"]}), tok)
+        compress_dataset(datasets.Dataset.from_dict({"content": ["x"]}), train_tok)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_collator_pads_and_labels_only_real_ids(tok, side):
-    pad, V = tok.pad_token_id, tok.initial_vocab_size
-    collator = Zip2ZipDataCollator(tok, padding_side=side)
+def test_collator_pads_and_labels_only_real_ids(train_tok, side):
+    pad, V = train_tok.pad_token_id, train_tok.initial_vocab_size
+    collator = Zip2ZipDataCollator(train_tok, padding_side=side)
     features = [
         {"input_ids": [5, 6, V, pad], "num_base_tokens": 5},
         {"input_ids": [7, 8]},
@@ -151,7 +150,7 @@ def test_collator_pads_and_labels_only_real_ids(tok, side):
         assert batch["labels"].tolist() == [[5, 6, V, pad], [-100, -100, 7, 8]]
     assert collator.pop_stats() == {"hypertoken_share": 1 / 6, "compression_ratio": 6 / 5}
     with pytest.raises(ValueError, match="cut documents in base space"):
-        Zip2ZipDataCollator(tok, max_length=3)(features)
+        Zip2ZipDataCollator(train_tok, max_length=3)(features)
 
 
 # ---------------------------------------------------------------------- LoRA config
@@ -166,11 +165,11 @@ def test_collator_pads_and_labels_only_real_ids(tok, side):
     ],
 )
 @pytest.mark.parametrize("tie_encoders", [False, True])
-def test_default_lora_config_targets_base_linears_and_saves_encoders(tok, arch, targets, tie_encoders):
+def test_default_lora_config_targets_base_linears_and_saves_encoders(train_tok, arch, targets, tie_encoders):
     from peft import get_peft_model
     from peft.utils import ModulesToSaveWrapper
 
-    model = tiny_model(tok, arch, tie_encoders=tie_encoders, hidden=32)
+    model = tiny_model(train_tok, arch, tie_encoders=tie_encoders, hidden=32)
     assert lora_target_modules(model) == targets
     config = default_lora_config(model, r=4)
     assert sorted(config.target_modules) == targets
@@ -190,10 +189,10 @@ def test_default_lora_config_targets_base_linears_and_saves_encoders(tok, arch, 
 # ---------------------------------------------------------------------- Trainer
 
 
-def test_trainer_learns_and_model_emits_hypertokens(tok, rows, tmp_path):
+def test_trainer_learns_and_model_emits_hypertokens(train_tok, rows, tmp_path):
     """Full finetune of a tiny random model on a repetitive corpus: loss falls far, greedy output compresses."""
-    model = prepare_model_for_training(tiny_model(tok))
-    collator = Zip2ZipDataCollator(tok)
+    model = prepare_model_for_training(tiny_model(train_tok))
+    collator = Zip2ZipDataCollator(train_tok)
     args = training_arguments(
         str(tmp_path),
         per_device_train_batch_size=16,
@@ -215,17 +214,17 @@ def test_trainer_learns_and_model_emits_hypertokens(tok, rows, tmp_path):
     assert logged and 0.2 < logged[-1]["hypertoken_share"] < 1 and 0 < logged[-1]["compression_ratio"] < 1
 
     model.eval()
-    prompt = tok(["    self.alpha = alpha\n    self.beta = beta\n"], return_tensors="pt")
+    prompt = train_tok(["    self.alpha = alpha\n    self.beta = beta\n"], return_tensors="pt")
     n = prompt["input_ids"].shape[1]
     out = model.generate(**prompt, max_new_tokens=24, do_sample=False, return_hypertokens=True)
     generated = out[0, n:].tolist()
-    assert sum(i >= tok.initial_vocab_size for i in generated) >= 5, generated
-    text = tok.decode(out[0], skip_special_tokens=True)
+    assert sum(i >= train_tok.initial_vocab_size for i in generated) >= 5, generated
+    text = train_tok.decode(out[0], skip_special_tokens=True)
     assert "    self." in text[len("    self.alpha = alpha\n    self.beta = beta\n") :]
 
 
-def lora_trainer(tok, rows, output_dir, max_steps, tie_encoders=False):
-    model = tiny_model(tok, tie_encoders=tie_encoders, seed=0)
+def lora_trainer(train_tok, rows, output_dir, max_steps, tie_encoders=False):
+    model = tiny_model(train_tok, tie_encoders=tie_encoders, seed=0)
     torch.manual_seed(1)
     peft_model = prepare_model_for_training(model, default_lora_config(model, r=8), gradient_checkpointing=True)
     args = training_arguments(
@@ -241,11 +240,11 @@ def lora_trainer(tok, rows, output_dir, max_steps, tie_encoders=False):
         disable_tqdm=True,
         seed=0,
     )
-    return Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=Zip2ZipDataCollator(tok))
+    return Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=Zip2ZipDataCollator(train_tok))
 
 
-def test_lora_training_resume_merge_save_and_remote_code_reload(tok, rows, tmp_path):
-    trainer = lora_trainer(tok, rows, tmp_path / "run", max_steps=6)
+def test_lora_training_resume_merge_save_and_remote_code_reload(train_tok, rows, tmp_path):
+    trainer = lora_trainer(train_tok, rows, tmp_path / "run", max_steps=6)
     peft_model = trainer.model
     inner = peft_model.get_base_model()
     assert inner.is_gradient_checkpointing
@@ -266,7 +265,7 @@ def test_lora_training_resume_merge_save_and_remote_code_reload(tok, rows, tmp_p
     assert not [
         p for p in no_pickles(tmp_path / "run") if Path(p).name.startswith(("adapter_model", "pytorch_model", "model"))
     ]
-    resumed = lora_trainer(tok, rows, tmp_path / "resumed", max_steps=6)
+    resumed = lora_trainer(train_tok, rows, tmp_path / "resumed", max_steps=6)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
     for name, param in resumed.model.named_parameters():
@@ -277,44 +276,37 @@ def test_lora_training_resume_merge_save_and_remote_code_reload(tok, rows, tmp_p
     assert type(merged) is Zip2ZipForCausalLM
     final = tmp_path / "final"
     merged.save_pretrained(final)
-    tok.save_pretrained(final)
+    train_tok.save_pretrained(final)
     assert not no_pickles(final)
     # A fresh process without our package: the checkpoint's own code must do everything.
     prompt_text = "    self.gamma = gamma\n    self.gamma = gamma\n"
-    ids = tok([prompt_text], return_tensors="pt")
+    ids = train_tok([prompt_text], return_tensors="pt")
     with torch.no_grad():
         logits = merged(**ids).logits
-    text = tok.decode(merged.generate(**ids, max_new_tokens=12, do_sample=False)[0])
+    text = train_tok.decode(merged.generate(**ids, max_new_tokens=12, do_sample=False)[0])
     save_file({"ids": ids["input_ids"], "logits": logits.contiguous()}, tmp_path / "expected.safetensors")
     script = textwrap.dedent(
         f"""
-        import json, sys, torch
-        sys.modules["zip2zip_hf"] = None
+        import json, torch
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
         expected = load_file({str(tmp_path / "expected.safetensors")!r})
         model = AutoModelForCausalLM.from_pretrained({str(final)!r}, trust_remote_code=True).eval()
-        tok = AutoTokenizer.from_pretrained({str(final)!r}, trust_remote_code=True)
+        train_tok = AutoTokenizer.from_pretrained({str(final)!r}, trust_remote_code=True)
         assert "transformers_modules" in type(model).__module__, type(model)
-        ids = tok([{prompt_text!r}], return_tensors="pt")
+        ids = train_tok([{prompt_text!r}], return_tensors="pt")
         assert torch.equal(ids["input_ids"], expected["ids"])
         with torch.no_grad():
             torch.testing.assert_close(model(**ids).logits, expected["logits"], atol=1e-5, rtol=1e-5)
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-        print(json.dumps(tok.decode(out[0])))
+        print(json.dumps(train_tok.decode(out[0])))
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == text
+    assert json.loads(run_without_package(script)) == text
 
 
-def test_lora_with_tied_encoders_trains(tok, rows, tmp_path):
-    trainer = lora_trainer(tok, rows, tmp_path, max_steps=2, tie_encoders=True)
+def test_lora_with_tied_encoders_trains(train_tok, rows, tmp_path):
+    trainer = lora_trainer(train_tok, rows, tmp_path, max_steps=2, tie_encoders=True)
     encoder = trainer.model.get_base_model().input_hyper_encoder
     before = [p.detach().clone() for p in encoder.modules_to_save.parameters()]
     trainer.train()
@@ -323,11 +315,11 @@ def test_lora_with_tied_encoders_trains(tok, rows, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() and not no_pickles(tmp_path / "adapter")
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tok, rows):
-    batch = Zip2ZipDataCollator(tok)([rows[i] for i in range(4)])
+def test_gradient_checkpointing_gives_the_same_gradients(train_tok, rows):
+    batch = Zip2ZipDataCollator(train_tok)([rows[i] for i in range(4)])
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(tok, seed=0)
+        model = tiny_model(train_tok, seed=0)
         torch.manual_seed(1)
         peft_model = prepare_model_for_training(
             model, default_lora_config(model, r=4), gradient_checkpointing=checkpointing
@@ -343,7 +335,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, rows):
 # ---------------------------------------------------------------------- TRL
 
 
-def test_trl_sft_trainer_with_our_tokenizer(tok, tmp_path):
+def test_trl_sft_trainer_with_our_tokenizer(train_tok, tmp_path):
     trl = pytest.importorskip("trl")
     from packaging.version import Version
 
@@ -351,7 +343,7 @@ def test_trl_sft_trainer_with_our_tokenizer(tok, tmp_path):
         pytest.skip("trl >= 1.15 replaces the LM head with a fused static one, which cannot score hypertokens")
     from trl import SFTConfig, SFTTrainer
 
-    model = tiny_model(tok, hidden=32)
+    model = tiny_model(train_tok, hidden=32)
     texts = datasets.Dataset.from_dict({"text": repetitive_texts(32, seed=5)})
     args = SFTConfig(
         output_dir=str(tmp_path),
@@ -367,10 +359,14 @@ def test_trl_sft_trainer_with_our_tokenizer(tok, tmp_path):
         disable_tqdm=True,
     )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=texts, processing_class=tok, peft_config=default_lora_config(model, r=4)
+        model=model,
+        args=args,
+        train_dataset=texts,
+        processing_class=train_tok,
+        peft_config=default_lora_config(model, r=4),
     )
     row = trainer.train_dataset[0]["input_ids"]
-    assert any(i >= tok.initial_vocab_size for i in row) and row[-1] == tok.eos_token_id
+    assert any(i >= train_tok.initial_vocab_size for i in row) and row[-1] == train_tok.eos_token_id
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .lzw import LZWCodec, setting
+from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS, LZWCodec, setting
 
 
 __all__ = ["Zip2ZipConfig"]
@@ -14,7 +14,8 @@ __all__ = ["Zip2ZipConfig"]
 ZIP2ZIP_FORMAT_VERSION = 1
 HYPER_ENCODERS = ("mean", "attention")
 POSITION_MODES = ("compressed", "base")
-# Settings a tokenizer and a model must agree on, or hyper ids mean different things to each.
+# Settings a tokenizer and a model must agree on, or hyper ids mean different things to each
+# (`LZWCodec.settings`).
 COMPRESSION_KEYS = ("initial_vocab_size", "max_codebook_size", "max_subtokens", "disabled_ids")
 
 
@@ -47,8 +48,8 @@ class Zip2ZipConfig(PretrainedConfig):
         self,
         text_config: PretrainedConfig | dict | None = None,
         initial_vocab_size: int | None = None,
-        max_codebook_size: int = 2048,
-        max_subtokens: int = 4,
+        max_codebook_size: int = DEFAULT_MAX_CODEBOOK_SIZE,
+        max_subtokens: int = DEFAULT_MAX_SUBTOKENS,
         disabled_ids: list[int] | tuple[int, ...] = (),
         pad_token_id: int | None = None,
         hyper_encoder: str = "attention",
@@ -118,7 +119,7 @@ class Zip2ZipConfig(PretrainedConfig):
         return LZWCodec(self.initial_vocab_size, self.max_codebook_size, self.max_subtokens, self.disabled_ids)
 
     def compression_settings(self) -> dict:
-        return {key: getattr(self, key) for key in COMPRESSION_KEYS}
+        return self.codec().settings()
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise ValueError when ``tokenizer`` compresses differently from this config."""

@@ -79,7 +79,7 @@ class Zip2ZipCompressor:
         self.max_codebook_size = int(tokenizer.max_codebook_size)
         self.max_subtokens = int(tokenizer.max_subtokens)
         self.disabled_ids = sorted(int(i) for i in tokenizer.disabled_ids)
-        prefix, suffix = (tokenizer._prefix_ids, tokenizer._suffix_ids) if add_special_tokens else ([], [])
+        prefix, suffix = tokenizer.special_affixes if add_special_tokens else ([], [])
         self.prefix_ids = [int(i) for i in prefix]
         self.suffix_ids = [int(i) for i in suffix]
         # EOS marks the end of a document (once, even if the post-processor already adds it).

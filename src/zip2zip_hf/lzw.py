@@ -40,7 +40,16 @@ from collections.abc import Iterable, Sequence
 from itertools import islice
 
 
-__all__ = ["MAX_CODEBOOK_SIZE", "MAX_SUBTOKENS", "Codebook", "LZWCodec", "LZWStream", "setting"]
+__all__ = [
+    "DEFAULT_MAX_CODEBOOK_SIZE",
+    "DEFAULT_MAX_SUBTOKENS",
+    "MAX_CODEBOOK_SIZE",
+    "MAX_SUBTOKENS",
+    "Codebook",
+    "LZWCodec",
+    "LZWStream",
+    "setting",
+]
 
 
 class Codebook:
@@ -128,6 +137,9 @@ class Codebook:
         return f"Codebook({self.to_dict()})"
 
 
+# The defaults of K and M wherever a user does not choose (the paper's main setting).
+DEFAULT_MAX_CODEBOOK_SIZE = 2048
+DEFAULT_MAX_SUBTOKENS = 4
 # Upper bounds on the settings, so that a typo fails here and not as a huge allocation later.
 # K: logits are V + K wide at every position, and a sequence creates at most one entry per base
 # token, so 2**20 entries already serve contexts of a million tokens (and cost 4 MiB of float32
@@ -210,6 +222,16 @@ class LZWCodec:
         self.max_codebook_size = max_codebook_size
         self.max_subtokens = max_subtokens
         self.disabled_ids = disabled
+
+    def settings(self) -> dict:
+        """``initial_vocab_size``, ``max_codebook_size``, ``max_subtokens`` and (sorted) ``disabled_ids``:
+        what a tokenizer and a model must agree on, under the names config and tokenizer use."""
+        return {
+            "initial_vocab_size": self.initial_vocab_size,
+            "max_codebook_size": self.max_codebook_size,
+            "max_subtokens": self.max_subtokens,
+            "disabled_ids": sorted(self.disabled_ids),
+        }
 
     @property
     def total_vocab_size(self) -> int:

@@ -35,12 +35,13 @@ from .configuration_zip2zip import COMPRESSION_KEYS, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_cache import ConsumedBlock, HyperState, Zip2ZipCache
 from .hyper_encoder import build_hyper_encoder
+from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 
 
-__all__ = ["Zip2ZipForCausalLM", "Zip2ZipPreTrainedModel"]
+__all__ = ["HYPER_ENCODER_NAMES", "Zip2ZipForCausalLM", "Zip2ZipPreTrainedModel"]
 
-# Weight names of the modules this class adds to the base model.
-_ENCODER_PREFIXES = ("input_hyper_encoder.", "output_hyper_encoder.")
+# The modules this class adds to the base model (attribute and weight-name prefix).
+HYPER_ENCODER_NAMES = ("input_hyper_encoder", "output_hyper_encoder")
 
 
 class Zip2ZipPreTrainedModel(PreTrainedModel):
@@ -62,11 +63,7 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
 
     def _hyper_encoder_modules(self) -> list[nn.Module]:
-        return [
-            m
-            for m in (getattr(self, "input_hyper_encoder", None), getattr(self, "output_hyper_encoder", None))
-            if m is not None
-        ]
+        return [m for m in (getattr(self, name, None) for name in HYPER_ENCODER_NAMES) if m is not None]
 
 
 class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
@@ -99,41 +96,27 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_base(
-        cls,
-        base_model: PreTrainedModel,
-        tokenizer,
-        hyper_encoder: str = "attention",
-        position_mode: str = "base",
-        tie_hyper_encoders: bool = False,
-        hyper_encoder_hidden_size: int | None = None,
-        hyper_encoder_num_layers: int = 1,
-        hyper_encoder_num_heads: int = 4,
-    ) -> Zip2ZipForCausalLM:
+    def from_base(cls, base_model: PreTrainedModel, tokenizer, **config_kwargs) -> Zip2ZipForCausalLM:
         """Wrap an already-loaded causal LM without changing its weights.
 
         Args:
             base_model: any Hugging Face ``*ForCausalLM``.
             tokenizer: the `Zip2ZipTokenizer` made from the base model's tokenizer; its compression
-                settings (V, K, M, disabled ids, pad) go into the config.
-            hyper_encoder: ``"attention"`` or ``"mean"``.
-            position_mode: ``"base"`` or ``"compressed"`` (see `Zip2ZipConfig`).
+                settings (V, K, M, disabled ids) and special ids go into the config.
+            config_kwargs: the other `Zip2ZipConfig` settings: ``hyper_encoder`` (``"attention"`` or
+                ``"mean"``), ``position_mode`` (``"base"`` or ``"compressed"``), ``tie_hyper_encoders``,
+                ``hyper_encoder_hidden_size`` / ``_num_layers`` / ``_num_heads``.
         """
+        clash = sorted(set(config_kwargs) & {*COMPRESSION_KEYS, "pad_token_id"})
+        if clash:
+            raise ValueError(f"{', '.join(clash)} come from the tokenizer: build it with the settings you want")
         config = Zip2ZipConfig(
             text_config=base_model.config,
-            initial_vocab_size=tokenizer.initial_vocab_size,
-            max_codebook_size=tokenizer.max_codebook_size,
-            max_subtokens=tokenizer.max_subtokens,
-            disabled_ids=tokenizer.disabled_ids,
+            **tokenizer.codec.settings(),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            hyper_encoder=hyper_encoder,
-            hyper_encoder_hidden_size=hyper_encoder_hidden_size,
-            hyper_encoder_num_layers=hyper_encoder_num_layers,
-            hyper_encoder_num_heads=hyper_encoder_num_heads,
-            tie_hyper_encoders=tie_hyper_encoders,
-            position_mode=position_mode,
+            **config_kwargs,
         )
         config.check_tokenizer(tokenizer)
         model = cls(config, base_model=base_model)
@@ -145,22 +128,27 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
 
     @classmethod
     def from_base_pretrained(
-        cls, pretrained_model_name_or_path: str, max_codebook_size: int = 2048, max_subtokens: int = 4, **kwargs
+        cls,
+        pretrained_model_name_or_path: str,
+        max_codebook_size: int = DEFAULT_MAX_CODEBOOK_SIZE,
+        max_subtokens: int = DEFAULT_MAX_SUBTOKENS,
+        **kwargs,
     ):
         """Load a base causal LM and its tokenizer, wrap both; return ``(model, tokenizer)``.
 
-        Keyword arguments of `from_base` are taken from ``kwargs``; the rest go to
-        ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
+        `Zip2ZipConfig` settings (``hyper_encoder``, ``position_mode``, ...) are taken from ``kwargs``
+        for `from_base`; the rest go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
+        ``device_map``, ...).
         """
         from .tokenization_zip2zip import Zip2ZipTokenizer
 
-        wrap_keys = set(inspect.signature(cls.from_base).parameters) - {"cls", "base_model", "tokenizer"}
-        wrap_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in wrap_keys}
+        config_keys = set(inspect.signature(Zip2ZipConfig.__init__).parameters) - {"self", "text_config", "kwargs"}
+        config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in config_keys}
         base_model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
         tokenizer = Zip2ZipTokenizer.from_base(
             pretrained_model_name_or_path, max_codebook_size=max_codebook_size, max_subtokens=max_subtokens
         )
-        return cls.from_base(base_model, tokenizer, **wrap_kwargs), tokenizer
+        return cls.from_base(base_model, tokenizer, **config_kwargs), tokenizer
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -171,7 +159,8 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
         problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
-        problems += [f"unexpected: {k}" for k in info.get("unexpected_keys", ()) if k.startswith(_ENCODER_PREFIXES)]
+        unexpected = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] in HYPER_ENCODER_NAMES]
+        problems += [f"unexpected: {k}" for k in unexpected]
         if problems:
             raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
         _check_saved_tokenizer(model.config, args[0] if args else kwargs.get("pretrained_model_name_or_path"))

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from transformers import BatchEncoding, PreTrainedTokenizer
 
 from ._compat import original_init_errors, tokenizer_init_kwargs
-from .lzw import Codebook, LZWCodec, setting
+from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS, Codebook, LZWCodec, setting
 
 
 __all__ = ["Zip2ZipTokenizer"]
@@ -172,8 +172,8 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
     def from_base(
         cls,
         base_tokenizer: Any,
-        max_codebook_size: int = 2048,
-        max_subtokens: int = 4,
+        max_codebook_size: int = DEFAULT_MAX_CODEBOOK_SIZE,
+        max_subtokens: int = DEFAULT_MAX_SUBTOKENS,
         **kwargs,
     ) -> Zip2ZipTokenizer:
         """Wrap a Hugging Face fast tokenizer (or the path/name of one) with LZW compression.
@@ -240,6 +240,11 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         """`PreTrainedTokenizer.from_pretrained`; a bad saved setting or file raises its own error."""
         with original_init_errors():
             return super().from_pretrained(*args, **kwargs)
+
+    @property
+    def special_affixes(self) -> tuple[list[int], list[int]]:
+        """The ids the base tokenizer's post-processor puts before and after one sequence (e.g. BOS, EOS)."""
+        return list(self._prefix_ids), list(self._suffix_ids)
 
     @property
     def base_tokenizer(self) -> Tokenizer:

@@ -28,10 +28,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
 from ._compat import checkpointing_arguments, enable_activation_checkpointing
+from .modeling_zip2zip import HYPER_ENCODER_NAMES
 
 
 __all__ = [
-    "HYPER_ENCODER_MODULES",
     "CompressionLoggingCallback",
     "bf16_available",
     "default_lora_config",
@@ -40,9 +40,6 @@ __all__ = [
     "prepare_model_for_training",
     "training_arguments",
 ]
-
-# Trained fully (PEFT `modules_to_save`), never given LoRA adapters.
-HYPER_ENCODER_MODULES = ("input_hyper_encoder", "output_hyper_encoder")
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -108,10 +105,10 @@ def default_lora_config(
     if target_modules is None:
         target_modules = lora_target_modules(model)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    encoders = [name for name in HYPER_ENCODER_MODULES if getattr(inner, name, None) is not None]
+    encoders = [name for name in HYPER_ENCODER_NAMES if getattr(inner, name, None) is not None]
     kwargs.setdefault("modules_to_save", list(encoders) if train_hyper_encoders else None)
     # A regex over full module names: the encoders and everything inside them.
-    kwargs.setdefault("exclude_modules", rf"(?:.*\.)?(?:{'|'.join(HYPER_ENCODER_MODULES)})(?:\..*)?")
+    kwargs.setdefault("exclude_modules", rf"(?:.*\.)?(?:{'|'.join(HYPER_ENCODER_NAMES)})(?:\..*)?")
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=r,

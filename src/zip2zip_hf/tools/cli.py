@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .demo import add_demo_arguments, run_demo
 from .report import DEFAULT_MAX_BYTES, CLIError, describe, load_tokenizer, read_text_file, stats_table
 
@@ -62,10 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
             dest="max_codebook_size",
             type=at_least(0),
             metavar="K",
-            help="hypertokens per sequence (default 2048)",
+            help=f"hypertokens per sequence (default {DEFAULT_MAX_CODEBOOK_SIZE})",
         )
         command.add_argument(
-            "-M", dest="max_subtokens", type=at_least(1), metavar="M", help="base tokens per hypertoken (default 4)"
+            "-M",
+            dest="max_subtokens",
+            type=at_least(1),
+            metavar="M",
+            help=f"base tokens per hypertoken (default {DEFAULT_MAX_SUBTOKENS})",
         )
 
     compress = commands.add_parser("compress", help="compression statistics of text files")

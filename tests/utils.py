@@ -1,0 +1,208 @@
+"""Helpers shared by the tests: tiny models and tokenizers built in code, stdlib text, left padding,
+logits comparison, and running a script where zip2zip_hf cannot be imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
+
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def stdlib_text(max_chars: int = 400_000) -> str:
+    """Real Python source every interpreter ships: our corpus for tokenizers and compression."""
+    parts, total = [], 0
+    for path in sorted(STDLIB.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "".join(parts)[:max_chars]
+
+
+def tiny_causal_lm_config(arch: str, vocab_size: int, hidden: int = 32, positions: int = 512, tie: bool = False, **kw):
+    """Config of a tiny random Llama, Qwen2 or GPT-2 (2 layers, 4 heads)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, **kw)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=positions, **common)
+    decoders = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    if arch not in decoders:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    return decoders[arch](
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        **common,
+    )
+
+
+def build_tiny_base_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained in memory on stdlib sources, wrapped as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = stdlib_text(200_000)
+    tokenizer.train_from_iterator((text[i : i + 2000] for i in range(0, len(text), 2000)), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_tiny_base_model(folder, seed: int = 0):
+    """A tiny random Llama and the tiny tokenizer saved as a plain HF folder (a stand-in base model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tiny_base_tokenizer()
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = tiny_causal_lm_config("llama", len(tokenizer), positions=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+V = 300  # tokenizer length; the base models below have V (or more) embedding rows
+K, M = 64, 3
+PAD = 0
+DISABLED = [0, 1]
+
+
+def tiny_base(arch: str, tie: bool = False, rows: int = V):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_causal_lm_config(arch, rows, tie=tie)).eval()
+
+
+def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=False, max_codebook_size=K):
+    config = Zip2ZipConfig(
+        text_config=base.config,
+        initial_vocab_size=V,
+        max_codebook_size=max_codebook_size,
+        max_subtokens=M,
+        disabled_ids=DISABLED,
+        pad_token_id=PAD,
+        hyper_encoder=hyper_encoder,
+        hyper_encoder_num_heads=2,
+        tie_hyper_encoders=tie_encoders,
+        position_mode=position_mode,
+    )
+    return perturb_hyper_encoders(Zip2ZipForCausalLM(config, base_model=base).eval(), seed=1)
+
+
+def perturb_hyper_encoders(model, seed: int | None = None, scale: float = 0.2):
+    """Add noise to the encoders' weights: a fresh encoder is an exact average, so entries such as
+    ``[a, a]`` and ``[a, a, a]`` would tie exactly and hide mix-ups between them."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "hyper_encoder" in name:
+                param.add_(torch.randn_like(param) * scale)
+    return model
+
+
+def repetitive_ids(seed: int, length: int) -> list[int]:
+    """Base ids with many repeats, so LZW installs and reuses plenty of hypertokens."""
+    g = torch.Generator().manual_seed(seed)
+    motifs = [
+        torch.randint(2, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist() for _ in range(4)
+    ]
+    ids = []
+    while len(ids) < length:
+        ids += motifs[int(torch.randint(0, 4, (1,), generator=g))]
+        if torch.rand(1, generator=g) < 0.1:
+            ids.append(1)  # a disabled id in the middle
+    return ids[:length]
+
+
+def compressed(seed: int, length: int) -> list[int]:
+    return LZWCodec(V, K, M, DISABLED).encode(repetitive_ids(seed, length))[0]
+
+
+def left_pad(rows: list[list[int]]):
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def step_by_step_logits(model, ids, mask, first: int = 1):
+    """Feed ``first`` ids, then one id per call with the KV cache; return the logits of every position."""
+    out = model(input_ids=ids[:, :first], attention_mask=mask[:, :first], use_cache=True)
+    logits, cache = [out.logits], out.past_key_values
+    for t in range(first, ids.shape[1]):
+        out = model(
+            input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True
+        )
+        logits.append(out.logits)
+        cache = out.past_key_values
+    return torch.cat(logits, dim=1)
+
+
+def assert_same_logits(a, b, mask=None, atol=1e-4):
+    if mask is not None:
+        a, b = a[mask.bool()], b[mask.bool()]
+    assert torch.equal(torch.isinf(a), torch.isinf(b)), "different legal sets"
+    finite = torch.isfinite(a)
+    torch.testing.assert_close(a[finite], b[finite], atol=atol, rtol=1e-4)
+
+
+CODE_PROMPT = "def area(width, height):\n    return width * height\n\n"
+CODE_CONTINUATION = (
+    "def perimeter(width, height):\n    return 2 * (width + height)\n\n"
+    "def volume(width, height, depth):\n    return width * height * depth\n\n"
+    "def surface(width, height, depth):\n    return 2 * (width * height + width * depth + height * depth)\n"
+)
+
+
+# Prepended to every script `run_without_package` runs: the checkpoint's own code must do everything.
+_BLOCK_PACKAGE = "import sys\nsys.modules['zip2zip_hf'] = None  # importing zip2zip_hf now fails\n"
+
+
+def run_without_package(script: str, *args: str, timeout: int = 300) -> str:
+    """Run ``script`` (with ``args``) in a fresh interpreter where zip2zip_hf cannot be imported, with
+    its own empty remote-code cache; return the last line it printed (a failure fails the test)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="zip2zip-remote-")
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", _BLOCK_PACKAGE + script, *args],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    return done.stdout.strip().splitlines()[-1]
