@@ -6,6 +6,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from utils import CODE_CONTINUATION, CODE_PROMPT, DISABLED, PAD, STDLIB, K, M, V, compressed, left_pad, tiny_base, wrap
 from zip2zip_hf import LZWCodec
+from zip2zip_hf.generation_zip2zip import Zip2ZipGenerateBeamOutput, Zip2ZipGenerateOutput
 from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
 
 
@@ -42,7 +43,15 @@ def test_greedy_equals_hand_written_loop_and_codebook_is_canonical(model):
         assert generated == greedy_by_hand(model, row, 12)
     assert any(i >= V for i in generated), "the random model should write hypertokens"
     base_ids, codebook = CODEC.decode(row + generated)
+    assert isinstance(out, Zip2ZipGenerateOutput)
     assert out.codebooks[0] == codebook.to_dict() == CODEC.encode(base_ids)[1].to_dict()
+
+
+def test_beam_output_is_typed_and_carries_codebooks(model):
+    row = compressed(27, 45)
+    out = generate(model, torch.tensor([row]), num_beams=2, return_hypertokens=True, return_dict_in_generate=True)
+    assert isinstance(out, Zip2ZipGenerateBeamOutput)
+    assert out.codebooks[0] == CODEC.decode(out.sequences[0].tolist())[1].to_dict()
 
 
 def test_output_is_prompt_then_base_ids(model):

@@ -292,9 +292,11 @@ def test_decode_options(tok):
     assert tok.decode(ids, clean_up_tokenization_spaces=True) == "hello, world. <|endoftext|> hello hello"
     assert tok.decode(ids[0]) == "h"
     assert tok.decode([ids, ids[:3]]) == [text, tok.decode(ids[:3])]
-    text_again, codebook = tok.decode(ids, return_codebook=True)
+    text_again, codebook = tok.decode_with_codebook(ids)
     assert text_again == text and isinstance(codebook, Codebook)
     assert codebook == tok.codec.encode(tok.base_ids([text])[0])[1]
+    with pytest.raises(TypeError, match="decode_with_codebook"):
+        tok.decode(ids, return_codebook=True)
 
 
 def test_decode_rejects_illegal_ids(tok):

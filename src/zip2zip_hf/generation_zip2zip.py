@@ -16,17 +16,19 @@ What this mixin adds is the boundary with code that only knows base ids:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, StoppingCriteria
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.streamers import BaseStreamer
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from ._compat import beam_search_vocab_size, check_generation_internals
 from .lzw import LZWCodec, LZWStream
 
 
-__all__ = ["StopStringsOnText", "Zip2ZipGenerationMixin"]
+__all__ = ["StopStringsOnText", "Zip2ZipGenerateBeamOutput", "Zip2ZipGenerateOutput", "Zip2ZipGenerationMixin"]
 
 
 # The modes whose loop only reorders, repeats or selects cache rows, which the codebooks follow.
@@ -52,13 +54,14 @@ class Zip2ZipGenerationMixin(GenerationMixin):
 
         Args:
             return_hypertokens: return the raw compressed ids instead of expanding the generated
-                part to base ids. With ``return_dict_in_generate=True`` the output also carries
-                ``codebooks``, one ``{hyper_id: [base ids]}`` dict per row.
+                part to base ids.
 
         Returns:
             Like `GenerationMixin.generate`. ``sequences[:, :n_prompt]`` are the prompt ids
             unchanged; the rest is the generated part in base ids, right-padded with the pad id.
-            Scores and logits, when requested, stay one per model step and ``V + K`` wide.
+            Scores and logits, when requested, stay one per model step and ``V + K`` wide. With
+            ``return_dict_in_generate=True``, a `Zip2ZipGenerateOutput` (`Zip2ZipGenerateBeamOutput`
+            for beams) that also carries ``codebooks``, one ``{hyper_id: [base ids]}`` per row.
         """
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
@@ -81,7 +84,7 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             tails.append(tail)
             streams.append(stream)
         if not isinstance(output, torch.Tensor):
-            output.codebooks = [stream.codebook.to_dict() for stream in streams]
+            output = _with_codebooks(output, [stream.codebook.to_dict() for stream in streams])
         if return_hypertokens:
             return output
         expanded = _with_tails(input_ids.to(sequences.device), tails, self._pad_id(generation_config, kwargs))
@@ -144,6 +147,26 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, tokenizer, **kwargs)
         criteria.append(StopStringsOnText(stop_strings, tokenizer, self.codec))
         return criteria
+
+
+@dataclass
+class Zip2ZipGenerateOutput(GenerateDecoderOnlyOutput):
+    """`GenerateDecoderOnlyOutput` plus ``codebooks``: per row, ``{hyper_id: [base ids]}``."""
+
+    codebooks: list[dict[int, list[int]]] | None = None
+
+
+@dataclass
+class Zip2ZipGenerateBeamOutput(GenerateBeamDecoderOnlyOutput):
+    """`GenerateBeamDecoderOnlyOutput` plus ``codebooks``: per row, ``{hyper_id: [base ids]}``."""
+
+    codebooks: list[dict[int, list[int]]] | None = None
+
+
+def _with_codebooks(output, codebooks: list[dict[int, list[int]]]):
+    """The generate output as our typed subclass of its class, carrying the rows' codebooks."""
+    typed = Zip2ZipGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput) else Zip2ZipGenerateOutput
+    return typed(**output, codebooks=codebooks)
 
 
 class _PromptStreams:

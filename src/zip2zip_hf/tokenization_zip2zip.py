@@ -506,31 +506,34 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         token_ids: Any,
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
-        return_codebook: bool = False,
         **kwargs,
-    ) -> str | tuple[str, Codebook] | list:
+    ) -> str | list[str]:
         """Text of compressed ids: LZW-decoded from the sequence start, then decoded by the base tokenizer.
 
-        A list of sequences gives a list of texts. ``return_codebook=True`` returns ``(text, codebook)``
-        (a list of such pairs for a batch).
+        A list of sequences gives a list of texts; `decode_with_codebook` also returns the codebook.
 
         Raises:
             ValueError: an id that is not legal at its position (e.g. a hypertoken not created yet,
                 as happens when decoding a slice that does not start at the sequence start).
         """
+        if "return_codebook" in kwargs:
+            raise TypeError("decode() no longer takes return_codebook: use decode_with_codebook()")
         ids = _as_id_list(token_ids)
         if ids and isinstance(ids[0], (list, tuple)):
-            return [
-                self.decode(row, skip_special_tokens, clean_up_tokenization_spaces, return_codebook, **kwargs)
-                for row in ids
-            ]
-        base_ids, codebook = self.codec.decode(ids)
+            return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
+        return self.decode_with_codebook(ids, skip_special_tokens, clean_up_tokenization_spaces)[0]
+
+    def decode_with_codebook(
+        self, token_ids: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None
+    ) -> tuple[str, Codebook]:
+        """`decode` of one sequence, and the codebook its ids built (the canonical one of its text)."""
+        base_ids, codebook = self.codec.decode(_as_id_list(token_ids))
         text = self._base.decode(base_ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         if clean_up_tokenization_spaces:
             text = self.clean_up_tokenization(text)
-        return (text, codebook) if return_codebook else text
+        return text, codebook
 
     def _decode(
         self,
