@@ -16,20 +16,12 @@ many base tokens. Throughput is base tokens per second, median of ``--repeats`` 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
-import sysconfig
-import time
 from functools import partial
-from pathlib import Path
 
+from _common import STDLIB, alternating_medians, markdown_table, smollm2
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from zip2zip_hf.lzw import LZWCodec  # noqa: E402
+from zip2zip_hf.lzw import LZWCodec
 
 
 K, M = 2048, 4
@@ -38,9 +30,7 @@ K, M = 2048, 4
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    from zip2zip_hf.tools.smollm2 import smollm2_path
-
-    return AutoTokenizer.from_pretrained(smollm2_path(weights=False))
+    return AutoTokenizer.from_pretrained(smollm2(weights=False))
 
 
 def special_ids(tokenizer) -> list[int]:
@@ -49,9 +39,8 @@ def special_ids(tokenizer) -> list[int]:
 
 
 def stdlib_tokens(tokenizer, n_tokens: int, separator: int) -> list[int]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     ids: list[int] = []
-    for path in sorted(stdlib.rglob("*.py")):
+    for path in sorted(STDLIB.rglob("*.py")):
         text = path.read_text(encoding="utf-8", errors="replace")
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.append(separator)
@@ -65,18 +54,6 @@ def stdlib_tokens(tokenizer, n_tokens: int, separator: int) -> list[int]:
 def each(fn, sequences: list[list[int]]) -> list:
     """One call per window, each with a fresh codebook: what a data pipeline does."""
     return [fn(sequence) for sequence in sequences]
-
-
-def median_seconds(functions: list, repeats: int) -> list[float]:
-    """Median wall time of each function. Runs alternate (a, b, a, b, ...) so that a change in the
-    machine's load during the run hits both sides of a comparison alike."""
-    times: list[list[float]] = [[] for _ in functions]
-    for _ in range(repeats):
-        for fn, record in zip(functions, times):
-            start = time.perf_counter()
-            fn()
-            record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
 
 
 def main() -> None:
@@ -105,11 +82,9 @@ def main() -> None:
         f"{n:,} tokens of CPython {sys.version.split()[0]} stdlib source, SmolLM2 tokenizer (V={V}), "
         f"K={K}, M={M}, {len(disabled)} disabled ids; median of {args.repeats} runs, M tokens/s\n"
     )
-    print(
-        "| data | split | base tokens per code | ours encode | ref encode | ours/ref "
-        "| ours decode | ref decode | ours/ref |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    headers = ("data", "split", "base tokens per code", "ours encode", "ref encode", "ours/ref")
+    headers += ("ours decode", "ref decode", "ours/ref")
+    rows = []
     for split in ("stream", 4096, 1024):
         size = n if split == "stream" else split
         windows = [ids[i : i + size] for i in range(0, n, size)]
@@ -120,35 +95,28 @@ def main() -> None:
         for window, (c, cb) in zip(windows, encoded):
             base, decoded_cb = codec.decode(c)
             assert base == window and decoded_cb == cb
-        ref_enc = ref_dec = None
-        if reference is None:
-            encode_times = median_seconds([partial(each, codec.encode, windows)], args.repeats)
-            decode_times = median_seconds([partial(each, codec.decode, codes)], args.repeats)
-        else:
+        encoders, decoders = [partial(each, codec.encode, windows)], [partial(each, codec.decode, codes)]
+        if reference is not None:
             for window, (c, cb) in zip(windows, encoded):
                 ref_codes, _, ref_cb = reference.encode(window)
                 assert ref_codes == c and ref_cb.to_dict() == cb.to_dict(), "disagrees with the reference codec"
-            encode_times = median_seconds(
-                [partial(each, codec.encode, windows), partial(each, reference.encode, windows)], args.repeats
-            )
-            decode_times = median_seconds(
-                [partial(each, codec.decode, codes), partial(each, reference.decode, codes)], args.repeats
-            )
-            ref_enc, ref_dec = n / encode_times[1] / 1e6, n / decode_times[1] / 1e6
-        ours_enc, ours_dec = n / encode_times[0] / 1e6, n / decode_times[0] / 1e6
-
-        def cell(x):
-            return "n/a" if x is None else f"{x:.2f}"
-
-        def ratio(a, b):
-            return "n/a" if b is None else f"{a / b:.2f}x"
-
+            encoders.append(partial(each, reference.encode, windows))
+            decoders.append(partial(each, reference.decode, codes))
+        # Tokens per second in millions; None where the reference is not installed.
+        encode = [n / t / 1e6 for t in alternating_medians(encoders, args.repeats)] + [None]
+        decode = [n / t / 1e6 for t in alternating_medians(decoders, args.repeats)] + [None]
         label = "one stream" if split == "stream" else f"{split}-token windows"
-        print(
-            f"| stdlib .py | {label} | {n / n_codes:.3f} "
-            f"| {cell(ours_enc)} | {cell(ref_enc)} | {ratio(ours_enc, ref_enc)} "
-            f"| {cell(ours_dec)} | {cell(ref_dec)} | {ratio(ours_dec, ref_dec)} |"
+        rows.append(
+            ("stdlib .py", label, f"{n / n_codes:.3f}", *cells(encode[0], encode[1]), *cells(decode[0], decode[1]))
         )
+    print(markdown_table(headers, rows, numeric_from=2))
+
+
+def cells(ours: float, reference: float | None) -> tuple[str, str, str]:
+    """Ours, the reference and their ratio, as table cells."""
+    if reference is None:
+        return f"{ours:.2f}", "n/a", "n/a"
+    return f"{ours:.2f}", f"{reference:.2f}", f"{ours / reference:.2f}x"
 
 
 if __name__ == "__main__":

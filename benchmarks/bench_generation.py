@@ -26,13 +26,11 @@ import io
 import os
 import pstats
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 
+from _common import STDLIB, markdown_table, smollm2, timed
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROMPT_TOKENS = 256
 CONTINUATION_TOKENS = 320
@@ -42,8 +40,7 @@ def texts() -> dict[str, str]:
     """Real text every Python ships: stdlib source (code) and the language reference (English prose)."""
     import pydoc_data.topics
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    code = (stdlib / "argparse.py").read_text(encoding="utf-8")
+    code = (STDLIB / "argparse.py").read_text(encoding="utf-8")
     start = code.index("class HelpFormatter(")
     prose = pydoc_data.topics.topics["assignment"] + pydoc_data.topics.topics["execmodel"]
     return {"code (argparse.py)": code[start:], "prose (language reference)": prose}
@@ -97,11 +94,9 @@ def run(model, prompt: list[int], forced: list[int], zip2zip: bool):
         attention_mask=torch.ones_like(input_ids),
         pad_token_id=model.generation_config.pad_token_id or 0,
     )
-    start = time.perf_counter()
     if zip2zip:
         kwargs["return_hypertokens"] = True
-    out = model.generate(input_ids, **kwargs)
-    elapsed = time.perf_counter() - start
+    elapsed, out = timed(model.generate, input_ids, **kwargs)
     assert out[0, len(prompt) :].tolist() == forced, "the model did not write the forced ids"
     return elapsed
 
@@ -138,7 +133,7 @@ def breakdown(model, prompt, forced) -> str:
 
     totals: dict[str, float] = {}
 
-    def timed(name, function):
+    def with_timer(name, function):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
@@ -159,7 +154,7 @@ def breakdown(model, prompt, forced) -> str:
     ]
     saved = [(owner, attr, owner.__dict__.get(attr)) for owner, attr, _ in patches]
     for owner, attr, name in patches:
-        setattr(owner, attr, timed(name, getattr(owner, attr)))
+        setattr(owner, attr, with_timer(name, getattr(owner, attr)))
     original_generate = model.generate
     try:
         start = time.perf_counter()
@@ -193,12 +188,11 @@ def main() -> None:
     import torch
 
     from zip2zip_hf import Zip2ZipForCausalLM
-    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tok = Zip2ZipForCausalLM.from_base_pretrained(str(smollm2_path()), max_codebook_size=2048, max_subtokens=4)
+    model, tok = Zip2ZipForCausalLM.from_base_pretrained(smollm2(), max_codebook_size=2048, max_subtokens=4)
     model.eval()
     base = model.model  # the very same weights, as a plain HF model
     cases = make_cases(tok, args.prompt_tokens, args.continuation_tokens)
@@ -226,17 +220,25 @@ def main() -> None:
         f"{args.prompt_tokens}-token prompt, {args.continuation_tokens}-token forced continuation, "
         f"median of {args.repeats}; load average before: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f}\n"
     )
-    print("| text | model | steps | wall (s) | ms / step | bytes / s | zip2zip / base (bytes/s) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    rows = []
     for name, case in cases.items():
         for variant in ("base", "zip2zip"):
             steps = len(case[variant][1])
             wall = results[name][variant]
             ratio = results[name]["base"] / results[name]["zip2zip"]
-            print(
-                f"| {name} | {variant} | {steps} | {wall:.2f} | {wall / steps * 1e3:.1f} | "
-                f"{case['bytes'] / wall:.0f} | {f'{ratio:.2f}x' if variant == 'zip2zip' else ''} |"
+            rows.append(
+                (
+                    name,
+                    variant,
+                    steps,
+                    f"{wall:.2f}",
+                    f"{wall / steps * 1e3:.1f}",
+                    f"{case['bytes'] / wall:.0f}",
+                    f"{ratio:.2f}x" if variant == "zip2zip" else "",
+                )
             )
+    headers = ("text", "model", "steps", "wall (s)", "ms / step", "bytes / s", "zip2zip / base (bytes/s)")
+    print(markdown_table(headers, rows, numeric_from=2))
     sizes = [f"{n}: {c['bytes']} bytes, {c['base_tokens']} base tokens" for n, c in cases.items()]
     print(f"\n({'; '.join(sizes)})")
 

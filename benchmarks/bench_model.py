@@ -15,16 +15,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import sysconfig
-import time
-from pathlib import Path
+
+from _common import STDLIB, markdown_table, smollm2, timed
 
 
 def real_text(min_chars: int = 60_000) -> str:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     parts, total = [], 0
     for name in ("argparse.py", "dataclasses.py", "functools.py", "inspect.py"):
-        text = (stdlib / name).read_text(encoding="utf-8")
+        text = (STDLIB / name).read_text(encoding="utf-8")
         parts.append(text)
         total += len(text)
         if total >= min_chars:
@@ -37,10 +35,9 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
-    from zip2zip_hf.tools.smollm2 import smollm2_path
 
     torch.manual_seed(0)
-    path = smollm2_path()
+    path = smollm2()
     base_tokenizer = AutoTokenizer.from_pretrained(path)
     base_ids = base_tokenizer(real_text(), add_special_tokens=False)["input_ids"][: prompt_tokens + 4 * steps]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -57,15 +54,13 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
     prefill_times, step_times = [], []
     with torch.inference_mode():
         for _ in range(repeats):
-            start = time.perf_counter()
-            out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-            prefill_times.append(time.perf_counter() - start)
-            cache = out.past_key_values
+            seconds, out = timed(model, input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+            prefill_times.append(seconds)
             for next_id in continuation:
-                start = time.perf_counter()
-                out = model(input_ids=torch.tensor([[next_id]]), past_key_values=cache, use_cache=True)
-                step_times.append(time.perf_counter() - start)
-                cache = out.past_key_values
+                seconds, out = timed(
+                    model, input_ids=torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True
+                )
+                step_times.append(seconds)
     return {
         "positions": len(prompt),
         "prefill_s": statistics.median(prefill_times),
@@ -105,22 +100,18 @@ def main() -> None:
         f"SmolLM2-135M, CPU, {args.prompt_tokens}-base-token prompt of Python source, K=2048, M=4, "
         f"median of {args.repeats} repeats ({args.steps} steps each)\n"
     )
-    print("| measure | base | zip2zip | zip2zip / base |")
-    print("|---|---:|---:|---:|")
     positions = (base["positions"], ours["positions"])
-    print(f"| prompt positions | {positions[0]} | {positions[1]} | {positions[1] / positions[0]:.2f} |")
-    print(
-        f"| prefill (ms) | {base['prefill_s'] * 1e3:.1f} | {ours['prefill_s'] * 1e3:.1f} | "
-        f"{ours['prefill_s'] / base['prefill_s']:.2f} |"
-    )
-    print(
-        f"| one decoding step (ms) | {base['step_s'] * 1e3:.2f} | {ours['step_s'] * 1e3:.2f} | "
-        f"{ours['step_s'] / base['step_s']:.2f} |"
-    )
-    print(
-        f"| peak RSS (MB) | {base['peak_rss_mb']:.0f} | {ours['peak_rss_mb']:.0f} | "
-        f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f} |"
-    )
+    rows = [
+        ("prompt positions", *positions, f"{positions[1] / positions[0]:.2f}"),
+        ("prefill (ms)", *(f"{r['prefill_s'] * 1e3:.1f}" for r in (base, ours)), ratio(base, ours, "prefill_s")),
+        ("one decoding step (ms)", *(f"{r['step_s'] * 1e3:.2f}" for r in (base, ours)), ratio(base, ours, "step_s")),
+        ("peak RSS (MB)", *(f"{r['peak_rss_mb']:.0f}" for r in (base, ours)), ratio(base, ours, "peak_rss_mb")),
+    ]
+    print(markdown_table(("measure", "base", "zip2zip", "zip2zip / base"), rows))
+
+
+def ratio(base: dict, ours: dict, key: str) -> str:
+    return f"{ours[key] / base[key]:.2f}"
 
 
 if __name__ == "__main__":

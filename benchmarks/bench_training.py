@@ -19,23 +19,9 @@ import os
 import platform
 import statistics
 import sys
-import sysconfig
-import time
-from pathlib import Path
 
 import torch
-
-
-def stdlib_texts(limit_chars: int) -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts.append(text)
-        total += len(text)
-        if total >= limit_chars:
-            break
-    return texts
+from _common import markdown_table, smollm2, stdlib_sources, timed
 
 
 def base_rows(tokenizer, texts: list[str], length: int) -> list[tuple[list[int], int]]:
@@ -88,14 +74,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.model
-    if path is None:
-        from zip2zip_hf.tools.smollm2 import smollm2_path
-
-        path = str(smollm2_path())
+    path = args.model or smollm2()
     tokenizer = Zip2ZipTokenizer.from_base(path, padding_side="right")
     n_rows = args.batch_size * (args.steps + args.warmup)
-    texts = stdlib_texts(400_000)
+    texts = stdlib_sources(400_000)
     z_rows = zip2zip_rows(tokenizer, texts, args.max_length)[:n_rows]
     b_rows = base_rows(tokenizer, texts, args.max_length)[:n_rows]
     if len(z_rows) < n_rows or len(b_rows) < n_rows:
@@ -119,14 +101,17 @@ def main(argv=None) -> int:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         runs[name] = dict(model=model, optimizer=optimizer, batches=list(batches(rows)), times=[], bytes=[], losses=[])
 
-    def step(run, i):
-        batch, n_bytes = run["batches"][i]
-        start = time.perf_counter()
+    def train_step(run, batch) -> float:
         loss = run["model"](**batch).loss
         loss.backward()
         run["optimizer"].step()
         run["optimizer"].zero_grad(set_to_none=True)
-        return time.perf_counter() - start, n_bytes, float(loss)
+        return float(loss)
+
+    def step(run, i):
+        batch, n_bytes = run["batches"][i]
+        seconds, loss = timed(train_step, run, batch)
+        return seconds, n_bytes, loss
 
     load_before = os.getloadavg()
     for i in range(args.warmup + args.steps):
@@ -147,16 +132,21 @@ def main(argv=None) -> int:
         f"base for plain), LoRA r={args.lora_r}, fp32, {args.steps} timed steps each after {args.warmup} warm-up."
     )
     print(f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores\n")
-    print("| run | median s/step | bytes/step (median) | bytes/s (median) | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    rates = {}
-    for name, run in runs.items():
-        rates[name] = statistics.median(b / t for b, t in zip(run["bytes"], run["times"], strict=True))
-    for name, run in runs.items():
-        print(
-            f"| {name} | {statistics.median(run['times']):.2f} | {statistics.median(run['bytes']):.0f} | "
-            f"{rates[name]:.0f} | {rates[name] / rates['plain LoRA']:.2f}x |"
+    rates = {
+        name: statistics.median(b / t for b, t in zip(run["bytes"], run["times"], strict=True))
+        for name, run in runs.items()
+    }
+    rows = [
+        (
+            name,
+            f"{statistics.median(run['times']):.2f}",
+            f"{statistics.median(run['bytes']):.0f}",
+            f"{rates[name]:.0f}",
+            f"{rates[name] / rates['plain LoRA']:.2f}x",
         )
+        for name, run in runs.items()
+    ]
+    print(markdown_table(("run", "median s/step", "bytes/step (median)", "bytes/s (median)", "ratio"), rows))
     return 0
 
 
