@@ -28,7 +28,13 @@ from ._compat import beam_search_vocab_size, check_generation_internals
 from .lzw import LZWCodec, LZWStream
 
 
-__all__ = ["StopStringsOnText", "Zip2ZipGenerateBeamOutput", "Zip2ZipGenerateOutput", "Zip2ZipGenerationMixin"]
+__all__ = [
+    "PromptStreams",
+    "StopStringsOnText",
+    "Zip2ZipGenerateBeamOutput",
+    "Zip2ZipGenerateOutput",
+    "Zip2ZipGenerationMixin",
+]
 
 
 # The modes whose loop only reorders, repeats or selects cache rows, which the codebooks follow.
@@ -75,10 +81,11 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             streamer = _BaseIdStreamer(streamer, self.codec)
         output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        prompts = _PromptStreams(self.codec, input_ids, attention_mask)
+        prompts = _real_prompts(input_ids, attention_mask)
+        after_prompt = PromptStreams(self.codec)
         tails, streams = [], []
         for row in range(len(sequences)):
-            stream = prompts.stream_for(row, len(sequences))
+            stream = after_prompt.start(prompts[row * len(prompts) // len(sequences)])  # rows grouped by prompt
             tail: list[int] = []
             stream.feed(sequences[row, input_ids.shape[1] :].tolist(), out=tail)
             tails.append(tail)
@@ -169,26 +176,33 @@ def _with_codebooks(output, codebooks: list[dict[int, list[int]]]):
     return typed(**output, codebooks=codebooks)
 
 
-class _PromptStreams:
-    """LZW streams of the prompts, built once and copied for every generated row of a prompt."""
+class PromptStreams:
+    """The one place generation rebuilds a row's codebook from its prompt.
 
-    def __init__(self, codec: LZWCodec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    The LZW stream after each distinct prompt is built once; every row that grows from that prompt
+    (``num_return_sequences``, beams, a stopping criterion's per-step rows) starts from its own copy
+    and is fed the ids written after the prompt.
+    """
+
+    def __init__(self, codec: LZWCodec):
         self.codec = codec
-        self.input_ids = input_ids.tolist()
-        self.mask = attention_mask.tolist() if attention_mask is not None else None
-        self._streams: dict[int, LZWStream] = {}
+        self._after: dict[tuple[int, ...], LZWStream] = {}
 
-    def stream_for(self, row: int, num_rows: int) -> LZWStream:
-        """A fresh copy of the stream of the prompt behind output row ``row`` (of ``num_rows``)."""
-        prompt = row * len(self.input_ids) // num_rows  # rows are grouped by prompt
-        if prompt not in self._streams:
-            ids = self.input_ids[prompt]
-            if self.mask is not None:
-                ids = [i for i, keep in zip(ids, self.mask[prompt], strict=True) if keep]
-            stream = self.codec.stream()
-            stream.feed(ids)
-            self._streams[prompt] = stream
-        return self._streams[prompt].copy()
+    def start(self, prompt: list[int]) -> LZWStream:
+        """A fresh stream that has read ``prompt`` (compressed ids)."""
+        key = tuple(prompt)
+        if key not in self._after:
+            self._after[key] = self.codec.stream()
+            self._after[key].feed(key)
+        return self._after[key].copy()
+
+
+def _real_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """Each prompt's ids without its padding."""
+    rows = input_ids.tolist()
+    if attention_mask is None:
+        return rows
+    return [[i for i, keep in zip(row, mask, strict=True) if keep] for row, mask in zip(rows, attention_mask.tolist())]
 
 
 def _with_tails(prompt_ids: torch.Tensor, tails: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -244,10 +258,9 @@ class StopStringsOnText(StoppingCriteria):
     def __init__(self, stop_strings: str | list[str], tokenizer, codec: LZWCodec):
         self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         self.tokenizer = tokenizer
-        self.codec = codec
         self.prompt_length: int | None = None
         self._lookback = 4 * max((len(s) for s in self.stop_strings), default=0) + self._MARGIN
-        self._prompt_streams: dict[tuple[int, ...], LZWStream] = {}
+        self._prompts = PromptStreams(codec)
         self._rows: dict[tuple[int, ...], tuple[LZWStream, list[int]]] = {}
 
     def _decode_base(self, base_ids: list[int]) -> str:
@@ -258,11 +271,7 @@ class StopStringsOnText(StoppingCriteria):
 
     def _fresh(self, row: list[int]) -> tuple[LZWStream, list[int]]:
         """The state of ``row`` (without its last id) rebuilt from its prompt."""
-        prompt = tuple(row[: self.prompt_length])
-        if prompt not in self._prompt_streams:
-            self._prompt_streams[prompt] = self.codec.stream()
-            self._prompt_streams[prompt].feed(prompt)
-        stream, base_ids = self._prompt_streams[prompt].copy(), []
+        stream, base_ids = self._prompts.start(row[: self.prompt_length]), []
         stream.feed(row[self.prompt_length : -1], out=base_ids)
         return stream, base_ids
 
