@@ -38,6 +38,29 @@ def _as_id_list(ids: Any) -> list:
     return list(ids)
 
 
+def _refuse_unsupported_options(
+    text_pair: bool,
+    is_split_into_words: bool,
+    return_overflowing_tokens: bool,
+    return_offsets_mapping: bool,
+    split_special_tokens: bool,
+    truncation,
+) -> None:
+    """NotImplementedError for the encoding options a compressed row cannot honour."""
+    if text_pair:
+        raise NotImplementedError("Zip2ZipTokenizer does not encode pairs of sequences")
+    if is_split_into_words:
+        raise NotImplementedError("Zip2ZipTokenizer does not encode pre-tokenized input (is_split_into_words)")
+    if return_overflowing_tokens:
+        raise NotImplementedError("Zip2ZipTokenizer does not return overflowing tokens")
+    if return_offsets_mapping:
+        raise NotImplementedError("offsets are not available: a hypertoken spans several base tokens")
+    if split_special_tokens:
+        raise NotImplementedError("Zip2ZipTokenizer does not split special tokens")
+    if truncation == "only_second":
+        raise NotImplementedError("truncation='only_second' needs pairs, which Zip2ZipTokenizer does not encode")
+
+
 def _load_base_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The ``tokenizers`` JSON at ``path``; a ValueError naming the file if it is not one."""
     try:
@@ -393,54 +416,27 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         # single input here and batches through `_batch_encode_plus`, which forwards here. We take over
         # from the text (not at `prepare_for_model`, which only sees ids) so the base ids come from
         # the Rust tokenizer itself, and pad once at the end.
-        if text_pair is not None:
-            raise NotImplementedError("Zip2ZipTokenizer does not encode pairs of sequences")
-        if is_split_into_words:
-            raise NotImplementedError("Zip2ZipTokenizer does not encode pre-tokenized input (is_split_into_words)")
-        if return_overflowing_tokens:
-            raise NotImplementedError("Zip2ZipTokenizer does not return overflowing tokens")
-        if return_offsets_mapping:
-            raise NotImplementedError("offsets are not available: a hypertoken spans several base tokens")
-        if split_special_tokens or kwargs.get("sanitize_control_tokens"):
-            raise NotImplementedError("Zip2ZipTokenizer does not split special tokens")
-
-        batched = isinstance(text, (list, tuple)) and (len(text) == 0 or not isinstance(text[0], int))
-        rows = list(text) if batched else [text]
-        texts = [row for row in rows if isinstance(row, str)]
-        encoded_texts = iter(self.base_ids(texts, add_special_tokens=False))
-        contents = []
-        for row in rows:
-            if isinstance(row, str):
-                contents.append(next(encoded_texts))
-            elif isinstance(row, (list, tuple)) and all(isinstance(i, int) for i in row):
-                contents.append(list(row))  # base ids given directly
-            else:
-                raise ValueError(f"expected a string or a list of base ids, got {type(row).__name__}: {row!r:.80}")
-
         strategy = getattr(truncation_strategy, "value", truncation_strategy)
-        if strategy == "only_second":
-            raise NotImplementedError("truncation='only_second' needs pairs, which Zip2ZipTokenizer does not encode")
+        _refuse_unsupported_options(
+            text_pair=text_pair is not None,
+            is_split_into_words=is_split_into_words,
+            return_overflowing_tokens=return_overflowing_tokens,
+            return_offsets_mapping=return_offsets_mapping,
+            split_special_tokens=split_special_tokens or kwargs.get("sanitize_control_tokens"),
+            truncation=strategy,
+        )
+        batched = isinstance(text, (list, tuple)) and (len(text) == 0 or not isinstance(text[0], int))
+        contents = self._base_id_rows(list(text) if batched else [text])
         limit = max_length if strategy not in (None, False, "do_not_truncate") else None
-
         input_ids = [self._compress(content, add_special_tokens, limit) for content in contents]
         for ids in input_ids:
             self._eventual_warn_about_too_long_sequence(ids, max_length, verbose)
 
-        encoded: dict[str, list] = {"input_ids": input_ids}
-        if return_token_type_ids:
-            encoded["token_type_ids"] = [[0] * len(ids) for ids in input_ids]
-        if return_special_tokens_mask:
-            special = set(self.all_special_ids)
-            encoded["special_tokens_mask"] = [[int(i in special) for i in ids] for ids in input_ids]
-        if return_length:
-            encoded["length"] = [len(ids) for ids in input_ids]
         if return_attention_mask is None:
             return_attention_mask = "attention_mask" in self.model_input_names
-        if return_attention_mask:
-            # Built here, before padding, so it marks exactly the padding: a real EOS that shares the
-            # pad id keeps mask 1.
-            encoded["attention_mask"] = [[1] * len(ids) for ids in input_ids]
-
+        encoded = self._encoded_fields(
+            input_ids, return_token_type_ids, return_special_tokens_mask, return_length, return_attention_mask
+        )
         if not batched:
             encoded = {key: value[0] for key, value in encoded.items()}
         padded = self.pad(
@@ -454,6 +450,43 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         return BatchEncoding(
             dict(padded), tensor_type=return_tensors, prepend_batch_axis=prepend_batch_axis and not batched
         )
+
+    def _base_id_rows(self, rows: list[Any]) -> list[list[int]]:
+        """The base ids of each row: texts through the Rust tokenizer (in one batch), lists of base ids as given."""
+        texts = [row for row in rows if isinstance(row, str)]
+        encoded_texts = iter(self.base_ids(texts, add_special_tokens=False))
+        contents = []
+        for row in rows:
+            if isinstance(row, str):
+                contents.append(next(encoded_texts))
+            elif isinstance(row, (list, tuple)) and all(isinstance(i, int) for i in row):
+                contents.append(list(row))  # base ids given directly
+            else:
+                raise ValueError(f"expected a string or a list of base ids, got {type(row).__name__}: {row!r:.80}")
+        return contents
+
+    def _encoded_fields(
+        self,
+        input_ids: list[list[int]],
+        return_token_type_ids: bool | None,
+        return_special_tokens_mask: bool,
+        return_length: bool,
+        return_attention_mask: bool,
+    ) -> dict[str, list]:
+        """``input_ids`` and the per-row fields asked for, before padding."""
+        encoded: dict[str, list] = {"input_ids": input_ids}
+        if return_token_type_ids:
+            encoded["token_type_ids"] = [[0] * len(ids) for ids in input_ids]
+        if return_special_tokens_mask:
+            special = set(self.all_special_ids)
+            encoded["special_tokens_mask"] = [[int(i in special) for i in ids] for ids in input_ids]
+        if return_length:
+            encoded["length"] = [len(ids) for ids in input_ids]
+        if return_attention_mask:
+            # Built here, before padding, so it marks exactly the padding: a real EOS that shares the
+            # pad id keeps mask 1.
+            encoded["attention_mask"] = [[1] * len(ids) for ids in input_ids]
+        return encoded
 
     def _batch_encode_plus(self, batch_text_or_text_pairs: Sequence[Any], **kwargs) -> BatchEncoding:
         # transformers 4.57 only (5.x has no such method): batches arrive here (see _compat).
