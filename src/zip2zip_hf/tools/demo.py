@@ -140,25 +140,58 @@ def run_demo(args) -> int:
 
 
 def _run_demo(args) -> int:
-    import datasets
     import torch
-    from transformers import AutoModelForCausalLM, Trainer
 
-    from ..data import Zip2ZipDataCollator, compress_dataset, dataset_stats
-    from ..modeling_zip2zip import Zip2ZipForCausalLM
-    from ..training import (
-        CompressionLoggingCallback,
-        default_lora_config,
-        prepare_model_for_training,
-        training_arguments,
-    )
+    from ..data import Zip2ZipDataCollator
 
     start = time.perf_counter()
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="zip2zip-demo-")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     _section(start, "1/6 model")
+    tokenizer, base, model = _load_models(args)
+
+    _section(start, "2/6 data: CPython standard library (held out: " + ", ".join(HELD_OUT) + ")")
+    train_rows, eval_rows = _compress_data(args, tokenizer)
+
+    _section(start, f"3/6 held-out loss before training ({len(eval_rows)} windows)")
+    collator = Zip2ZipDataCollator(tokenizer, padding_side="right")
+    eval_bytes = sum(len(tokenizer.decode(row["input_ids"]).encode("utf-8")) for row in eval_rows)
+    base_rows = [{"input_ids": tokenizer.codec.decode(row["input_ids"])[0]} for row in eval_rows]
+    losses = {
+        "base model (base tokens)": _eval_loss(base, base_rows, collator),
+        "zip2zip, before training": _eval_loss(model, eval_rows, collator),
+    }
+    # Generation prompt (held out), and the base model's continuation while its weights are untouched.
+    prompt_text = "\n".join((_stdlib() / PROMPT_FILE).read_text(encoding="utf-8").splitlines()[:PROMPT_LINES]) + "\n"
+    prompt_base_ids = tokenizer.base_ids([prompt_text], add_special_tokens=False)[0]
+    print(f"generating {args.new_tokens} steps with the base model ...", flush=True)
+    base_run = _generate(base, tokenizer, prompt_base_ids, args.new_tokens, return_hypertokens=False)
+    _print_losses(losses, eval_bytes)
+
+    _section(start, f"4/6 LoRA finetuning: {args.steps} steps of {args.batch_size} x <= {args.max_length} tokens")
+    model = _finetune(args, model, tokenizer, train_rows)
+
+    _section(start, "5/6 held-out loss after training")
+    losses["zip2zip, after training"] = _eval_loss(model, eval_rows, collator)
+    _print_losses(losses, eval_bytes)
+
+    _section(start, f"6/6 greedy continuation of the first {PROMPT_LINES} lines of held-out {PROMPT_FILE}")
+    prompt_ids = tokenizer([prompt_text], add_special_tokens=False)["input_ids"][0]
+    print(f"generating {args.new_tokens} steps with the zip2zip model ...", flush=True)
+    zip2zip_run = _generate(model, tokenizer, prompt_ids, args.new_tokens, return_hypertokens=True)
+    _print_generations(tokenizer, prompt_ids, zip2zip_run, base_run)
+    print(f"\ndemo finished in {_elapsed(start)} (train longer with --steps, another model with --model PATH)")
+    return 0
+
+
+def _load_models(args):
+    """The base model (the default SmolLM2 or ``--model``), its zip2zip tokenizer, and the wrapped model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..modeling_zip2zip import Zip2ZipForCausalLM
+
     path = args.model
     if path is None:
         from .smollm2 import smollm2_path
@@ -175,13 +208,21 @@ def _run_demo(args) -> int:
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = Zip2ZipForCausalLM.from_base(base, tokenizer)
     n_params = sum(p.numel() for p in base.parameters())
+    n_encoder = sum(p.numel() for p in model.input_hyper_encoder.parameters())
     print(
         f"{Path(path).name}: {n_params / 1e6:.1f}M parameters, wrapped as Zip2ZipForCausalLM "
-        f"(attention hyper-encoders, {sum(p.numel() for p in model.input_hyper_encoder.parameters()) / 1e6:.2f}M each)"
+        f"(attention hyper-encoders, {n_encoder / 1e6:.2f}M each)"
     )
     print(describe(tokenizer))
+    return tokenizer, base, model
 
-    _section(start, "2/6 data: CPython standard library (held out: " + ", ".join(HELD_OUT) + ")")
+
+def _compress_data(args, tokenizer) -> tuple:
+    """Compressed training rows, and a spread of ``--eval-rows`` held-out rows (a list)."""
+    import datasets
+
+    from ..data import compress_dataset, dataset_stats
+
     held_out = held_out_files()
     print("Held-out files, each compressed on its own; ratio = zip2zip tokens / base tokens (lower is better):\n")
     print(stats_table(tokenizer, held_out))
@@ -204,41 +245,33 @@ def _run_demo(args) -> int:
         f"\ntraining rows: {stats['rows']} of <= {args.max_length} zip2zip tokens ({stats['base_tokens']} base tokens "
         f"-> {stats['tokens']}, ratio {stats['compression_ratio']:.3f}, {stats['hypertoken_share']:.1%} hypertokens)"
     )
+    return train_rows, [eval_rows[i] for i in range(len(eval_rows))]
 
-    _section(start, f"3/6 held-out loss before training ({len(eval_rows)} windows)")
-    collator = Zip2ZipDataCollator(tokenizer, padding_side="right")
-    eval_list = [eval_rows[i] for i in range(len(eval_rows))]
-    eval_bytes = sum(len(tokenizer.decode(row["input_ids"]).encode("utf-8")) for row in eval_list)
-    base_rows = [{"input_ids": tokenizer.codec.decode(row["input_ids"])[0]} for row in eval_list]
-    base_total, base_count = _eval_loss(base, base_rows, collator)
-    before_total, before_count = _eval_loss(model, eval_list, collator)
 
-    # Generation prompt (held out), and the base model's continuation while its weights are untouched.
-    prompt_text = "\n".join((_stdlib() / PROMPT_FILE).read_text(encoding="utf-8").splitlines()[:PROMPT_LINES]) + "\n"
-    prompt_base_ids = tokenizer.base_ids([prompt_text], add_special_tokens=False)[0]
-    print(f"generating {args.new_tokens} steps with the base model ...", flush=True)
-    base_generated, base_seconds = _generate(
-        base, tokenizer, prompt_base_ids, args.new_tokens, return_hypertokens=False
+def _finetune(args, model, tokenizer, train_rows):
+    """LoRA on every linear layer plus both hyper-encoders, with the plain Trainer; the merged model."""
+    import torch
+    from transformers import Trainer
+
+    from ..data import Zip2ZipDataCollator
+    from ..training import (
+        CompressionLoggingCallback,
+        default_lora_config,
+        prepare_model_for_training,
+        training_arguments,
     )
 
-    def loss_line(name, total, count):
-        return f"{name:<26} {total / count:7.3f} nats/token   {total / eval_bytes:6.3f} nats/byte ({count} tokens)"
-
-    print(loss_line("base model (base tokens)", base_total, base_count))
-    print(loss_line("zip2zip, before training", before_total, before_count))
-
-    _section(start, f"4/6 LoRA finetuning: {args.steps} steps of {args.batch_size} x <= {args.max_length} tokens")
     model = prepare_model_for_training(model, default_lora_config(model, r=args.lora_r))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"trainable: {trainable / 1e6:.2f}M parameters "
         f"(LoRA r={args.lora_r} on every linear layer + both hyper-encoders)"
     )
-    train_collator = Zip2ZipDataCollator(tokenizer, padding_side="right")
+    collator = Zip2ZipDataCollator(tokenizer, padding_side="right")
     trainer = Trainer(
         model=model,
         args=training_arguments(
-            output_dir,
+            args.output_dir or tempfile.mkdtemp(prefix="zip2zip-demo-"),
             per_device_train_batch_size=args.batch_size,
             max_steps=args.steps,
             learning_rate=args.learning_rate,
@@ -251,25 +284,24 @@ def _run_demo(args) -> int:
             disable_tqdm=False,
         ),
         train_dataset=train_rows,
-        data_collator=train_collator,
+        data_collator=collator,
     )
-    CompressionLoggingCallback(train_collator).attach(trainer)
+    CompressionLoggingCallback(collator).attach(trainer)
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start
-    model = model.merge_and_unload().eval()
     print(f"trained in {train_seconds:.0f} s ({train_seconds / args.steps:.1f} s/step)")
+    return model.merge_and_unload().eval()
 
-    _section(start, "5/6 held-out loss after training")
-    after_total, after_count = _eval_loss(model, eval_list, collator)
-    print(loss_line("base model (base tokens)", base_total, base_count))
-    print(loss_line("zip2zip, before training", before_total, before_count))
-    print(loss_line("zip2zip, after training", after_total, after_count))
 
-    _section(start, f"6/6 greedy continuation of the first {PROMPT_LINES} lines of held-out {PROMPT_FILE}")
-    prompt_ids = tokenizer([prompt_text], add_special_tokens=False)["input_ids"][0]
-    print(f"generating {args.new_tokens} steps with the zip2zip model ...", flush=True)
-    z_generated, z_seconds = _generate(model, tokenizer, prompt_ids, args.new_tokens, return_hypertokens=True)
+def _print_losses(losses: dict[str, tuple[float, int]], eval_bytes: int) -> None:
+    for name, (total, count) in losses.items():
+        print(f"{name:<26} {total / count:7.3f} nats/token   {total / eval_bytes:6.3f} nats/byte ({count} tokens)")
+
+
+def _print_generations(tokenizer, prompt_ids, zip2zip_run, base_run) -> None:
+    """The zip2zip continuation coloured after the prompt's tail, the base one, and steps and time per byte."""
+    (z_generated, z_seconds), (base_generated, base_seconds) = zip2zip_run, base_run
     coloured = color_decode(tokenizer, prompt_ids + z_generated)
     prompt_coloured_lines = color_decode(tokenizer, prompt_ids).count("\n")
     print(legend())
@@ -293,8 +325,6 @@ def _run_demo(args) -> int:
         per_byte = steps / n_bytes if n_bytes else math.nan
         ms = 1000 * seconds / n_bytes if n_bytes else math.nan
         print(f"{name:<10} {steps:>6} {n_bytes:>6} {hyper:>12} {per_byte:>11.3f} {ms:>9.1f}")
-    print(f"\ndemo finished in {_elapsed(start)} (train longer with --steps, another model with --model PATH)")
-    return 0
 
 
 def add_demo_arguments(demo) -> None:
