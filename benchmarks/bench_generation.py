@@ -145,7 +145,7 @@ def breakdown(model, prompt, forced) -> str:
 
     patches = [
         (model, "forward", "Zip2ZipForCausalLM.forward (all)"),
-        (model.model, "forward", "  base model forward (lm_head included)"),
+        (model.language_model, "forward", "  base model forward (lm_head included)"),
         (HyperState, "consume", "  HyperState.consume (LZW streams, legal sets, positions)"),
         (model, "_embed", "  _embed (all)"),
         (model.input_hyper_encoder, "forward", "    input hyper-encoder"),

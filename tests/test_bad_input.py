@@ -65,7 +65,7 @@ def test_forward_failing_inside_the_base_model_rolls_back_codebooks_and_keys(mod
     def fail(*_):
         raise RuntimeError("simulated failure in the last decoder layer")
 
-    handle = model.model.model.layers[-1].register_forward_hook(fail)  # runs after that layer wrote its keys
+    handle = model.language_model.model.layers[-1].register_forward_hook(fail)  # runs after that layer wrote its keys
     try:
         with pytest.raises(RuntimeError, match="simulated"), torch.no_grad():
             model(input_ids=torch.tensor([[5, 6, 5, 6, 5]]), past_key_values=cache, use_cache=True)

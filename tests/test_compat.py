@@ -72,7 +72,7 @@ def test_a_cache_class_we_do_not_know_is_refused_even_when_empty(model):
 
 
 def test_a_plain_cache_with_content_is_refused(model):
-    base_cache = model.model(input_ids=torch.tensor([[5, 6]]), use_cache=True).past_key_values
+    base_cache = model.language_model(input_ids=torch.tensor([[5, 6]]), use_cache=True).past_key_values
     with pytest.raises(ValueError, match="carries no zip2zip codebook state"):
         model(input_ids=torch.tensor([[7]]), cache=base_cache)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import textwrap
 
 import pytest
@@ -25,6 +26,7 @@ from utils import (
     wrap,
 )
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
+from zip2zip_hf.modeling_zip2zip import HYPER_ENCODER_NAMES
 
 
 # ---------------------------------------------------------------------- training equals inference
@@ -216,7 +218,7 @@ def test_foreign_cache_raises():
     from transformers import DynamicCache
 
     model = wrap(tiny_base("llama"))
-    base_out = model.model(input_ids=torch.tensor([[5, 6]]), use_cache=True)
+    base_out = model.language_model(input_ids=torch.tensor([[5, 6]]), use_cache=True)
     assert isinstance(base_out.past_key_values, DynamicCache)
     with pytest.raises(ValueError, match="codebook state"):
         model(input_ids=torch.tensor([[7]]), past_key_values=base_out.past_key_values)
@@ -229,7 +231,7 @@ def test_wrapping_keeps_base_weights():
     base = tiny_base("llama")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = wrap(base)
-    after = model.model.state_dict()
+    after = model.language_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -244,6 +246,26 @@ def test_save_and_load_round_trip(tmp_path):
     ids = torch.tensor([compressed(16, 80)])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_format_1_checkpoint_loads_and_saves_as_today(tmp_path):
+    """Format 1 named the wrapped model's weights ``model.*``; it loads with the same weights and
+    is saved again in today's layout."""
+    model = wrap(tiny_base("llama"))
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    assert {name.split(".")[0] for name in weights} == {"language_model", *HYPER_ENCODER_NAMES}
+    old_names = {re.sub(r"^language_model\.", "model.", name): tensor for name, tensor in weights.items()}
+    save_file(old_names, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "zip2zip_format_version": 1}))
+
+    loaded = Zip2ZipForCausalLM.from_pretrained(tmp_path / "old")
+    for (name, mine), (loaded_name, theirs) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert name == loaded_name and torch.equal(mine, theirs), name
+    loaded.save_pretrained(tmp_path / "new")
+    assert load_file(tmp_path / "new" / "model.safetensors").keys() == weights.keys()
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["zip2zip_format_version"] == 2
 
 
 def test_missing_or_misshaped_encoder_weights_raise(tmp_path):
@@ -336,7 +358,8 @@ def test_from_base_pretrained_wraps_a_saved_base(tmp_path, tiny_base_tokenizer):
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[-1] == len(tokenizer) + 32
-    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), model.model.state_dict().values()))
+    wrapped = model.language_model.state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), wrapped))
 
 
 @pytest.mark.real_model

@@ -28,6 +28,7 @@ __all__ = [
     "check_generation_internals",
     "checkpointing_arguments",
     "enable_activation_checkpointing",
+    "forget_key_mapping",
     "original_init_errors",
     "output_cache_field",
     "pop_cache",
@@ -118,6 +119,18 @@ def truncate_cache(cache, length: int) -> None:
 
 
 # ---------------------------------------------------------------------- generation
+
+
+def forget_key_mapping(model, key_mapping: dict[str, str]) -> None:
+    """Save a model loaded with ``from_pretrained(key_mapping=...)`` under today's weight names.
+
+    From 5.x on, a model remembers the renamings that loading used (``_weight_conversions``) and
+    ``save_pretrained`` reverts them, writing the old names again; 4.57 never reverts.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        patterns = list(key_mapping)
+        model._weight_conversions = [c for c in conversions if getattr(c, "source_patterns", None) != patterns]
 
 
 @contextlib.contextmanager

@@ -10,8 +10,10 @@ from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS, LZWCodec, set
 
 __all__ = ["Zip2ZipConfig"]
 
-# Bump when the meaning of saved weights or settings changes; loading refuses newer formats.
-ZIP2ZIP_FORMAT_VERSION = 1
+# Bump when the meaning of saved weights or settings changes; loading refuses newer formats and
+# `Zip2ZipForCausalLM.from_pretrained` reads older ones. 2: the wrapped model's weights are named
+# ``language_model.*`` (``model.*`` in 1).
+ZIP2ZIP_FORMAT_VERSION = 2
 HYPER_ENCODERS = ("mean", "attention")
 POSITION_MODES = ("compressed", "base")
 # Settings a tokenizer and a model must agree on, or hyper ids mean different things to each

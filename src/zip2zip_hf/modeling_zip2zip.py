@@ -30,8 +30,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ._compat import cache_keyword, output_cache_field, pop_cache, truncate_cache
-from .configuration_zip2zip import COMPRESSION_KEYS, Zip2ZipConfig
+from ._compat import cache_keyword, forget_key_mapping, output_cache_field, pop_cache, truncate_cache
+from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_cache import ConsumedBlock, HyperState, Zip2ZipCache
 from .hyper_encoder import build_hyper_encoder
@@ -42,6 +42,9 @@ __all__ = ["HYPER_ENCODER_NAMES", "Zip2ZipForCausalLM", "Zip2ZipPreTrainedModel"
 
 # The modules this class adds to the base model (attribute and weight-name prefix).
 HYPER_ENCODER_NAMES = ("input_hyper_encoder", "output_hyper_encoder")
+# Checkpoints of format 1 named the wrapped model's weights ``model.*``; a regex no format-2 name
+# matches, so it is safe to apply to every checkpoint.
+FORMAT_1_KEY_MAPPING = {r"^model\.": "language_model."}
 
 
 class Zip2ZipPreTrainedModel(PreTrainedModel):
@@ -76,7 +79,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
 
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
-        self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = base_model
         text_config = config.get_text_config()
         encoder_kwargs = dict(
             kind=config.hyper_encoder,
@@ -89,7 +94,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         self.input_hyper_encoder = build_hyper_encoder(**encoder_kwargs)
         self.output_hyper_encoder = None if config.tie_hyper_encoders else build_hyper_encoder(**encoder_kwargs)
         self.codec = config.codec()
-        self._base_forward_params = set(inspect.signature(self.model.forward).parameters)
+        self._base_forward_params = set(inspect.signature(self.language_model.forward).parameters)
         self._base_cache_keyword = cache_keyword(self._base_forward_params)
         self.post_init()
 
@@ -156,7 +161,11 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         weights of the hyper-encoders the model does not have (e.g. after editing ``hyper_encoder`` or
         ``tie_hyper_encoders`` in config.json): trained weights are never silently dropped."""
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs["key_mapping"] = {**FORMAT_1_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # The weights are in today's layout now, and are saved so.
+        forget_key_mapping(model, FORMAT_1_KEY_MAPPING)
+        model.config.zip2zip_format_version = ZIP2ZIP_FORMAT_VERSION
         problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
         problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
         unexpected = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] in HYPER_ENCODER_NAMES]
@@ -169,19 +178,19 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
     # ------------------------------------------------------------------ embeddings (PEFT, resize)
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+        return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.set_input_embeddings(value)
+        self.language_model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        return self.language_model.get_output_embeddings()
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.model.set_output_embeddings(value)
+        self.language_model.set_output_embeddings(value)
 
     def get_decoder(self) -> nn.Module:
-        return self.model.get_decoder()
+        return self.language_model.get_decoder()
 
     def _output_hyper_encoder(self) -> nn.Module:
         return self.output_hyper_encoder if self.output_hyper_encoder is not None else self.input_hyper_encoder
@@ -257,7 +266,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             if "logits_to_keep" in self._base_forward_params:
                 base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
             with _capture_input(self.get_output_embeddings()) as head_inputs:
-                outputs = self.model(**base_kwargs, **kwargs)
+                outputs = self.language_model(**base_kwargs, **kwargs)
             hidden = _select(head_inputs[-1], keep, length)
             base_logits = _select(outputs.logits, keep, length)
             logits = self._widen(state, base_logits, hidden, step, provisional_vectors)

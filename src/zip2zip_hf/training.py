@@ -36,46 +36,9 @@ __all__ = [
     "bf16_available",
     "default_lora_config",
     "enable_gradient_checkpointing",
-    "lora_target_modules",
     "prepare_model_for_training",
     "training_arguments",
 ]
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The wrapped base ``*ForCausalLM`` of a `Zip2ZipForCausalLM` (or the model itself)."""
-    if hasattr(model, "get_base_model"):  # a PeftModel
-        model = model.get_base_model()
-    return model.model if all(hasattr(model, name) for name in ("model", "input_hyper_encoder")) else model
-
-
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    try:  # GPT-2 style Conv1D (a transposed linear layer); PEFT supports it
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
-
-
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """Names (last path component) of the base LM's linear layers, the output head excluded.
-
-    E.g. ``["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]`` for Llama /
-    Qwen2, ``["c_attn", "c_fc", "c_proj"]`` for GPT-2. Only modules inside the base model count; the
-    hyper-encoders (whose layers may share names such as ``o_proj``) are excluded separately.
-    """
-    base = _base_model(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    names = set()
-    for name, module in base.named_modules():
-        if module is head or not name or not _is_linear(module):
-            continue
-        names.add(name.rsplit(".", 1)[-1])
-    if not names:
-        raise ValueError(f"no linear layers found in {type(base).__name__}: pass target_modules explicitly")
-    return sorted(names)
 
 
 def default_lora_config(
@@ -92,7 +55,9 @@ def default_lora_config(
     Args:
         model: the `Zip2ZipForCausalLM` to adapt.
         r: LoRA rank. ``lora_alpha`` defaults to ``2 * r``.
-        target_modules: default `lora_target_modules` (every linear layer of the base LM but the head).
+        target_modules: default PEFT's ``"all-linear"``: every linear layer of the base LM but the
+            output head (PEFT resolves it to the layer names, e.g. ``q_proj`` ... ``down_proj`` for
+            Llama, ``c_attn``/``c_fc``/``c_proj`` for GPT-2, and saves those in the adapter config).
         train_hyper_encoders: put the hyper-encoders in ``modules_to_save`` (trained and saved in full).
             With tied encoders ``output_hyper_encoder`` is None and only the input one is listed.
         kwargs: more ``LoraConfig`` fields (``use_rslora``, ``layers_to_transform``, ...).
@@ -102,8 +67,6 @@ def default_lora_config(
     """
     from peft import LoraConfig, TaskType
 
-    if target_modules is None:
-        target_modules = lora_target_modules(model)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     encoders = [name for name in HYPER_ENCODER_NAMES if getattr(inner, name, None) is not None]
     kwargs.setdefault("modules_to_save", list(encoders) if train_hyper_encoders else None)
@@ -114,7 +77,7 @@ def default_lora_config(
         r=r,
         lora_alpha=2 * r if lora_alpha is None else lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=list(target_modules),
+        target_modules="all-linear" if target_modules is None else list(target_modules),
         **kwargs,
     )
 
