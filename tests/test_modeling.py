@@ -69,6 +69,88 @@ def test_logits_to_keep_matches_full():
     assert_same_logits(full[:, -1:], last)
 
 
+# ---------------------------------------------------------------------- precomputed codebooks
+
+
+def _precomputed_batch(padding_side="left"):
+    codec = LZWCodec(V, K, M, DISABLED)
+    rows = [compressed(seed, n) for seed, n in ((13, 130), (14, 60))] + [codec.encode([5] * 14 + [7, 5, 5])[0]]
+    ids, mask = left_pad(rows)
+    if padding_side == "right":  # the same rows, padding moved to the end
+        ids = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
+        mask = mask.flip(1)
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+@pytest.mark.parametrize(
+    "arch, position_mode, hyper_encoder, tie_encoders, padding_side",
+    [
+        ("llama", "base", "attention", False, "left"),
+        ("llama", "compressed", "mean", True, "right"),
+        ("gpt2", "base", "attention", True, "right"),
+        ("qwen2", "compressed", "attention", False, "left"),
+    ],
+)
+def test_precomputed_codebooks_give_the_same_logits_loss_and_gradients(
+    arch, position_mode, hyper_encoder, tie_encoders, padding_side
+):
+    model = wrap(tiny_base(arch, tie=True), position_mode, hyper_encoder, tie_encoders)
+    model.config.get_text_config().use_cache = False
+    ids, mask, labels = _precomputed_batch(padding_side)
+    codebooks = zip2zip_hf.codebook_tensors(model.codec, ids, mask)
+    assert codebooks["entries"].shape[1] > 10 and (codebooks["provisional_lengths"] > 0).any()
+    results = []
+    for extra in ({}, {"codebooks": codebooks}):
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), out.loss.detach(), grads))
+    (logits, loss, grads), (pre_logits, pre_loss, pre_grads) = results
+    assert_same_logits(logits, pre_logits, mask)
+    torch.testing.assert_close(loss, pre_loss)
+    assert grads.keys() == pre_grads.keys()
+    assert hyper_encoder == "mean" or any("hyper_encoder" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], pre_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # and with logits_to_keep
+        last = model(input_ids=ids, attention_mask=mask, codebooks=codebooks, logits_to_keep=1).logits
+    assert_same_logits(logits[:, -1:], last)
+
+
+def test_precomputed_codebooks_in_training_mode_keep_every_encoder_in_the_graph():
+    model = wrap(tiny_base("llama")).train()
+    ids = torch.tensor([[5, DISABLED[0], 9]])  # nothing installed: the input encoder runs on a dummy entry
+    codebooks = zip2zip_hf.codebook_tensors(model.codec, ids)
+    assert codebooks["entries"].shape == (1, 0, M)
+    model(input_ids=ids, labels=ids, codebooks=codebooks, use_cache=False).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "hyper_encoder" in n)
+
+
+def test_bad_precomputed_codebooks_raise():
+    model = wrap(tiny_base("llama"))
+    ids, mask, labels = _precomputed_batch()
+    codebooks = zip2zip_hf.codebook_tensors(model.codec, ids, mask)
+
+    def call(codebooks=codebooks, ids=ids, mask=mask, **kwargs):
+        kwargs.setdefault("use_cache", False)
+        return model(input_ids=ids, attention_mask=mask, codebooks=codebooks, **kwargs)
+
+    with pytest.raises(ValueError, match="without a cache"):
+        call(use_cache=True)
+    with pytest.raises(ValueError, match="codebook_tensors"):
+        call(codebooks={k: v for k, v in codebooks.items() if k != "legal"})
+    with pytest.raises(ValueError, match=r"codebooks\['provisional'\] has shape"):
+        call(codebooks={**codebooks, "provisional": codebooks["provisional"][:, :-1]})
+    with pytest.raises(ValueError, match="do not match the attention mask"):
+        call(mask=torch.ones_like(mask))
+    other = zip2zip_hf.codebook_tensors(model.codec, ids.flip(0), mask.flip(0))  # another batch's codebooks
+    with pytest.raises(ValueError, match="not a legal id there|do not match"):
+        call(codebooks=other)
+    with pytest.raises(ValueError, match=r"input_ids\[0, \d+\]: hyper id"):
+        zip2zip_hf.codebook_tensors(model.codec, torch.tensor([[5, V + 3]]))
+
+
 # ---------------------------------------------------------------------- legal set
 
 

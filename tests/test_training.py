@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Trainer
 
 from utils import build_tiny_base_tokenizer, run_without_package, save_tiny_base_model, tiny_causal_lm_config
-from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
+from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer, codebook_tensors
 from zip2zip_hf.data import (
     Zip2ZipCompressor,
     Zip2ZipDataCollator,
@@ -150,6 +150,13 @@ def test_collator_pads_and_labels_only_real_ids(train_tok, side):
     assert collator.pop_stats() == {"hypertoken_share": 1 / 6, "compression_ratio": 6 / 5}
     with pytest.raises(ValueError, match="cut documents in base space"):
         Zip2ZipDataCollator(train_tok, max_length=3)(features)
+    # The rows' codebooks, precomputed for the forward; an id that cannot stand where it is fails here.
+    expected = codebook_tensors(train_tok.codec, batch["input_ids"], batch["attention_mask"])
+    assert batch["codebooks"].keys() == expected.keys()
+    assert all(torch.equal(batch["codebooks"][key], expected[key]) for key in expected)
+    assert "codebooks" not in Zip2ZipDataCollator(train_tok, precompute_codebooks=False)(features)
+    with pytest.raises(ValueError, match=r"input_ids\[0, 2\]: hyper id"):
+        collator([{"input_ids": [5, 6, V + 2]}])
 
 
 # ---------------------------------------------------------------------- LoRA config

@@ -8,7 +8,7 @@ here load with or without the package installed.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_zip2zip import Zip2ZipConfig
-from .hyper_cache import Zip2ZipCache
+from .hyper_cache import Zip2ZipCache, codebook_tensors
 from .lzw import Codebook, LZWCodec, LZWStream
 from .modeling_zip2zip import Zip2ZipForCausalLM
 from .tokenization_zip2zip import Zip2ZipTokenizer
@@ -33,4 +33,5 @@ __all__ = [
     "Zip2ZipForCausalLM",
     "Zip2ZipTokenizer",
     "__version__",
+    "codebook_tensors",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .hyper_cache import codebook_tensors
 from .lzw import LZWCodec
 
 
@@ -215,6 +216,11 @@ class Zip2ZipDataCollator:
     * ``labels`` the ids with ``-100`` exactly on the padding (the model shifts them itself), so a real
       EOS equal to the pad id is still a target.
 
+    * ``codebooks`` (unless ``precompute_codebooks=False``): the rows' codebooks as tensors
+      (`codebook_tensors`), so the model's forward runs no Python over the ids. Computed here, in
+      the DataLoader's workers when it has some (``dataloader_num_workers``), while the device runs
+      the previous step.
+
     Features are dicts with ``input_ids`` (a list or tensor); other keys are ignored. Also keeps a
     running count of the ids and hypertokens it has batched (``stats``; see `pop_stats`), which
     `zip2zip_hf.training.CompressionLoggingCallback` logs.
@@ -224,6 +230,8 @@ class Zip2ZipDataCollator:
         padding_side: ``"left"`` or ``"right"``; default ``tokenizer.padding_side``.
         pad_to_multiple_of: round the batch width up to a multiple of this.
         max_length: raise if a row is longer (rows must be cut in base space, see `compress_dataset`).
+        precompute_codebooks: add ``codebooks`` to each batch (a ValueError names an id that is not
+            legal where it stands).
     """
 
     def __init__(
@@ -232,6 +240,7 @@ class Zip2ZipDataCollator:
         padding_side: str | None = None,
         pad_to_multiple_of: int | None = None,
         max_length: int | None = None,
+        precompute_codebooks: bool = True,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
@@ -242,9 +251,10 @@ class Zip2ZipDataCollator:
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_length = max_length
+        self.codec = tokenizer.codec if precompute_codebooks else None
         self._stats = {"tokens": 0, "hypertokens": 0, "base_tokens": 0}
 
-    def __call__(self, features: Iterable[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Iterable[dict[str, Any]]) -> dict[str, Any]:
         rows, n_base = [], 0
         for feature in features:
             ids = feature["input_ids"]
@@ -271,7 +281,10 @@ class Zip2ZipDataCollator:
         self._stats["tokens"] += int(attention_mask.sum())
         self._stats["hypertokens"] += int(((input_ids >= self.initial_vocab_size) & (attention_mask == 1)).sum())
         self._stats["base_tokens"] += n_base
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.codec is not None:
+            batch["codebooks"] = codebook_tensors(self.codec, input_ids, attention_mask)
+        return batch
 
     def pop_stats(self) -> dict[str, float]:
         """Hypertoken share (and compression ratio, when rows carry ``num_base_tokens``) since the last call."""

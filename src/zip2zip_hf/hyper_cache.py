@@ -6,6 +6,10 @@ position, the legal hyper ids and the position id), knows which installed entrie
 vectors, keeps those vectors, and selects, reorders, snapshots and restores rows. The model only asks
 it questions.
 
+What it answers for a block is a `ConsumedBlock` of tensors, and a whole-sequence forward can take
+the same answers precomputed (`codebook_tensors`, made by the data collator off the critical path),
+so that a training step has no Python pass over its ids.
+
 A `Zip2ZipCache` is a `DynamicCache` that also carries a `HyperState`. Keeping the two in one object
 means every place transformers reorders, repeats or selects cache rows (beam search,
 ``num_return_sequences``) moves the codebooks with the keys and values.
@@ -13,6 +17,7 @@ means every place transformers reorders, repeats or selects cache rows (beam sea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,27 +26,101 @@ from transformers import DynamicCache
 from .lzw import LZWCodec
 
 
-__all__ = ["ConsumedBlock", "HyperState", "Zip2ZipCache"]
+__all__ = ["CODEBOOK_TENSOR_KEYS", "ConsumedBlock", "EntryBatch", "HyperState", "Zip2ZipCache", "codebook_tensors"]
+
+# What `codebook_tensors` returns (and ``forward(codebooks=...)`` reads).
+CODEBOOK_TENSOR_KEYS = ("lengths", "legal", "provisional", "provisional_lengths", "entries", "entry_lengths")
 
 
 @dataclass
 class ConsumedBlock:
-    """What consuming one block of ids told us, per row and position.
+    """What consuming one block of ids told us, per row and position, as tensors.
+
+    The forward reads it with tensor operations only. `HyperState.consume` makes one from live
+    streams, `from_codebook_tensors` from what `codebook_tensors` computed beforehand.
 
     Attributes:
-        legal: ``(B, kept)``: how many hyper ids are legal next, after each kept position (ids
-            ``V .. V + legal - 1``; the last may be the provisional one).
+        lengths: ``(B, T)`` how many base ids each id stands for; 0 exactly on padding.
         positions: ``(B, T)`` position ids (0 on padding).
-        real: ``(B, T)``: not padding.
-        provisional_contents: the base ids of each legal provisional slot at a kept position.
-        provisional_index: ``(row, kept index, slot)`` of each of those.
+        legal: ``(B, kept)`` how many hyper ids are legal next, after each kept position (ids
+            ``V .. V + legal - 1``; the last is the provisional one where ``provisional_lengths > 0``).
+            On padding it repeats the count of the real position before it.
+        provisional: ``(B, kept, M)`` the base ids of that provisional slot, 0-padded.
+        provisional_lengths: ``(B, kept)`` how many; 0 where no provisional slot is legal.
     """
 
-    legal: torch.LongTensor
+    lengths: torch.LongTensor
     positions: torch.LongTensor
-    real: torch.BoolTensor
-    provisional_contents: list[tuple[int, ...]]
-    provisional_index: list[tuple[int, int, int]]
+    legal: torch.LongTensor
+    provisional: torch.LongTensor
+    provisional_lengths: torch.LongTensor
+
+    @property
+    def real(self) -> torch.BoolTensor:
+        """``(B, T)``: not padding."""
+        return self.lengths > 0
+
+    def to(self, device) -> ConsumedBlock:
+        return ConsumedBlock(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
+    @classmethod
+    def from_codebook_tensors(cls, tensors: dict, position_mode: str, keep: list[int]) -> ConsumedBlock:
+        """The block a forward over whole sequences consumes, from `codebook_tensors`' output."""
+        lengths = tensors["lengths"]
+        kept = slice(None) if len(keep) == lengths.shape[1] else keep
+        return cls(
+            lengths=lengths,
+            positions=_positions(lengths, position_mode),
+            legal=tensors["legal"][:, kept],
+            provisional=tensors["provisional"][:, kept],
+            provisional_lengths=tensors["provisional_lengths"][:, kept],
+        )
+
+
+@dataclass
+class EntryBatch:
+    """Installed entries to encode: entry ``slots[i]`` of row ``rows[i]`` holds ``subtokens[i, :lengths[i]]``."""
+
+    rows: list[int]
+    slots: list[int]
+    subtokens: torch.LongTensor  # (N, M), 0-padded
+    lengths: torch.LongTensor  # (N,)
+
+
+def codebook_tensors(
+    codec: LZWCodec, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.LongTensor]:
+    """What a forward over whole sequences needs to know about their codebooks, as tensors.
+
+    Made where batches are made (`Zip2ZipDataCollator`, in DataLoader workers, in parallel with the
+    device) and passed as ``forward(input_ids, ..., codebooks=...)``, so the step has no Python pass
+    over the ids. Keys (`CODEBOOK_TENSOR_KEYS`): ``lengths``, ``legal``, ``provisional`` and
+    ``provisional_lengths`` as in `ConsumedBlock` with every position kept; ``entries`` ``(B, E, M)``
+    the base ids of each row's installed entries, entry k at index k, 0-padded (E: the most any row
+    installs), and ``entry_lengths`` ``(B, E)`` (0 where a row has no entry k).
+
+    Raises:
+        ValueError: naming the first id outside the id space or not legal at its position.
+    """
+    ids = input_ids.tolist()
+    real = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool().tolist()
+    _check_id_range(ids, codec.total_vocab_size)
+    streams = [codec.stream() for _ in ids]
+    lengths, legal, provisional, provisional_lengths = _consume_rows(
+        streams, ids, real, range(input_ids.shape[1]), codec.max_subtokens
+    )
+    contents = [stream.codebook.to_list() for stream in streams]
+    width, M = max(map(len, contents), default=0), codec.max_subtokens
+    entries = [[_padded(c, M) for c in row] + [[0] * M] * (width - len(row)) for row in contents]
+    entry_lengths = [[len(c) for c in row] + [0] * (width - len(row)) for row in contents]
+    return {
+        "lengths": lengths,
+        "legal": legal,
+        "provisional": provisional,
+        "provisional_lengths": provisional_lengths,
+        "entries": torch.tensor(entries, dtype=torch.long).reshape(len(ids), width, M),
+        "entry_lengths": torch.tensor(entry_lengths, dtype=torch.long).reshape(len(ids), width),
+    }
 
 
 class HyperState:
@@ -85,82 +164,43 @@ class HyperState:
         position; the streams are then part-way fed, which `restore` undoes.
         """
         ids, real = input_ids.tolist(), mask.bool().tolist()
-        self._check_id_range(ids)
-        kept_at = {t: j for j, t in enumerate(keep)}
-        legal = [[0] * len(keep) for _ in ids]
-        positions = [[0] * len(ids[0]) for _ in ids]
-        provisional_contents, provisional_index = [], []
-        for b, (row, row_real) in enumerate(zip(ids, real)):
-            stream = self.streams[b]
-            for t, (code, is_real) in enumerate(zip(row, row_real)):
-                if is_real:
-                    try:
-                        stream.feed(code)
-                    except ValueError as error:
-                        raise ValueError(f"input_ids[{b}, {t}]: {error}") from None
-                    self.num_real_tokens[b] += 1
-                    positions[b][t] = (
-                        stream.num_base_ids - 1 if position_mode == "base" else self.num_real_tokens[b] - 1
-                    )
-                j = kept_at.get(t)
-                if j is None:
-                    continue
-                provisional = stream.provisional_subtokens()
-                legal[b][j] = stream.num_installed + (provisional is not None)
-                if provisional is not None:
-                    provisional_contents.append(provisional)
-                    provisional_index.append((b, j, stream.num_installed))
-        return ConsumedBlock(
-            legal=torch.tensor(legal, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            real=torch.tensor(real, dtype=torch.bool),
-            provisional_contents=provisional_contents,
-            provisional_index=provisional_index,
+        _check_id_range(ids, self.codec.total_vocab_size)
+        base_offsets = torch.tensor([stream.num_base_ids for stream in self.streams])
+        real_offsets = torch.tensor(self.num_real_tokens)
+        lengths, legal, provisional, provisional_lengths = _consume_rows(
+            self.streams, ids, real, keep, self.codec.max_subtokens
         )
-
-    def _check_id_range(self, ids: list[list[int]]) -> None:
-        """Every id, padding included, lies in ``[0, V + K)``: the embedding reads even the masked ones."""
-        total = self.codec.total_vocab_size
-        if min(map(min, ids)) >= 0 and max(map(max, ids)) < total:
-            return
-        b, t = next((b, t) for b, row in enumerate(ids) for t, i in enumerate(row) if not 0 <= i < total)
-        raise ValueError(f"input_ids[{b}, {t}] = {ids[b][t]} is outside the id space [0, {total})")
+        self.num_real_tokens = [n + sum(row) for n, row in zip(self.num_real_tokens, real)]
+        return ConsumedBlock(
+            lengths=lengths,
+            positions=_positions(lengths, position_mode, base_offsets, real_offsets),
+            legal=legal,
+            provisional=provisional,
+            provisional_lengths=provisional_lengths,
+        )
 
     # ------------------------------------------------------------------ hypertoken vectors
 
-    def unencoded_entries(self) -> tuple[list[int], list[int], list[tuple[int, ...]]]:
-        """``(rows, slots, contents)`` of the installed entries that have no vectors yet."""
-        V = self.codec.initial_vocab_size
+    def unencoded_entries(self) -> EntryBatch:
+        """The installed entries that have no vectors yet."""
+        V, M = self.codec.initial_vocab_size, self.codec.max_subtokens
         rows, slots, contents = [], [], []
         for b, stream in enumerate(self.streams):
             for k in range(self.num_encoded[b], stream.num_installed):
                 rows.append(b)
                 slots.append(k)
                 contents.append(stream.codebook.get_subtokens(V + k))
-        return rows, slots, contents
+        subtokens = torch.tensor([_padded(c, M) for c in contents], dtype=torch.long).reshape(len(contents), M)
+        return EntryBatch(rows, slots, subtokens, torch.tensor([len(c) for c in contents], dtype=torch.long))
 
-    def store(self, rows: list[int], slots: list[int], input_vectors: torch.Tensor, output_vectors: torch.Tensor):
-        """Write the vectors of newly installed entries (row ``rows[i]``, entry ``slots[i]``)."""
-        if not rows:
+    def store(self, entries: EntryBatch, input_vectors: torch.Tensor, output_vectors: torch.Tensor) -> None:
+        """Write the vectors of `unencoded_entries` (``input_vectors[i]`` for entry i)."""
+        if not entries.rows:
             return
-        for r, k in zip(rows, slots):
+        for r, k in zip(entries.rows, entries.slots):
             self.num_encoded[r] = max(self.num_encoded[r], k + 1)
-        self.input_table = _write(self.input_table, rows, slots, input_vectors, self.batch_size)
-        self.output_table = _write(self.output_table, rows, slots, output_vectors, self.batch_size)
-
-    def input_vectors(self, rows: torch.LongTensor, slots: torch.LongTensor) -> torch.Tensor:
-        """Input-side vectors of entries ``slots[i]`` of rows ``rows[i]`` (all encoded)."""
-        return self.input_table[rows, slots]
-
-    def output_vectors(self, width: int, like: torch.Tensor) -> torch.Tensor:
-        """``(B, width, D)`` output-side vectors of entries ``0 .. width - 1``, zeros where none is
-        stored (the provisional slot, uninstalled slots), in the dtype and device of ``like``."""
-        table = self.output_table
-        if table is None:
-            table = like.new_zeros(self.batch_size, 0, like.shape[-1])
-        if table.shape[1] < width:
-            table = torch.nn.functional.pad(table, (0, 0, 0, width - table.shape[1]))
-        return table[:, :width].to(like.dtype)
+        self.input_table = _write(self.input_table, entries, input_vectors, self.batch_size)
+        self.output_table = _write(self.output_table, entries, output_vectors, self.batch_size)
 
     # ------------------------------------------------------------------ rows and snapshots
 
@@ -199,20 +239,76 @@ class HyperState:
             stream.rollback(mark)
 
 
-def _write(table: torch.Tensor | None, rows: list[int], slots: list[int], vectors: torch.Tensor, batch_size: int):
-    """Scatter ``vectors`` into ``table[rows, slots]``, growing its capacity geometrically."""
-    needed = max(slots) + 1
+def _write(table: torch.Tensor | None, entries: EntryBatch, vectors: torch.Tensor, batch_size: int):
+    """Scatter ``vectors`` into ``table[entries.rows, entries.slots]``, growing its capacity geometrically."""
+    needed = max(entries.slots) + 1
     if table is None or table.shape[1] < needed:
         capacity = max(needed, 2 * (0 if table is None else table.shape[1]), 16)
         grown = vectors.new_zeros(batch_size, capacity, vectors.shape[-1])
         if table is not None:
             grown[:, : table.shape[1]] = table
         table = grown
-    index = (torch.tensor(rows, device=vectors.device), torch.tensor(slots, device=vectors.device))
+    index = (torch.tensor(entries.rows, device=vectors.device), torch.tensor(entries.slots, device=vectors.device))
     if torch.is_grad_enabled() and (vectors.requires_grad or table.requires_grad):
         return table.index_put(index, vectors)  # out of place: autograd needs the old version
     table[index] = vectors.to(table.dtype)
     return table
+
+
+def _check_id_range(ids: list[list[int]], total: int) -> None:
+    """Every id, padding included, lies in ``[0, V + K)``: the embedding reads even the masked ones."""
+    if min(map(min, ids)) >= 0 and max(map(max, ids)) < total:
+        return
+    b, t = next((b, t) for b, row in enumerate(ids) for t, i in enumerate(row) if not 0 <= i < total)
+    raise ValueError(f"input_ids[{b}, {t}] = {ids[b][t]} is outside the id space [0, {total})")
+
+
+def _consume_rows(streams, ids: list[list[int]], real: list[list[bool]], keep, max_subtokens: int):
+    """Feed each row's real ids to its stream; return `ConsumedBlock`'s ``lengths``, ``legal``,
+    ``provisional`` and ``provisional_lengths`` (at the ``keep`` positions).
+
+    A ValueError names the first id not legal at its position; the streams are then part-way fed.
+    """
+    kept_at = {t: j for j, t in enumerate(keep)}
+    lengths = [[0] * len(row) for row in ids]
+    legal = [[0] * len(kept_at) for _ in ids]
+    provisional = [[[0] * max_subtokens for _ in kept_at] for _ in ids]
+    provisional_lengths = [[0] * len(kept_at) for _ in ids]
+    for b, (row, row_real, stream) in enumerate(zip(ids, real, streams)):
+        for t, (code, is_real) in enumerate(zip(row, row_real)):
+            if is_real:
+                before = stream.num_base_ids
+                try:
+                    stream.feed(code)
+                except ValueError as error:
+                    raise ValueError(f"input_ids[{b}, {t}]: {error}") from None
+                lengths[b][t] = stream.num_base_ids - before
+            j = kept_at.get(t)
+            if j is None:
+                continue
+            content = stream.provisional_subtokens()
+            legal[b][j] = stream.num_installed + (content is not None)
+            if content is not None:
+                provisional[b][j][: len(content)] = content
+                provisional_lengths[b][j] = len(content)
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long)
+    provisional = as_tensor(provisional).reshape(len(ids), len(kept_at), max_subtokens)
+    return as_tensor(lengths), as_tensor(legal), provisional, as_tensor(provisional_lengths)
+
+
+def _positions(lengths: torch.LongTensor, position_mode: str, base_offsets=None, real_offsets=None):
+    """Position ids: in ``"base"`` mode an id takes the position of its last base id, in
+    ``"compressed"`` mode each real id the next position; after ``*_offsets`` per row; 0 on padding."""
+    real = lengths > 0
+    steps, offsets = (lengths, base_offsets) if position_mode == "base" else (real.long(), real_offsets)
+    positions = steps.cumsum(dim=1) - 1
+    if offsets is not None:
+        positions = positions + offsets.to(positions.device)[:, None]
+    return positions.masked_fill(~real, 0)
+
+
+def _padded(content, width: int) -> list[int]:
+    return [*content, *[0] * (width - len(content))]
 
 
 class Zip2ZipCache(DynamicCache):

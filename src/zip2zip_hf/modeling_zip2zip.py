@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import json
 import os
+from collections.abc import Mapping
 from types import SimpleNamespace
 
 import torch
@@ -33,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ._compat import cache_keyword, forget_key_mapping, output_cache_field, pop_cache, truncate_cache
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
-from .hyper_cache import ConsumedBlock, HyperState, Zip2ZipCache
+from .hyper_cache import CODEBOOK_TENSOR_KEYS, ConsumedBlock, EntryBatch, HyperState, Zip2ZipCache
 from .hyper_encoder import build_hyper_encoder
 from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 
@@ -210,6 +211,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        codebooks: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Run the base model on compressed ids.
@@ -226,6 +228,10 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             labels: ``(B, T)`` targets in compressed id space (``-100`` ignored), shifted inside.
             logits_to_keep: compute logits for the last this many positions only (0: all), or a 1-D
                 tensor of the positions to keep.
+            codebooks: the codebooks of these whole sequences, precomputed as tensors by
+                `codebook_tensors` (as `Zip2ZipDataCollator` does, off the critical path), so the
+                forward runs no Python over the ids. Only without a cache (``use_cache=False``). The
+                same logits and loss as without them.
             num_items_in_batch (in ``kwargs``): the Trainer's token count for gradient accumulation.
 
         Returns:
@@ -247,16 +253,25 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         past_length = cache.get_seq_length() if cache is not None else 0
         attention_mask = _checked_attention_mask(attention_mask, input_ids, past_length)
         keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
-        use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
-        cache, state = self._resolve_state(cache, batch_size, use_cache)
+        if codebooks is not None:
+            if past_length or use_cache:
+                raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
+            step, entries = _precomputed(codebooks, input_ids, attention_mask, keep, self.codec, self.config)
+            cache = state = None
+        else:
+            use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+            cache, state = self._resolve_state(cache, batch_size, use_cache)
 
         with _all_or_nothing(state, cache, past_length):
-            step = state.consume(input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
-            inputs_embeds, provisional_vectors, unused = self._embed(state, input_ids, step)
+            if state is not None:
+                step = state.consume(input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
+                entries = state.unencoded_entries()
+            step = step.to(input_ids.device)
+            input_table, output_table, provisional_vectors, unused = self._hyper_vectors(state, entries, step)
             base_kwargs = {
-                "inputs_embeds": inputs_embeds,
+                "inputs_embeds": self._embed(input_ids, step, input_table),
                 "attention_mask": attention_mask,
-                "position_ids": step.positions.to(input_ids.device),
+                "position_ids": step.positions,
                 self._base_cache_keyword: cache,
                 "use_cache": cache is not None,
                 "output_attentions": output_attentions,
@@ -269,7 +284,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
                 outputs = self.language_model(**base_kwargs, **kwargs)
             hidden = _select(head_inputs[-1], keep, length)
             base_logits = _select(outputs.logits, keep, length)
-            logits = self._widen(state, base_logits, hidden, step, provisional_vectors)
+            logits = self._widen(base_logits, hidden, step, output_table, provisional_vectors)
             if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
                 logits = logits + unused
             loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
@@ -310,57 +325,76 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         cache.hyper_state = state
         return cache, state
 
-    def _embed(self, state: HyperState, input_ids: torch.LongTensor, step: ConsumedBlock):
-        """Input embeddings of the new ids, after encoding the entries installed since the last call."""
-        rows, slots, contents = state.unencoded_entries()
-        input_weight = self.get_input_embeddings().weight
-        output_weight = self.get_output_embeddings().weight
+    def _hyper_vectors(self, state: HyperState | None, entries: EntryBatch, step: ConsumedBlock):
+        """Encode the new entries (both sides) and the provisional contents (output side).
+
+        Returns the ``(B, capacity, D)`` input and output tables (entry k at index k), the
+        ``(B, kept, D)`` provisional vectors, and a zero that ties every encoder parameter to the loss
+        when training (None otherwise).
+        """
+        device, (batch_size, kept, M) = step.legal.device, step.provisional.shape
+        subtokens, lengths = entries.subtokens.to(device), entries.lengths.to(device)
         # Under DDP every rank must use every encoder parameter every step, whether or not its batch
-        # installs or reads any hypertoken: when training, both encoders always run (on a dummy entry
-        # if need be) and their outputs join the graph with weight 0.
+        # installs or reads any hypertoken: when training, the input encoder runs on a dummy entry
+        # if there is none (the output one always has the provisional contents).
         anchor = self.training and torch.is_grad_enabled()
-        subtokens, lengths = _pad_contents(contents or ([(0,)] if anchor else []), input_ids.device)
-        # One call per encoder: the new entries, and (output side) the provisional contents.
-        prov_subtokens, prov_lengths = _pad_contents(step.provisional_contents, input_ids.device)
-        input_vectors = _encode(self.input_hyper_encoder, subtokens, lengths, input_weight)
+        n_new = len(subtokens)
+        if anchor and n_new == 0:
+            subtokens, lengths = subtokens.new_zeros(1, M), lengths.new_ones(1)
+        input_vectors = _encode(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
+        # One call for the output side: the new entries, then the provisional content at each kept
+        # position (length 0 where none is legal: encoded as one id and never read).
         output_vectors = _encode(
             self._output_hyper_encoder(),
-            _cat_padded(subtokens, prov_subtokens),
-            torch.cat([lengths, prov_lengths]),
-            output_weight,
+            torch.cat([subtokens, step.provisional.reshape(-1, M)]),
+            torch.cat([lengths, step.provisional_lengths.reshape(-1)]).clamp(min=1),
+            self.get_output_embeddings().weight,
         )
-        n_new = len(subtokens)
-        provisional_vectors = output_vectors[n_new:]
         unused = 0.0 * (input_vectors.sum() + output_vectors.sum()) if anchor else None
-        if contents:
-            state.store(rows, slots, input_vectors, output_vectors[:n_new])
+        input_vectors, (output_new, provisional_vectors) = (
+            input_vectors[:n_new],
+            output_vectors.split([len(subtokens), batch_size * kept]),
+        )
+        output_new = output_new[:n_new]
+        if state is None:  # precomputed: the entries are every row's whole codebook, in order
+            shape = (batch_size, n_new // batch_size, input_vectors.shape[-1])
+            input_table, output_table = input_vectors.reshape(shape), output_new.reshape(shape)
+        else:
+            state.store(entries, input_vectors, output_new)
+            input_table, output_table = state.input_table, state.output_table
+        return input_table, output_table, provisional_vectors.reshape(batch_size, kept, -1), unused
 
-        embed = self.get_input_embeddings()
-        is_hyper = input_ids >= self.codec.initial_vocab_size
-        inputs_embeds = embed(input_ids.masked_fill(is_hyper, 0))
-        b_idx, t_idx = torch.nonzero(is_hyper & step.real.to(input_ids.device), as_tuple=True)
-        if len(b_idx):
-            k_idx = input_ids[b_idx, t_idx] - self.codec.initial_vocab_size
-            vectors = state.input_vectors(b_idx, k_idx).to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.index_put((b_idx, t_idx), vectors)
-        return inputs_embeds, provisional_vectors, unused
+    def _embed(self, input_ids: torch.LongTensor, step: ConsumedBlock, input_table: torch.Tensor | None):
+        """Input embeddings: base rows for base ids, the input table's vectors for hyper ids."""
+        V = self.codec.initial_vocab_size
+        is_hyper = input_ids >= V
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_hyper, 0))
+        if input_table is None or input_table.shape[1] == 0:
+            return inputs_embeds  # no entry installed, so no hyper id was legal
+        slots = (input_ids - V).clamp(0, input_table.shape[1] - 1)
+        vectors = input_table.gather(1, slots[..., None].expand(-1, -1, input_table.shape[-1]))
+        return torch.where((is_hyper & step.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds)
 
-    def _widen(self, state: HyperState, base_logits, hidden, step: ConsumedBlock, provisional_vectors) -> torch.Tensor:
-        """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf."""
+    def _widen(self, base_logits, hidden, step: ConsumedBlock, output_table, provisional_vectors) -> torch.Tensor:
+        """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf.
+
+        Fixed work per position, no host sync: hyper logits are computed for every slot the table
+        holds plus one (the provisional slot may sit just past the installed entries), then masked.
+        """
         V, K = self.codec.initial_vocab_size, self.codec.max_codebook_size
-        legal = step.legal.to(hidden.device)  # (B, kept): legal hyper ids at each kept position
-        width = int(legal.max()) if legal.numel() else 0
-        pieces = [base_logits[..., :V]]
-        if width:
-            hyper = torch.einsum("btd,bkd->btk", hidden, state.output_vectors(width, like=hidden))
-            if step.provisional_index:
-                b_idx, t_idx, k_idx = (torch.tensor(x, device=hidden.device) for x in zip(*step.provisional_index))
-                scores = (hidden[b_idx, t_idx] * provisional_vectors.to(hidden.dtype)).sum(-1)
-                hyper = hyper.index_put((b_idx, t_idx, k_idx), scores.to(hyper.dtype))  # autocast: einsum may be bf16
-            illegal = torch.arange(width, device=hidden.device) >= legal[..., None]
-            pieces.append(hyper.masked_fill(illegal, float("-inf")).to(base_logits.dtype))
-        pieces.append(base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf")))
-        return torch.cat(pieces, dim=-1)
+        capacity = 0 if output_table is None else output_table.shape[1]
+        width = min(K, capacity + 1)
+        columns = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+        if capacity:
+            columns[:, : min(width, capacity)] = output_table[:, :width].to(hidden.dtype)
+        hyper = torch.einsum("btd,bkd->btk", hidden, columns)
+        slot = torch.arange(width, device=hidden.device)
+        provisional_scores = (hidden * provisional_vectors.to(hidden.dtype)).sum(-1)
+        is_provisional = (slot == step.legal[..., None] - 1) & (step.provisional_lengths > 0)[..., None]
+        hyper = torch.where(is_provisional, provisional_scores[..., None].to(hyper.dtype), hyper)
+        hyper = hyper.masked_fill(slot >= step.legal[..., None], float("-inf")).to(base_logits.dtype)
+        tail = base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf"))
+        return torch.cat([base_logits[..., :V], hyper, tail], dim=-1)
 
     def _loss(self, logits, labels, step: ConsumedBlock, num_items_in_batch=None) -> torch.Tensor:
         """Next-token cross-entropy over ``V + K`` classes; a target illegal at its position raises."""
@@ -444,17 +478,69 @@ def _kept_positions(length: int, logits_to_keep) -> list[int]:
 
 
 @contextlib.contextmanager
-def _all_or_nothing(state: HyperState, cache: Cache | None, past_length: int):
+def _all_or_nothing(state: HyperState | None, cache: Cache | None, past_length: int):
     """Undo what a failed forward changed: the codebooks and tables, and positions the base model
     may already have written into the cache, so a caller that catches the error keeps its cache."""
-    snapshot = state.snapshot()
+    snapshot = state.snapshot() if state is not None else None
     try:
         yield
     except BaseException:
-        state.restore(snapshot)
+        if state is not None:
+            state.restore(snapshot)
         if cache is not None:
             truncate_cache(cache, past_length)
         raise
+
+
+def _precomputed(codebooks, input_ids, attention_mask, keep, codec, config) -> tuple[ConsumedBlock, EntryBatch]:
+    """The block and entries of ``codebooks`` (`codebook_tensors`), checked against the batch.
+
+    Shapes, padding and the legality of every id are checked with tensor operations and one host
+    sync; the entries themselves are trusted to be what `codebook_tensors` made of these ids.
+    """
+    if not isinstance(codebooks, Mapping) or set(codebooks) != set(CODEBOOK_TENSOR_KEYS):
+        keys = sorted(codebooks) if isinstance(codebooks, Mapping) else type(codebooks).__name__
+        raise ValueError(f"codebooks must be what codebook_tensors() returns ({CODEBOOK_TENSOR_KEYS}), got {keys}")
+    B, T = input_ids.shape
+    M, width = codec.max_subtokens, codebooks["entries"].shape[1]
+    expected = {
+        "lengths": (B, T),
+        "legal": (B, T),
+        "provisional": (B, T, M),
+        "provisional_lengths": (B, T),
+        "entries": (B, width, M),
+        "entry_lengths": (B, width),
+    }
+    for key, shape in expected.items():
+        if tuple(codebooks[key].shape) != shape:
+            raise ValueError(f"codebooks[{key!r}] has shape {tuple(codebooks[key].shape)}, expected {shape}")
+    device = input_ids.device
+    lengths, legal = codebooks["lengths"].to(device), codebooks["legal"].to(device)
+    # A hyper id is legal where the position before it allowed it (nothing is legal at the start).
+    allowed = F.pad(legal[:, :-1], (1, 0))
+    hyper = input_ids - codec.initial_vocab_size
+    outside = (input_ids < 0) | (hyper >= codec.max_codebook_size)
+    illegal = (lengths > 0) & (hyper >= 0) & (hyper >= allowed)
+    mismatch = (lengths > 0) != attention_mask[:, -T:].to(device).bool()
+    problems = torch.stack([outside, illegal, mismatch])
+    if problems.any():
+        kind, b, t = (int(i) for i in torch.nonzero(problems)[0])
+        raise ValueError(
+            [
+                f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is outside the id space [0, {codec.total_vocab_size})",
+                f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is not a legal id there "
+                f"({int(allowed[b, t])} hyper ids are installed): the codebooks are not these ids'",
+                f"codebooks do not match the attention mask at [{b}, {t}]: they were made for other rows",
+            ][kind]
+        )
+    block = ConsumedBlock.from_codebook_tensors(codebooks, config.position_mode, keep)
+    entries = EntryBatch(
+        rows=None,
+        slots=None,
+        subtokens=codebooks["entries"].reshape(B * width, M),
+        lengths=codebooks["entry_lengths"].reshape(B * width).clamp(min=1),  # absent entries: never read
+    )
+    return block, entries
 
 
 def _select(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
@@ -464,25 +550,11 @@ def _select(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
     return tensor[:, keep] if len(keep) < length else tensor
 
 
-def _pad_contents(contents: list[tuple[int, ...]], device) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Entry contents as a right-padded ``(N, longest)`` id tensor and their lengths."""
-    longest = max((len(c) for c in contents), default=1)
-    padded = [list(c) + [0] * (longest - len(c)) for c in contents]
-    subtokens = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(contents), longest)
-    lengths = torch.tensor([len(c) for c in contents], dtype=torch.long, device=device)
-    return subtokens, lengths
-
-
 def _encode(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.LongTensor, weight: torch.Tensor):
     """Encoder vectors of the given entries; most decoding steps have none, and skip the call."""
     if len(subtokens) == 0:
         return weight.new_zeros(0, weight.shape[-1])
     return encoder(subtokens, lengths, weight)
-
-
-def _cat_padded(a: torch.LongTensor, b: torch.LongTensor) -> torch.LongTensor:
-    width = max(a.shape[1], b.shape[1])
-    return torch.cat([F.pad(a, (0, width - a.shape[1])), F.pad(b, (0, width - b.shape[1]))])
 
 
 @contextlib.contextmanager
