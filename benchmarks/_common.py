@@ -62,3 +62,55 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], num
     align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
     lines = [headers, align, *rows]
     return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+
+
+def wrapper_cost(timed_call: Callable[[], object], counted_call: Callable[[], object], inner) -> dict[str, float]:
+    """What a call spends outside ``inner`` (a module it calls, e.g. the wrapped base model): the CPU
+    proxies of GPU overhead. Two calls of the same kind (e.g. two decoding steps), as a call may
+    change state: ``timed_call`` is timed bare, ``counted_call`` runs instrumented.
+
+    * ``host_syncs``: calls that make the host wait for the device (``.item()``, ``bool(t)``,
+      ``int(t)``, ``nonzero``, ``.tolist()``) outside ``inner``;
+    * ``ops``: aten operations dispatched outside ``inner`` (each one a kernel launch on a GPU);
+    * ``seconds``: wall time outside ``inner`` (of ``timed_call``).
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    depth, inside_seconds, counts = [0], [0.0], {"host_syncs": 0, "ops": 0}
+
+    def enter(*_):
+        depth[0] += 1
+        inside_seconds.append(time.perf_counter())
+
+    def leave(*_):
+        depth[0] -= 1
+        inside_seconds[0] += time.perf_counter() - inside_seconds.pop()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if depth[0] == 0:
+                counts["ops"] += 1
+                counts["host_syncs"] += func in syncing
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        counts["host_syncs"] += depth[0] == 0
+        return tolist(self)
+
+    handles = [inner.register_forward_pre_hook(enter), inner.register_forward_hook(leave)]
+    try:
+        start = time.perf_counter()
+        timed_call()
+        seconds = time.perf_counter() - start - inside_seconds[0]
+        torch.Tensor.tolist = counted_tolist
+        with Count():
+            counted_call()
+    finally:
+        torch.Tensor.tolist = tolist
+        for handle in handles:
+            handle.remove()
+    return {**counts, "seconds": seconds}

@@ -10,13 +10,14 @@ its own. Times are medians over repeats; ratios are zip2zip / base from the same
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
 import subprocess
 import sys
 
-from _common import STDLIB, markdown_table, smollm2, timed
+from _common import STDLIB, markdown_table, smollm2, timed, wrapper_cost
 
 
 def real_text(min_chars: int = 60_000) -> str:
@@ -51,7 +52,8 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
         prompt, continuation = codes[:n_prompt], codes[n_prompt:]
     continuation = continuation[:steps]
 
-    prefill_times, step_times = [], []
+    prefill_times, step_times, costs = [], [], []
+    inner = model if variant == "base" else model.language_model
     with torch.inference_mode():
         for _ in range(repeats):
             seconds, out = timed(model, input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
@@ -61,11 +63,16 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
                     model, input_ids=torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True
                 )
                 step_times.append(seconds)
+            # Two more steps for the CPU proxies of GPU overhead, feeding the prompt's first id: a
+            # base id, legal anywhere.
+            step = functools.partial(model, input_ids=torch.tensor([prompt[:1]]), past_key_values=out.past_key_values)
+            costs.append(wrapper_cost(step, step, inner))
     return {
         "positions": len(prompt),
         "prefill_s": statistics.median(prefill_times),
         "step_s": statistics.median(step_times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **{f"step_{key}": statistics.median(c[key] for c in costs) for key in costs[0]},
     }
 
 
@@ -106,6 +113,9 @@ def main() -> None:
         ("prefill (ms)", *(f"{r['prefill_s'] * 1e3:.1f}" for r in (base, ours)), ratio(base, ours, "prefill_s")),
         ("one decoding step (ms)", *(f"{r['step_s'] * 1e3:.2f}" for r in (base, ours)), ratio(base, ours, "step_s")),
         ("peak RSS (MB)", *(f"{r['peak_rss_mb']:.0f}" for r in (base, ours)), ratio(base, ours, "peak_rss_mb")),
+        ("step: ms outside the base model", "0", f"{ours['step_seconds'] * 1e3:.2f}", ""),
+        ("step: aten ops outside the base model", "0", f"{ours['step_ops']:.0f}", ""),
+        ("step: host syncs outside the base model", "0", f"{ours['step_host_syncs']:.0f}", ""),
     ]
     print(markdown_table(("measure", "base", "zip2zip", "zip2zip / base"), rows))
 

@@ -21,12 +21,21 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .lzw import LZWCodec
 
 
-__all__ = ["CODEBOOK_TENSOR_KEYS", "ConsumedBlock", "EntryBatch", "HyperState", "Zip2ZipCache", "codebook_tensors"]
+__all__ = [
+    "CODEBOOK_TENSOR_KEYS",
+    "ConsumedBlock",
+    "DeviceCodebooks",
+    "EntryBatch",
+    "HyperState",
+    "Zip2ZipCache",
+    "codebook_tensors",
+]
 
 # What `codebook_tensors` returns (and ``forward(codebooks=...)`` reads).
 CODEBOOK_TENSOR_KEYS = ("lengths", "legal", "provisional", "provisional_lengths", "entries", "entry_lengths")
@@ -126,26 +135,36 @@ def codebook_tensors(
 class HyperState:
     """Codebooks and hypertoken vectors of a batch, one row per sequence.
 
+    Two phases. A prompt (a block of many ids) is read by Python `LZWStream`s, one pass over its
+    ids, with the tables growing as entries arrive. The first one-id step (decoding) moves the
+    codebooks to the device as `DeviceCodebooks` once, and from then on every step is tensor work
+    of fixed shape: the tables hold all K slots, each step encodes the (at most M per id) entries
+    its ids install, and nothing waits for the host but the one legality check.
+
     Attributes:
         codec: the codec whose rules the codebooks follow.
-        streams: the canonical LZW state of each row.
+        streams: the canonical LZW state of each row (None once on the device).
+        device_codebooks: the same on the device, once decoding began (None before).
         input_table / output_table: ``(B, capacity, D)`` vectors of installed entries for the input
-            embedding and the unembedding, entry k at index k; rows are filled lazily, never all K.
-        num_encoded: per row, how many entries already have vectors in the tables.
-        num_real_tokens: per row, how many non-padding ids were consumed (compressed positions).
+            embedding and the unembedding, entry k at index k; rows are filled lazily (all K + 1,
+            the last a sink for masked writes, once on the device).
+        num_encoded: per row, how many entries already have vectors in the tables (prompt phase).
+        num_real_tokens: per row, how many non-padding ids were consumed (prompt phase).
     """
 
     def __init__(self, codec: LZWCodec, batch_size: int):
         self.codec = codec
         self.streams = [codec.stream() for _ in range(batch_size)]
+        self.device_codebooks: DeviceCodebooks | None = None
         self.input_table: torch.Tensor | None = None
         self.output_table: torch.Tensor | None = None
         self.num_encoded = [0] * batch_size
         self.num_real_tokens = [0] * batch_size
+        self._created: torch.LongTensor | None = None  # (B, new slots) installed by the last block
 
     @property
     def batch_size(self) -> int:
-        return len(self.streams)
+        return len(self.streams) if self.device_codebooks is None else len(self.device_codebooks.pending)
 
     # ------------------------------------------------------------------ reading ids
 
@@ -163,6 +182,13 @@ class HyperState:
         A ValueError names the first id outside the id space (padding included) or not legal at its
         position; the streams are then part-way fed, which `restore` undoes.
         """
+        if self.device_codebooks is None and input_ids.shape[1] == 1:
+            self.device_codebooks = DeviceCodebooks.from_streams(
+                self.codec, self.streams, self.num_real_tokens, input_ids.device
+            )
+            self.streams = None
+        if self.device_codebooks is not None:
+            return self._consume_on_device(input_ids, mask.bool(), keep, position_mode)
         ids, real = input_ids.tolist(), mask.bool().tolist()
         _check_id_range(ids, self.codec.total_vocab_size)
         base_offsets = torch.tensor([stream.num_base_ids for stream in self.streams])
@@ -179,11 +205,42 @@ class HyperState:
             provisional_lengths=provisional_lengths,
         )
 
+    def _consume_on_device(self, input_ids, real, keep, position_mode) -> ConsumedBlock:
+        """`consume` by `DeviceCodebooks`: tensor operations only, one host sync for the legality check."""
+        codebooks, length = self.device_codebooks, input_ids.shape[1]
+        base_offsets, real_offsets = codebooks.num_base_ids, codebooks.num_real_tokens
+        legality = codebooks.legality(input_ids[:, 0], real[:, 0])[None]
+        kept_at = set(keep)
+        lengths, created, legal, provisional, provisional_lengths = [], [], [], [], []
+        for t in range(length):
+            if t:
+                legality = torch.cat([legality, codebooks.legality(input_ids[:, t], real[:, t])[None]])
+            fed, new = codebooks.feed(input_ids[:, t], real[:, t])
+            lengths.append(fed)
+            created.append(new)
+            if t in kept_at:
+                content, content_length = codebooks.provisional()
+                legal.append(codebooks.num_installed + (content_length > 0))
+                provisional.append(content)
+                provisional_lengths.append(content_length)
+        _raise_if_illegal(legality.T, input_ids, self.codec.total_vocab_size)
+        self._created = torch.cat(created, dim=1)
+        lengths = torch.stack(lengths, dim=1)
+        return ConsumedBlock(
+            lengths=lengths,
+            positions=_positions(lengths, position_mode, base_offsets, real_offsets),
+            legal=torch.stack(legal, dim=1),
+            provisional=torch.stack(provisional, dim=1),
+            provisional_lengths=torch.stack(provisional_lengths, dim=1),
+        )
+
     # ------------------------------------------------------------------ hypertoken vectors
 
     def unencoded_entries(self) -> EntryBatch:
         """The installed entries that have no vectors yet."""
         V, M = self.codec.initial_vocab_size, self.codec.max_subtokens
+        if self.device_codebooks is not None:
+            return self.device_codebooks.entries(self._created)
         rows, slots, contents = [], [], []
         for b, stream in enumerate(self.streams):
             for k in range(self.num_encoded[b], stream.num_installed):
@@ -195,6 +252,11 @@ class HyperState:
 
     def store(self, entries: EntryBatch, input_vectors: torch.Tensor, output_vectors: torch.Tensor) -> None:
         """Write the vectors of `unencoded_entries` (``input_vectors[i]`` for entry i)."""
+        if self.device_codebooks is not None:
+            sizes = self.batch_size, self.codec.max_codebook_size
+            self.input_table = _write_all_slots(self.input_table, entries, input_vectors, *sizes)
+            self.output_table = _write_all_slots(self.output_table, entries, output_vectors, *sizes)
+            return
         if not entries.rows:
             return
         for r, k in zip(entries.rows, entries.slots):
@@ -206,6 +268,13 @@ class HyperState:
 
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep (and repeat or reorder) rows: row ``i`` becomes old row ``rows[i]``."""
+        if self.device_codebooks is not None:
+            index = torch.as_tensor(rows, device=self.device_codebooks.pending.device)
+            self.device_codebooks.select(index)
+            if self.input_table is not None:
+                self.input_table = self.input_table.index_select(0, index)
+                self.output_table = self.output_table.index_select(0, index)
+            return
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
         # Beam search calls this every step: a row kept once keeps its stream object, and only a
         # duplicated row pays for copying its codebook.
@@ -225,6 +294,8 @@ class HyperState:
     def snapshot(self) -> tuple:
         """A cheap record of the state (O(rows)): `restore` returns to it after any consuming and
         storing (not after a row selection)."""
+        if self.device_codebooks is not None:
+            return self.device_codebooks.snapshot(), self.input_table, self.output_table
         marks = [stream.mark() for stream in self.streams]
         return marks, list(self.num_encoded), list(self.num_real_tokens), self.input_table, self.output_table
 
@@ -234,9 +305,195 @@ class HyperState:
         Vectors stored since then sit in table slots at or past the restored ``num_encoded``, which
         count as free again, so the tables need no copy.
         """
+        if self.device_codebooks is not None:
+            device_snapshot, self.input_table, self.output_table = snapshot
+            self.device_codebooks.restore(device_snapshot)
+            return
         marks, self.num_encoded, self.num_real_tokens, self.input_table, self.output_table = snapshot
         for stream, mark in zip(self.streams, marks, strict=True):
             stream.rollback(mark)
+
+
+class DeviceCodebooks:
+    """The canonical codebooks of a batch as fixed-shape tensors on the model's device.
+
+    The tensor twin of a row of `LZWStream`s for the decoding hot path: `feed` consumes one id per
+    row with tensor operations only (no host sync, no Python loop over rows or ids, the same shapes
+    every step, so CUDA graphs and ``torch.compile`` can capture it), and the codebook stays exactly
+    the canonical one: each id is expanded to its base ids, which run through greedy LZW one by one
+    (a fixed loop of M iterations, masked past each id's length). The Python streams are the oracle
+    in the tests.
+
+    Entry k of row b is ``content[b, k, :length[b, k]]``, made of the phrase ``prefix[b, k]`` (a base
+    id or a hyper id) and the base id ``last[b, k]``. Column K of every table is a sink that masked
+    writes go to, so no write needs a branch.
+
+    Attributes:
+        num_installed: ``(B,)`` entries per row.
+        pending / pending_length: ``(B,)`` code and length of the pending phrase ``w`` (-1 / 0: none).
+        num_base_ids / num_real_tokens: ``(B,)`` base ids and non-padding ids consumed.
+    """
+
+    def __init__(self, codec: LZWCodec, batch_size: int, device=None):
+        V, K, M = codec.initial_vocab_size, codec.max_codebook_size, codec.max_subtokens
+        self.codec = codec
+        long = functools.partial(torch.zeros, dtype=torch.long, device=device)
+        self.prefix = long(batch_size, K + 1) - 1
+        self.last = long(batch_size, K + 1) - 1
+        self.content = long(batch_size, K + 1, M)
+        self.length = long(batch_size, K + 1)
+        self.num_installed = long(batch_size)
+        self.pending = long(batch_size) - 1
+        self.pending_length = long(batch_size)
+        self.num_base_ids = long(batch_size)
+        self.num_real_tokens = long(batch_size)
+        self.disabled = torch.zeros(V, dtype=torch.bool, device=device)
+        self.disabled[sorted(codec.disabled_ids)] = True
+
+    # Per-row counters (what a snapshot holds) and all per-row tensors (what a row selection moves).
+    _COUNTERS = ("num_installed", "pending", "pending_length", "num_base_ids", "num_real_tokens")
+    _FIELDS = ("prefix", "last", "content", "length", *_COUNTERS)
+
+    @classmethod
+    def from_streams(cls, codec: LZWCodec, streams, num_real_tokens, device=None) -> DeviceCodebooks:
+        """The tensor state of Python streams (after a prefill: built once, not per step)."""
+        state = cls(codec, len(streams))
+        V = codec.initial_vocab_size
+        for b, stream in enumerate(streams):
+            contents = stream.codebook.to_list()
+            for k, (key, content) in enumerate(zip(stream.codebook._lookup, contents)):
+                prefix, last = divmod(key, V)
+                state.prefix[b, k], state.last[b, k] = prefix, last
+                state.content[b, k, : len(content)] = torch.tensor(content)
+                state.length[b, k] = len(content)
+            state.num_installed[b] = len(contents)
+            state.pending[b], state.pending_length[b] = stream._w, stream._wlen if stream._w >= 0 else 0
+            state.num_base_ids[b] = stream.num_base_ids
+        state.num_real_tokens[:] = torch.tensor(num_real_tokens)
+        return state.to(device)
+
+    def to(self, device) -> DeviceCodebooks:
+        for name in self._FIELDS + ("disabled",):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    # ------------------------------------------------------------------ reading
+
+    def _phrase(self, codes: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """``(B, M)`` base ids and ``(B,)`` lengths of one code per row (base or installed hyper id)."""
+        V = self.codec.initial_vocab_size
+        is_hyper = codes >= V
+        slots = (codes - V).clamp(0, self.codec.max_codebook_size)
+        content = self.content.gather(1, slots[:, None, None].expand(-1, 1, self.content.shape[-1]))[:, 0]
+        as_base = F.pad(codes.clamp(min=0)[:, None], (0, self.content.shape[-1] - 1))
+        length = torch.where(is_hyper, self.length.gather(1, slots[:, None])[:, 0], (codes >= 0).long())
+        return torch.where(is_hyper[:, None], content, as_base), length
+
+    def _find(self, phrase: torch.LongTensor, base_id: torch.LongTensor) -> tuple[torch.BoolTensor, torch.LongTensor]:
+        """Whether entry ``phrase + base_id`` is installed in each row, and its slot."""
+        slots = torch.arange(self.prefix.shape[1], device=phrase.device)
+        match = (
+            (self.prefix == phrase[:, None]) & (self.last == base_id[:, None]) & (slots < self.num_installed[:, None])
+        )
+        return match.any(dim=1), match.long().argmax(dim=1)
+
+    def provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """``(B, M)`` content and ``(B,)`` length of the provisional id ``V + num_installed``
+        (``w + w[0]``); length 0 where it is not legal."""
+        M, K = self.codec.max_subtokens, self.codec.max_codebook_size
+        content, length = self._phrase(self.pending)
+        found, _ = self._find(self.pending, content[:, 0])
+        legal = (self.pending >= 0) & (self.pending_length < M) & (self.num_installed < K) & ~found
+        appended = content.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], content[:, :1])
+        return appended, torch.where(legal, length + 1, 0)
+
+    @property
+    def num_legal_hyper(self) -> torch.LongTensor:
+        return self.num_installed + (self.provisional()[1] > 0)
+
+    def legality(self, codes: torch.LongTensor, real: torch.BoolTensor) -> torch.LongTensor:
+        """``(B,)`` per row: 0 if ``codes`` may come next, 1 if it is outside the id space (padding
+        included: the embedding reads it), 2 if a real id is a hyper id neither installed nor the
+        provisional one."""
+        outside = (codes < 0) | (codes >= self.codec.total_vocab_size)
+        return torch.where(outside, 1, torch.where(real & ~self._is_legal(codes), 2, 0))
+
+    def _is_legal(self, codes: torch.LongTensor) -> torch.BoolTensor:
+        V = self.codec.initial_vocab_size
+        provisional = (codes == V + self.num_installed) & (self.provisional()[1] > 0)
+        return (codes >= 0) & ((codes < V) | (codes - V < self.num_installed) | provisional)
+
+    def entries(self, slots: torch.LongTensor) -> EntryBatch:
+        """The entries at ``slots`` (``(B, S)``, -1 for none, read as the sink) as an `EntryBatch`
+        of fixed size ``B * S`` with tensor ``rows`` and ``slots``."""
+        K = self.codec.max_codebook_size
+        slots = torch.where(slots >= 0, slots, K)
+        rows = torch.arange(len(slots), device=slots.device)[:, None].expand_as(slots)
+        return EntryBatch(
+            rows=rows.reshape(-1),
+            slots=slots.reshape(-1),
+            subtokens=self.content[rows, slots].reshape(-1, self.content.shape[-1]),
+            lengths=self.length[rows, slots].reshape(-1),
+        )
+
+    # ------------------------------------------------------------------ feeding
+
+    def feed(self, codes: torch.LongTensor, real: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Consume one id per row (where ``real``); return ``(B,)`` the base ids each stood for and
+        ``(B, M)`` the slots of the entries it installed (-1 for none), in creation order.
+
+        An id that is not legal (see `legality`) stands for nothing and installs nothing.
+        """
+        V, K, M = self.codec.initial_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
+        provisional, provisional_length = self.provisional()
+        is_provisional = codes == V + self.num_installed
+        content, length = self._phrase(codes)
+        content = torch.where(is_provisional[:, None], provisional, content)
+        length = torch.where(is_provisional, provisional_length, length)
+        length = torch.where(real & self._is_legal(codes), length, 0)
+        rows = torch.arange(len(codes), device=codes.device)
+        created = torch.full_like(content, -1)
+        for i in range(M):
+            active = i < length
+            c = content[:, i]
+            has_phrase = self.pending >= 0
+            found, slot = self._find(self.pending, c)
+            disabled = self.disabled[c]
+            extend = active & ~disabled & has_phrase & found
+            create = active & ~disabled & ~found & has_phrase & (self.num_installed < K) & (self.pending_length < M)
+            phrase, _ = self._phrase(self.pending)
+            target = torch.where(create, self.num_installed, K)  # column K: the sink
+            new_content = phrase.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], c[:, None])
+            self.prefix[rows, target] = self.pending
+            self.last[rows, target] = c
+            self.content[rows, target] = new_content
+            self.length[rows, target] = self.pending_length + 1
+            created[:, i] = torch.where(create, self.num_installed, -1)
+            self.num_installed = self.num_installed + create
+            new_pending = torch.where(extend, V + slot, torch.where(disabled, -1, c))
+            new_length = torch.where(extend, self.pending_length + 1, (~disabled).long())
+            self.pending = torch.where(active, new_pending, self.pending)
+            self.pending_length = torch.where(active, new_length, self.pending_length)
+        self.num_base_ids = self.num_base_ids + length
+        self.num_real_tokens = self.num_real_tokens + real.long()
+        return length, created
+
+    # ------------------------------------------------------------------ rows and snapshots
+
+    def select(self, rows: torch.LongTensor) -> None:
+        for name in self._FIELDS:
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        """A cheap record of the state (O(rows) on the device): `restore` returns to it after any
+        feeding (not after a row selection)."""
+        return tuple(getattr(self, name).clone() for name in self._COUNTERS)
+
+    def restore(self, snapshot: tuple[torch.Tensor, ...]) -> None:
+        """Return to a `snapshot`. Entries installed since sit at slots at or past the restored
+        ``num_installed``, which every read masks out and the next installs overwrite: no copy."""
+        for name, value in zip(self._COUNTERS, snapshot, strict=True):
+            setattr(self, name, value)
 
 
 def _write(table: torch.Tensor | None, entries: EntryBatch, vectors: torch.Tensor, batch_size: int):
@@ -253,6 +510,32 @@ def _write(table: torch.Tensor | None, entries: EntryBatch, vectors: torch.Tenso
         return table.index_put(index, vectors)  # out of place: autograd needs the old version
     table[index] = vectors.to(table.dtype)
     return table
+
+
+def _write_all_slots(table, entries: EntryBatch, vectors: torch.Tensor, batch_size: int, max_codebook_size: int):
+    """`_write` for the device phase: the table holds every slot (K + 1 with the sink) from the
+    start, so its shape never changes, and the writes go by tensor index with no host sync."""
+    if table is None or table.shape[1] != max_codebook_size + 1:
+        grown = vectors.new_zeros(batch_size, max_codebook_size + 1, vectors.shape[-1])
+        if table is not None:
+            grown[:, : table.shape[1]] = table
+        table = grown
+    index = (entries.rows, entries.slots)
+    if torch.is_grad_enabled() and (vectors.requires_grad or table.requires_grad):
+        return table.index_put(index, vectors)
+    table[index] = vectors.to(table.dtype)
+    return table
+
+
+def _raise_if_illegal(legality: torch.LongTensor, input_ids: torch.LongTensor, total: int) -> None:
+    """Raise for the first nonzero `DeviceCodebooks.legality` in ``(B, T)`` (one host sync)."""
+    if torch.compiler.is_compiling() or not legality.any():
+        return
+    b, t = (int(i) for i in torch.nonzero(legality)[0])
+    code = int(input_ids[b, t])
+    if int(legality[b, t]) == 1:
+        raise ValueError(f"input_ids[{b}, {t}] = {code} is outside the id space [0, {total})")
+    raise ValueError(f"input_ids[{b}, {t}]: hyper id {code} is not installed (nor the provisional id) there")
 
 
 def _check_id_range(ids: list[list[int]], total: int) -> None:
