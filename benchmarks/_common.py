@@ -77,7 +77,8 @@ def wrapper_cost(timed_call: Callable[[], object], counted_call: Callable[[], ob
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    syncing = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    aten = torch.ops.aten
+    syncing = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default}
     depth, inside_seconds, counts = [0], [0.0], {"host_syncs": 0, "ops": 0}
 
     def enter(*_):

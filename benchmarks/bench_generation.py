@@ -146,10 +146,11 @@ def breakdown(model, prompt, forced) -> str:
     patches = [
         (model, "forward", "Zip2ZipForCausalLM.forward (all)"),
         (model.language_model, "forward", "  base model forward (lm_head included)"),
-        (HyperState, "consume", "  HyperState.consume (LZW streams, legal sets, positions)"),
-        (model, "_embed", "  _embed (all)"),
+        (HyperState, "consume", "  HyperState.consume (codebooks, legal sets, positions)"),
+        (model, "_hyper_vectors", "  _hyper_vectors (new entries and provisional contents)"),
         (model.input_hyper_encoder, "forward", "    input hyper-encoder"),
         (model._output_hyper_encoder(), "forward", "    output hyper-encoder"),
+        (model, "_embed", "  _embed (base rows and table vectors)"),
         (model, "_widen", "  _widen (hyper logits, masks, concat to V+K)"),
     ]
     saved = [(owner, attr, owner.__dict__.get(attr)) for owner, attr, _ in patches]

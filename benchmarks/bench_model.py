@@ -1,8 +1,12 @@
 """Prefill and decoding-step cost of Zip2ZipForCausalLM against its base model (SmolLM2-135M, CPU).
 
 Both models read the same text: the base model its base ids, the zip2zip model the compressed ids
-(K=2048, M=4, attention hyper-encoder). Each variant runs in its own process so peak memory is
-its own. Times are medians over repeats; ratios are zip2zip / base from the same run.
+(K=2048, M=4, attention hyper-encoder). The zip2zip model runs twice: with its decoding-step
+codebooks in Python streams (the CPU default) and on the device as tensors (`DeviceCodebooks`, the
+accelerator default). Each variant runs in its own process so peak memory is its own. Times are
+medians over repeats; ratios are zip2zip / base from the same run. Per decoding step it also
+counts, outside the base model, the CPU proxies of GPU overhead: wall ms, aten operations (kernel
+launches on a GPU) and host syncs.
 
     python benchmarks/bench_model.py [--prompt-tokens 512] [--steps 32] [--repeats 5]
 """
@@ -31,6 +35,9 @@ def real_text(min_chars: int = 60_000) -> str:
     return "".join(parts)
 
 
+VARIANTS = ("base", "zip2zip", "zip2zip-device")
+
+
 def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,6 +54,7 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
     else:
         tokenizer = Zip2ZipTokenizer.from_base(base_tokenizer, max_codebook_size=2048, max_subtokens=4)
         model = Zip2ZipForCausalLM.from_base(model, tokenizer, hyper_encoder="attention").eval()
+        model.codebooks_on_device = variant == "zip2zip-device"
         codes, _ = tokenizer.codec.encode(base_ids)
         n_prompt = len(tokenizer.codec.encode(base_ids[:prompt_tokens])[0])
         prompt, continuation = codes[:n_prompt], codes[n_prompt:]
@@ -81,13 +89,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--worker", choices=["base", "zip2zip"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.prompt_tokens, args.steps, args.repeats)))
         return
     results = {}
-    for variant in ("base", "zip2zip"):
+    for variant in VARIANTS:
         command = [
             sys.executable,
             __file__,
@@ -102,22 +110,29 @@ def main() -> None:
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    base, ours = results["base"], results["zip2zip"]
+    base, streams, device = (results[v] for v in VARIANTS)
     print(
         f"SmolLM2-135M, CPU, {args.prompt_tokens}-base-token prompt of Python source, K=2048, M=4, "
         f"median of {args.repeats} repeats ({args.steps} steps each)\n"
     )
-    positions = (base["positions"], ours["positions"])
+
+    def row(name, key, scale=1.0, digits=1, ratios=True):
+        values = [f"{r[key] * scale:.{digits}f}" for r in (base, streams, device)]
+        if not ratios:
+            return (name, *values, "", "")
+        return (name, *values, ratio(base, streams, key), ratio(base, device, key))
+
     rows = [
-        ("prompt positions", *positions, f"{positions[1] / positions[0]:.2f}"),
-        ("prefill (ms)", *(f"{r['prefill_s'] * 1e3:.1f}" for r in (base, ours)), ratio(base, ours, "prefill_s")),
-        ("one decoding step (ms)", *(f"{r['step_s'] * 1e3:.2f}" for r in (base, ours)), ratio(base, ours, "step_s")),
-        ("peak RSS (MB)", *(f"{r['peak_rss_mb']:.0f}" for r in (base, ours)), ratio(base, ours, "peak_rss_mb")),
-        ("step: ms outside the base model", "0", f"{ours['step_seconds'] * 1e3:.2f}", ""),
-        ("step: aten ops outside the base model", "0", f"{ours['step_ops']:.0f}", ""),
-        ("step: host syncs outside the base model", "0", f"{ours['step_host_syncs']:.0f}", ""),
+        row("prompt positions", "positions", digits=0),
+        row("prefill (ms)", "prefill_s", 1e3),
+        row("one decoding step (ms)", "step_s", 1e3, 2),
+        row("peak RSS (MB)", "peak_rss_mb", digits=0),
+        row("step: ms outside the base model", "step_seconds", 1e3, 2, ratios=False),
+        row("step: aten ops outside the base model", "step_ops", digits=0, ratios=False),
+        row("step: host syncs outside the base model", "step_host_syncs", digits=0, ratios=False),
     ]
-    print(markdown_table(("measure", "base", "zip2zip", "zip2zip / base"), rows))
+    header = ("measure", "base", "zip2zip (streams)", "zip2zip (device codebooks)", "streams / base", "device / base")
+    print(markdown_table(header, rows))
 
 
 def ratio(base: dict, ours: dict, key: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -55,6 +56,33 @@ def test_forward_failing_on_a_later_row_leaves_the_cache_as_it_was(model):
         carried_on = model(input_ids=good, past_key_values=cache, use_cache=True).logits
         fresh = model(input_ids=good, past_key_values=prefilled(model, [prompt, prompt]), use_cache=True).logits
     torch.testing.assert_close(carried_on, fresh, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+@pytest.mark.parametrize("bad_id", [-1, V + K + 5, V + K - 1])
+def test_a_bad_decoding_step_raises_and_changes_nothing(model, bad_id, on_device, monkeypatch):
+    """Decoding steps run on the device state and learn of a bad id after the step is queued; the
+    error and the rollback are the same as anywhere else."""
+    prompt = compressed(5, 40)
+    monkeypatch.setattr(model, "codebooks_on_device", on_device)
+
+    def decoded(steps):
+        cache, errors = prefilled(model, [prompt]), []
+        with torch.no_grad():
+            for ids in steps:
+                try:
+                    logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits
+                except ValueError as error:
+                    errors.append(str(error))
+        return logits, cache.get_seq_length(), errors
+
+    logits, length, errors = decoded([[5], [bad_id], [6], [5]])
+    assert len(errors) == 1 and re.search(
+        r"input_ids\[0, 0\] = -?\d+ is outside|input_ids\[0, 0\]: hyper id", errors[0]
+    )
+    expected_logits, expected_length, _ = decoded([[5], [6], [5]])
+    torch.testing.assert_close(logits, expected_logits, atol=0, rtol=0)
+    assert length == expected_length
 
 
 def test_forward_failing_inside_the_base_model_rolls_back_codebooks_and_keys(model):

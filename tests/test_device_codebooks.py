@@ -41,7 +41,10 @@ def assert_matches(state: DeviceCodebooks, streams, num_real) -> None:
         contents = [state.content[b, k, : int(state.length[b, k])].tolist() for k in range(n)]
         assert contents == stream.codebook.to_list()
         assert int(state.pending[b]) == stream._w
-        assert int(state.pending_length[b]) == (stream._wlen if stream._w >= 0 else 0)
+        if stream._w >= 0:
+            phrase = list(stream.codebook.get_subtokens(stream._w))
+            assert int(state.pending_length[b]) == stream._wlen == len(phrase)
+            assert state.pending_content[b, : len(phrase)].tolist() == phrase
         assert int(state.num_base_ids[b]) == stream.num_base_ids
         assert int(state.num_real_tokens[b]) == num_real[b]
         expected = stream.provisional_subtokens()
@@ -68,8 +71,8 @@ def test_feeding_equals_the_python_streams(codec, batch_size, data):
                 stream.feed(code)
                 num_real[b] += 1
             expected_lengths.append(stream.num_base_ids - before)
-        lengths, created = state.feed(torch.tensor(codes), torch.tensor(real))
-        assert lengths.tolist() == expected_lengths
+        lengths, created, legality = state.feed(torch.tensor(codes), torch.tensor(real))
+        assert lengths.tolist() == expected_lengths and not legality.any()
         for b, stream in enumerate(streams):
             new = [k for k in created[b].tolist() if k >= 0]
             assert new == list(range(installed_before[b], stream.num_installed))
@@ -90,19 +93,21 @@ def test_from_streams_equals_feeding_from_the_start(codec, data):
     assert_matches(fed, [stream], [stream.num_codes])
 
 
-def test_legality_names_ids_outside_the_space_and_uninstalled_ones():
+def test_feed_reports_illegal_ids_and_they_stand_for_nothing():
     codec = LZWCodec(10, 5, 3)
     state = DeviceCodebooks(codec, 4)
     real = torch.tensor([True, True, True, False])
     for code in (1, 2):
         state.feed(torch.full((4,), code), real)
+    snapshot = state.snapshot()
     # Entry 10 = [1, 2] exists and 11 = [2, 2] is the provisional id; 12 is not legal, 15 is outside
     # the id space even on padding, and padding may hold anything inside it.
-    assert state.legality(torch.tensor([11, 12, 15, 13]), real).tolist() == [0, 2, 1, 0]
-    assert state.legality(torch.tensor([-1, 10, 9, 15]), real).tolist() == [1, 0, 0, 1]
+    lengths, _, legality = state.feed(torch.tensor([11, 12, 15, 13]), real)
+    assert legality.tolist() == [0, 2, 1, 0] and lengths.tolist() == [2, 0, 0, 0]
+    state.restore(snapshot)
     installed, pending = state.num_installed.clone(), state.pending.clone()
-    lengths, created = state.feed(torch.tensor([12, 12, 12, 12]), real)  # an illegal id installs nothing
-    assert lengths.tolist() == [0, 0, 0, 0] and (created < 0).all()
+    lengths, created, legality = state.feed(torch.tensor([-1, 12, 15, 15]), real)
+    assert legality.tolist() == [1, 2, 1, 1] and lengths.tolist() == [0, 0, 0, 0] and (created < 0).all()
     assert torch.equal(state.num_installed, installed) and torch.equal(state.pending, pending)
 
 

@@ -32,10 +32,11 @@ from zip2zip_hf.modeling_zip2zip import HYPER_ENCODER_NAMES
 # ---------------------------------------------------------------------- training equals inference
 
 
+@pytest.mark.parametrize("on_device", [True, False], ids=["device-codebooks", "python-streams"])
 @pytest.mark.parametrize("position_mode", ["base", "compressed"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_teacher_forced_equals_step_by_step(arch, position_mode):
-    model = wrap(tiny_base(arch), position_mode)
+def test_teacher_forced_equals_step_by_step(arch, position_mode, on_device):
+    model = wrap(tiny_base(arch), position_mode, on_device=on_device)
     rows = [compressed(seed, n) for seed, n in ((1, 120), (2, 70), (3, 95))]
     assert all(any(i >= V for i in r) for r in rows), "the texts must produce hypertokens"
     ids, mask = left_pad(rows)

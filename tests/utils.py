@@ -104,7 +104,12 @@ def tiny_base(arch: str, tie: bool = False, rows: int = V):
     return AutoModelForCausalLM.from_config(tiny_causal_lm_config(arch, rows, tie=tie)).eval()
 
 
-def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=False, max_codebook_size=K):
+def wrap(
+    base, position_mode="base", hyper_encoder="attention", tie_encoders=False, max_codebook_size=K, on_device=True
+):
+    """A zip2zip model around ``base`` with the tests' settings. Decoding steps keep the codebooks
+    on the device (`DeviceCodebooks`) unless ``on_device=False`` (the CPU default: Python streams),
+    so the tests run the accelerator path on a CPU."""
     config = Zip2ZipConfig(
         text_config=base.config,
         initial_vocab_size=V,
@@ -117,7 +122,9 @@ def wrap(base, position_mode="base", hyper_encoder="attention", tie_encoders=Fal
         tie_hyper_encoders=tie_encoders,
         position_mode=position_mode,
     )
-    return perturb_hyper_encoders(Zip2ZipForCausalLM(config, base_model=base).eval(), seed=1)
+    model = Zip2ZipForCausalLM(config, base_model=base).eval()
+    model.codebooks_on_device = on_device
+    return perturb_hyper_encoders(model, seed=1)
 
 
 def perturb_hyper_encoders(model, seed: int | None = None, scale: float = 0.2):

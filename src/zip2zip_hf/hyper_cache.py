@@ -136,10 +136,12 @@ class HyperState:
     """Codebooks and hypertoken vectors of a batch, one row per sequence.
 
     Two phases. A prompt (a block of many ids) is read by Python `LZWStream`s, one pass over its
-    ids, with the tables growing as entries arrive. The first one-id step (decoding) moves the
-    codebooks to the device as `DeviceCodebooks` once, and from then on every step is tensor work
-    of fixed shape: the tables hold all K slots, each step encodes the (at most M per id) entries
-    its ids install, and nothing waits for the host but the one legality check.
+    ids, with the tables growing as entries arrive. On an accelerator (or when ``on_device`` says
+    so) the first one-id step (decoding) moves the codebooks to the device as `DeviceCodebooks`
+    once, and from then on every step is tensor work of fixed shape: the tables hold all K slots,
+    each step encodes the (at most M per id) entries its ids install, and nothing waits for the
+    host but the one legality check. On a CPU a host sync costs nothing and an operation costs more
+    than a Python step, so the streams keep the codebooks there (about a third of the operations).
 
     Attributes:
         codec: the codec whose rules the codebooks follow.
@@ -152,8 +154,9 @@ class HyperState:
         num_real_tokens: per row, how many non-padding ids were consumed (prompt phase).
     """
 
-    def __init__(self, codec: LZWCodec, batch_size: int):
+    def __init__(self, codec: LZWCodec, batch_size: int, on_device: bool | None = None):
         self.codec = codec
+        self.on_device = on_device  # None: on accelerators only
         self.streams = [codec.stream() for _ in range(batch_size)]
         self.device_codebooks: DeviceCodebooks | None = None
         self.input_table: torch.Tensor | None = None
@@ -161,6 +164,7 @@ class HyperState:
         self.num_encoded = [0] * batch_size
         self.num_real_tokens = [0] * batch_size
         self._created: torch.LongTensor | None = None  # (B, new slots) installed by the last block
+        self._unchecked: tuple[torch.Tensor, torch.Tensor] | None = None  # the last block's legality
 
     @property
     def batch_size(self) -> int:
@@ -182,7 +186,8 @@ class HyperState:
         A ValueError names the first id outside the id space (padding included) or not legal at its
         position; the streams are then part-way fed, which `restore` undoes.
         """
-        if self.device_codebooks is None and input_ids.shape[1] == 1:
+        on_device = self.on_device if self.on_device is not None else input_ids.device.type != "cpu"
+        if self.device_codebooks is None and input_ids.shape[1] == 1 and on_device:
             self.device_codebooks = DeviceCodebooks.from_streams(
                 self.codec, self.streams, self.num_real_tokens, input_ids.device
             )
@@ -206,24 +211,23 @@ class HyperState:
         )
 
     def _consume_on_device(self, input_ids, real, keep, position_mode) -> ConsumedBlock:
-        """`consume` by `DeviceCodebooks`: tensor operations only, one host sync for the legality check."""
-        codebooks, length = self.device_codebooks, input_ids.shape[1]
+        """`consume` by `DeviceCodebooks`: tensor operations only. The legality of the ids is
+        computed, not yet read: `raise_if_illegal` reads it once the step is queued."""
+        codebooks = self.device_codebooks
         base_offsets, real_offsets = codebooks.num_base_ids, codebooks.num_real_tokens
-        legality = codebooks.legality(input_ids[:, 0], real[:, 0])[None]
         kept_at = set(keep)
-        lengths, created, legal, provisional, provisional_lengths = [], [], [], [], []
-        for t in range(length):
-            if t:
-                legality = torch.cat([legality, codebooks.legality(input_ids[:, t], real[:, t])[None]])
-            fed, new = codebooks.feed(input_ids[:, t], real[:, t])
+        lengths, created, legality, legal, provisional, provisional_lengths = [], [], [], [], [], []
+        for t in range(input_ids.shape[1]):
+            fed, new, verdict = codebooks.feed(input_ids[:, t], real[:, t])
             lengths.append(fed)
             created.append(new)
+            legality.append(verdict)
             if t in kept_at:
                 content, content_length = codebooks.provisional()
                 legal.append(codebooks.num_installed + (content_length > 0))
                 provisional.append(content)
                 provisional_lengths.append(content_length)
-        _raise_if_illegal(legality.T, input_ids, self.codec.total_vocab_size)
+        self._unchecked = (torch.stack(legality, dim=1), input_ids)
         self._created = torch.cat(created, dim=1)
         lengths = torch.stack(lengths, dim=1)
         return ConsumedBlock(
@@ -233,6 +237,19 @@ class HyperState:
             provisional=torch.stack(provisional, dim=1),
             provisional_lengths=torch.stack(provisional_lengths, dim=1),
         )
+
+    def raise_if_illegal(self) -> None:
+        """Raise a ValueError naming the first id of the last block that was not legal.
+
+        The prompt phase raised in `consume` already. In the device phase this is the step's one
+        host sync, so the model calls it after queuing the base model: the host then waits only
+        for work it would have waited for anyway (generate reads each step's tokens), and a failure
+        is undone like any other (`snapshot` / `restore`).
+        """
+        if self._unchecked is not None:
+            legality, input_ids = self._unchecked
+            self._unchecked = None
+            _raise_if_illegal(legality, input_ids, self.codec.total_vocab_size)
 
     # ------------------------------------------------------------------ hypertoken vectors
 
@@ -308,6 +325,7 @@ class HyperState:
         if self.device_codebooks is not None:
             device_snapshot, self.input_table, self.output_table = snapshot
             self.device_codebooks.restore(device_snapshot)
+            self._unchecked = None
             return
         marks, self.num_encoded, self.num_real_tokens, self.input_table, self.output_table = snapshot
         for stream, mark in zip(self.streams, marks, strict=True):
@@ -324,104 +342,103 @@ class DeviceCodebooks:
     (a fixed loop of M iterations, masked past each id's length). The Python streams are the oracle
     in the tests.
 
-    Entry k of row b is ``content[b, k, :length[b, k]]``, made of the phrase ``prefix[b, k]`` (a base
-    id or a hyper id) and the base id ``last[b, k]``. Column K of every table is a sink that masked
-    writes go to, so no write needs a branch.
+    Entry k of row b is ``content[b, k, :length[b, k]]``; ``keys[b, k]`` is ``prefix * V + last``
+    (the code of its phrase without the last base id, and that id: the key `Codebook` uses), -1
+    where no entry is installed, so one comparison finds an entry. Column K of every table is a
+    sink that masked writes go to, so no write needs a branch.
 
     Attributes:
         num_installed: ``(B,)`` entries per row.
-        pending / pending_length: ``(B,)`` code and length of the pending phrase ``w`` (-1 / 0: none).
+        pending / pending_length / pending_content: ``(B,)``, ``(B,)``, ``(B, M)``: code, length
+            and base ids of the pending phrase ``w`` (-1 / 0 / zeros: none).
         num_base_ids / num_real_tokens: ``(B,)`` base ids and non-padding ids consumed.
     """
+
+    # Per-row counters (what a snapshot holds) and all per-row tensors (what a row selection moves).
+    _COUNTERS = ("num_installed", "pending", "pending_length", "pending_content", "num_base_ids", "num_real_tokens")
+    _FIELDS = ("keys", "content", "length", *_COUNTERS)
 
     def __init__(self, codec: LZWCodec, batch_size: int, device=None):
         V, K, M = codec.initial_vocab_size, codec.max_codebook_size, codec.max_subtokens
         self.codec = codec
         long = functools.partial(torch.zeros, dtype=torch.long, device=device)
-        self.prefix = long(batch_size, K + 1) - 1
-        self.last = long(batch_size, K + 1) - 1
+        self.keys = long(batch_size, K + 1) - 1
         self.content = long(batch_size, K + 1, M)
         self.length = long(batch_size, K + 1)
         self.num_installed = long(batch_size)
         self.pending = long(batch_size) - 1
         self.pending_length = long(batch_size)
+        self.pending_content = long(batch_size, M)
         self.num_base_ids = long(batch_size)
         self.num_real_tokens = long(batch_size)
         self.disabled = torch.zeros(V, dtype=torch.bool, device=device)
         self.disabled[sorted(codec.disabled_ids)] = True
 
-    # Per-row counters (what a snapshot holds) and all per-row tensors (what a row selection moves).
-    _COUNTERS = ("num_installed", "pending", "pending_length", "num_base_ids", "num_real_tokens")
-    _FIELDS = ("prefix", "last", "content", "length", *_COUNTERS)
-
     @classmethod
     def from_streams(cls, codec: LZWCodec, streams, num_real_tokens, device=None) -> DeviceCodebooks:
         """The tensor state of Python streams (after a prefill: built once, not per step)."""
-        state = cls(codec, len(streams))
-        V = codec.initial_vocab_size
+        state, M = cls(codec, len(streams)), codec.max_subtokens
         for b, stream in enumerate(streams):
             contents = stream.codebook.to_list()
-            for k, (key, content) in enumerate(zip(stream.codebook._lookup, contents)):
-                prefix, last = divmod(key, V)
-                state.prefix[b, k], state.last[b, k] = prefix, last
-                state.content[b, k, : len(content)] = torch.tensor(content)
-                state.length[b, k] = len(content)
-            state.num_installed[b] = len(contents)
-            state.pending[b], state.pending_length[b] = stream._w, stream._wlen if stream._w >= 0 else 0
+            n = len(contents)
+            state.keys[b, :n] = torch.tensor(list(stream.codebook._lookup), dtype=torch.long)
+            state.content[b, :n] = torch.tensor([_padded(c, M) for c in contents], dtype=torch.long).reshape(n, M)
+            state.length[b, :n] = torch.tensor([len(c) for c in contents], dtype=torch.long)
+            state.num_installed[b] = n
+            if stream._w >= 0:
+                phrase = stream.codebook.get_subtokens(stream._w)
+                state.pending[b], state.pending_length[b] = stream._w, len(phrase)
+                state.pending_content[b] = torch.tensor(_padded(phrase, M))
             state.num_base_ids[b] = stream.num_base_ids
         state.num_real_tokens[:] = torch.tensor(num_real_tokens)
         return state.to(device)
 
     def to(self, device) -> DeviceCodebooks:
-        for name in self._FIELDS + ("disabled",):
+        for name in (*self._FIELDS, "disabled"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     # ------------------------------------------------------------------ reading
 
-    def _phrase(self, codes: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """``(B, M)`` base ids and ``(B,)`` lengths of one code per row (base or installed hyper id)."""
-        V = self.codec.initial_vocab_size
-        is_hyper = codes >= V
-        slots = (codes - V).clamp(0, self.codec.max_codebook_size)
-        content = self.content.gather(1, slots[:, None, None].expand(-1, 1, self.content.shape[-1]))[:, 0]
-        as_base = F.pad(codes.clamp(min=0)[:, None], (0, self.content.shape[-1] - 1))
-        length = torch.where(is_hyper, self.length.gather(1, slots[:, None])[:, 0], (codes >= 0).long())
-        return torch.where(is_hyper[:, None], content, as_base), length
-
-    def _find(self, phrase: torch.LongTensor, base_id: torch.LongTensor) -> tuple[torch.BoolTensor, torch.LongTensor]:
-        """Whether entry ``phrase + base_id`` is installed in each row, and its slot."""
-        slots = torch.arange(self.prefix.shape[1], device=phrase.device)
-        match = (
-            (self.prefix == phrase[:, None]) & (self.last == base_id[:, None]) & (slots < self.num_installed[:, None])
-        )
-        return match.any(dim=1), match.long().argmax(dim=1)
+    def _key(self, base_ids: torch.LongTensor) -> torch.LongTensor:
+        """The key of entry ``w + base_id`` per row; -2 (matching nothing) where no phrase is pending."""
+        return torch.where(self.pending >= 0, self.pending * self.codec.initial_vocab_size + base_ids, -2)
 
     def provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
         """``(B, M)`` content and ``(B,)`` length of the provisional id ``V + num_installed``
         (``w + w[0]``); length 0 where it is not legal."""
         M, K = self.codec.max_subtokens, self.codec.max_codebook_size
-        content, length = self._phrase(self.pending)
-        found, _ = self._find(self.pending, content[:, 0])
-        legal = (self.pending >= 0) & (self.pending_length < M) & (self.num_installed < K) & ~found
-        appended = content.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], content[:, :1])
-        return appended, torch.where(legal, length + 1, 0)
+        first = self.pending_content[:, :1]
+        installed = (self.keys == self._key(first[:, 0])[:, None]).any(dim=1)
+        legal = (self.pending >= 0) & (self.pending_length < M) & (self.num_installed < K) & ~installed
+        content = self.pending_content.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], first)
+        return content, torch.where(legal, self.pending_length + 1, 0)
 
     @property
     def num_legal_hyper(self) -> torch.LongTensor:
         return self.num_installed + (self.provisional()[1] > 0)
 
-    def legality(self, codes: torch.LongTensor, real: torch.BoolTensor) -> torch.LongTensor:
-        """``(B,)`` per row: 0 if ``codes`` may come next, 1 if it is outside the id space (padding
-        included: the embedding reads it), 2 if a real id is a hyper id neither installed nor the
-        provisional one."""
-        outside = (codes < 0) | (codes >= self.codec.total_vocab_size)
-        return torch.where(outside, 1, torch.where(real & ~self._is_legal(codes), 2, 0))
-
-    def _is_legal(self, codes: torch.LongTensor) -> torch.BoolTensor:
-        V = self.codec.initial_vocab_size
-        provisional = (codes == V + self.num_installed) & (self.provisional()[1] > 0)
-        return (codes >= 0) & ((codes < V) | (codes - V < self.num_installed) | provisional)
+    def expand(self, codes: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
+        """``(B, M)`` base ids and ``(B,)`` count of one id per row, and ``(B,)`` its legality: 0
+        legal next, 1 outside the id space, 2 a hyper id neither installed nor the provisional one
+        (such ids expand to nothing)."""
+        V, total = self.codec.initial_vocab_size, self.codec.total_vocab_size
+        provisional, provisional_length = self.provisional()
+        slots = (codes - V).clamp(0, self.codec.max_codebook_size)
+        rows = torch.arange(len(codes), device=codes.device)
+        is_provisional = (codes == V + self.num_installed) & (provisional_length > 0)
+        is_hyper = codes >= V
+        content = torch.where(
+            is_hyper[:, None],
+            self.content[rows, slots],
+            F.pad(codes[:, None].clamp(min=0), (0, provisional.shape[1] - 1)),
+        )
+        content = torch.where(is_provisional[:, None], provisional, content)
+        installed = is_hyper & (slots < self.num_installed)
+        length = torch.where(is_provisional, provisional_length, torch.where(installed, self.length[rows, slots], 1))
+        outside = (codes < 0) | (codes >= total)
+        legality = torch.where(outside, 1, torch.where(is_hyper & ~installed & ~is_provisional, 2, 0))
+        return content, torch.where(legality == 0, length, 0), legality
 
     def entries(self, slots: torch.LongTensor) -> EntryBatch:
         """The entries at ``slots`` (``(B, S)``, -1 for none, read as the sink) as an `EntryBatch`
@@ -438,45 +455,48 @@ class DeviceCodebooks:
 
     # ------------------------------------------------------------------ feeding
 
-    def feed(self, codes: torch.LongTensor, real: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Consume one id per row (where ``real``); return ``(B,)`` the base ids each stood for and
-        ``(B, M)`` the slots of the entries it installed (-1 for none), in creation order.
+    def feed(self, codes: torch.LongTensor, real: torch.BoolTensor) -> tuple[torch.LongTensor, ...]:
+        """Consume one id per row (where ``real``).
 
-        An id that is not legal (see `legality`) stands for nothing and installs nothing.
+        Returns ``(B,)`` the base ids each id stood for, ``(B, M)`` the slots of the entries it
+        installed (-1 for none) in creation order, and ``(B,)`` its legality (see `expand`; padding
+        is only checked for the id space). An id that is not legal stands for nothing.
         """
         V, K, M = self.codec.initial_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
-        provisional, provisional_length = self.provisional()
-        is_provisional = codes == V + self.num_installed
-        content, length = self._phrase(codes)
-        content = torch.where(is_provisional[:, None], provisional, content)
-        length = torch.where(is_provisional, provisional_length, length)
-        length = torch.where(real & self._is_legal(codes), length, 0)
+        content, length, legality = self.expand(codes)
+        legality = torch.where(real | (legality == 1), legality, 0)
+        length = torch.where(real, length, 0)
         rows = torch.arange(len(codes), device=codes.device)
-        created = torch.full_like(content, -1)
+        created = []
         for i in range(M):
             active = i < length
             c = content[:, i]
-            has_phrase = self.pending >= 0
-            found, slot = self._find(self.pending, c)
-            disabled = self.disabled[c]
-            extend = active & ~disabled & has_phrase & found
-            create = active & ~disabled & ~found & has_phrase & (self.num_installed < K) & (self.pending_length < M)
-            phrase, _ = self._phrase(self.pending)
+            key = self._key(c)
+            found, slot = (self.keys == key[:, None]).max(dim=1)
+            extend = active & found
+            create = active & ~found & (self.pending >= 0) & ~self.disabled[c]
+            create &= (self.num_installed < K) & (self.pending_length < M)
             target = torch.where(create, self.num_installed, K)  # column K: the sink
-            new_content = phrase.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], c[:, None])
-            self.prefix[rows, target] = self.pending
-            self.last[rows, target] = c
-            self.content[rows, target] = new_content
+            extended = self.pending_content.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], c[:, None])
+            self.keys[rows, target] = torch.where(create, key, -1)  # the sink never matches
+            self.content[rows, target] = extended
             self.length[rows, target] = self.pending_length + 1
-            created[:, i] = torch.where(create, self.num_installed, -1)
+            created.append(torch.where(create, self.num_installed, -1))
             self.num_installed = self.num_installed + create
-            new_pending = torch.where(extend, V + slot, torch.where(disabled, -1, c))
-            new_length = torch.where(extend, self.pending_length + 1, (~disabled).long())
-            self.pending = torch.where(active, new_pending, self.pending)
-            self.pending_length = torch.where(active, new_length, self.pending_length)
+            # The next phrase: w + c when that is an entry, else c alone (none for a disabled c).
+            fresh = active & ~extend
+            starts = ~self.disabled[c]
+            self.pending = torch.where(extend, V + slot, torch.where(fresh, torch.where(starts, c, -1), self.pending))
+            self.pending_length = torch.where(
+                extend, self.pending_length + 1, torch.where(fresh, starts.long(), self.pending_length)
+            )
+            alone = F.pad(c[:, None], (0, M - 1))
+            self.pending_content = torch.where(
+                extend[:, None], extended, torch.where(fresh[:, None], alone, self.pending_content)
+            )
         self.num_base_ids = self.num_base_ids + length
         self.num_real_tokens = self.num_real_tokens + real.long()
-        return length, created
+        return length, torch.stack(created, dim=1), legality
 
     # ------------------------------------------------------------------ rows and snapshots
 
@@ -491,9 +511,12 @@ class DeviceCodebooks:
 
     def restore(self, snapshot: tuple[torch.Tensor, ...]) -> None:
         """Return to a `snapshot`. Entries installed since sit at slots at or past the restored
-        ``num_installed``, which every read masks out and the next installs overwrite: no copy."""
+        ``num_installed``: their keys are cleared (so no lookup finds them) and the next installs
+        overwrite the rest."""
         for name, value in zip(self._COUNTERS, snapshot, strict=True):
             setattr(self, name, value)
+        slots = torch.arange(self.keys.shape[1], device=self.keys.device)
+        self.keys.masked_fill_(slots >= self.num_installed[:, None], -1)
 
 
 def _write(table: torch.Tensor | None, entries: EntryBatch, vectors: torch.Tensor, batch_size: int):

@@ -76,7 +76,14 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
     Build one around a loaded model with `from_base` (or `from_base_pretrained`), load a saved one
     with ``AutoModelForCausalLM.from_pretrained(path)`` after ``import zip2zip_hf``, or with
     ``trust_remote_code=True`` without the package.
+
+    Attributes:
+        codebooks_on_device: where decoding steps keep the codebooks (`HyperState`): None (the
+            default) on the model's device when it is an accelerator, in Python streams on a CPU;
+            True or False to choose. The logits are the same either way.
     """
+
+    codebooks_on_device: bool | None = None
 
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
@@ -288,6 +295,8 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
                 logits = logits + unused
             loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
+            if state is not None:
+                state.raise_if_illegal()
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -315,7 +324,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
                 f"{type(cache).__name__} is not supported: a zip2zip model keeps its codebooks in a "
                 "Zip2ZipCache (a DynamicCache); static, offloaded and quantized caches are not supported yet"
             )
-        state = HyperState(self.codec, batch_size)
+        state = HyperState(self.codec, batch_size, on_device=self.codebooks_on_device)
         if not use_cache:
             return None, state
         # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
@@ -368,7 +377,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         """Input embeddings: base rows for base ids, the input table's vectors for hyper ids."""
         V = self.codec.initial_vocab_size
         is_hyper = input_ids >= V
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_hyper, 0))
+        # Ids outside the id space are reported after the step is queued (`raise_if_illegal`);
+        # until then they read row 0, never out of bounds.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_hyper | (input_ids < 0), 0))
         if input_table is None or input_table.shape[1] == 0:
             return inputs_embeds  # no entry installed, so no hyper id was legal
         slots = (input_ids - V).clamp(0, input_table.shape[1] - 1)
