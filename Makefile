@@ -22,7 +22,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lock clean
+.PHONY: setup demo test bench bench-gpu lock clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_generation.py
 	$(BIN)/python benchmarks/bench_training.py --steps 5 --batch-size 2 --max-length 512
+
+# On a GPU the measurements of record; on a CPU a dry run with tiny shapes.
+bench-gpu: setup
+	$(BIN)/python benchmarks/bench_gpu.py
 
 # Re-resolve the pins in throw-away virtualenvs: the newest releases setup.cfg allows, and the
 # same with the oldest supported transformers. Then run `make test` and `make test TRANSFORMERS=4.57`.

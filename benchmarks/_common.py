@@ -115,3 +115,17 @@ def wrapper_cost(timed_call: Callable[[], object], counted_call: Callable[[], ob
         for handle in handles:
             handle.remove()
     return {**counts, "seconds": seconds}
+
+
+class ForceIds:
+    """A logits processor forcing a fixed list of ids after a prompt: both models of a comparison
+    write exactly the given ids, at the same cost per step."""
+
+    def __init__(self, ids: list[int], prompt_length: int):
+        self.ids, self.prompt_length = ids, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        forced = scores.new_full(scores.shape, float("-inf"))
+        forced[:, self.ids[min(step, len(self.ids) - 1)]] = 0.0
+        return forced

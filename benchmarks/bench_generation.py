@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import STDLIB, markdown_table, smollm2, timed
+from _common import STDLIB, ForceIds, markdown_table, smollm2, timed
 
 
 PROMPT_TOKENS = 256
@@ -44,19 +44,6 @@ def texts() -> dict[str, str]:
     start = code.index("class HelpFormatter(")
     prose = pydoc_data.topics.topics["assignment"] + pydoc_data.topics.topics["execmodel"]
     return {"code (argparse.py)": code[start:], "prose (language reference)": prose}
-
-
-class ForceIds:
-    """A logits processor forcing a fixed list of ids after a prompt (for the base model)."""
-
-    def __init__(self, ids: list[int], prompt_length: int):
-        self.ids, self.prompt_length = ids, prompt_length
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        forced = scores.new_full(scores.shape, float("-inf"))
-        forced[:, self.ids[min(step, len(self.ids) - 1)]] = 0.0
-        return forced
 
 
 def make_cases(tok, prompt_tokens: int = PROMPT_TOKENS, continuation_tokens: int = CONTINUATION_TOKENS):

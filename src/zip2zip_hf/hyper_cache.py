@@ -88,10 +88,14 @@ class ConsumedBlock:
 
 @dataclass
 class EntryBatch:
-    """Installed entries to encode: entry ``slots[i]`` of row ``rows[i]`` holds ``subtokens[i, :lengths[i]]``."""
+    """Installed entries to encode: entry ``slots[i]`` of row ``rows[i]`` holds ``subtokens[i, :lengths[i]]``.
 
-    rows: list[int]
-    slots: list[int]
+    ``rows`` and ``slots`` are lists in the prompt phase, tensors in the device phase, and None for
+    precomputed codebooks (every row's whole codebook in order, ``B * E`` entries).
+    """
+
+    rows: list[int] | torch.LongTensor | None
+    slots: list[int] | torch.LongTensor | None
     subtokens: torch.LongTensor  # (N, M), 0-padded
     lengths: torch.LongTensor  # (N,)
 

@@ -393,12 +393,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         holds plus one (the provisional slot may sit just past the installed entries), then masked.
         """
         V, K = self.codec.initial_vocab_size, self.codec.max_codebook_size
-        capacity = 0 if output_table is None else output_table.shape[1]
-        width = min(K, capacity + 1)
-        columns = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
-        if capacity:
-            columns[:, : min(width, capacity)] = output_table[:, :width].to(hidden.dtype)
-        hyper = torch.einsum("btd,bkd->btk", hidden, columns)
+        if output_table is None:
+            output_table = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1])
+        width = min(K, output_table.shape[1] + 1)
+        columns = output_table[:, :width]
+        if columns.shape[1] < width:  # the provisional slot just past the installed entries
+            columns = F.pad(columns, (0, 0, 0, width - columns.shape[1]))
+        hyper = torch.einsum("btd,bkd->btk", hidden, columns.to(hidden.dtype))
         slot = torch.arange(width, device=hidden.device)
         provisional_scores = (hidden * provisional_vectors.to(hidden.dtype)).sum(-1)
         is_provisional = (slot == step.legal[..., None] - 1) & (step.provisional_lengths > 0)[..., None]

@@ -70,8 +70,8 @@ def default_lora_config(
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     encoders = [name for name in HYPER_ENCODER_NAMES if getattr(inner, name, None) is not None]
     kwargs.setdefault("modules_to_save", list(encoders) if train_hyper_encoders else None)
-    # A regex over full module names: the encoders and everything inside them.
-    kwargs.setdefault("exclude_modules", rf"(?:.*\.)?(?:{'|'.join(HYPER_ENCODER_NAMES)})(?:\..*)?")
+    if encoders:  # a regex over full module names: the encoders and everything inside them
+        kwargs.setdefault("exclude_modules", rf"(?:.*\.)?(?:{'|'.join(HYPER_ENCODER_NAMES)})(?:\..*)?")
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=r,
