@@ -182,7 +182,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = Zip2ZipForCausalLM.from_base_pretrained(smollm2(), max_codebook_size=2048, max_subtokens=4)
     model.eval()
-    base = model.model  # the very same weights, as a plain HF model
+    base = model.language_model  # the very same weights, as a plain HF model
     cases = make_cases(tok, args.prompt_tokens, args.continuation_tokens)
     load = os.getloadavg()
 
