@@ -176,6 +176,17 @@ class HyperState:
 
     # ------------------------------------------------------------------ reading ids
 
+    def prepare(self, input_ids: torch.LongTensor) -> None:
+        """Move the codebooks to the device when this block is a decoding step (one id per row) and
+        the device phase applies (see the class docstring). Called before the step's `snapshot`,
+        so a failed step rolls back within the phase it ran in."""
+        on_device = self.on_device if self.on_device is not None else input_ids.device.type != "cpu"
+        if self.device_codebooks is None and input_ids.shape[1] == 1 and on_device:
+            self.device_codebooks = DeviceCodebooks.from_streams(
+                self.codec, self.streams, self.num_real_tokens, input_ids.device
+            )
+            self.streams = None
+
     def consume(
         self, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str
     ) -> ConsumedBlock:
@@ -190,12 +201,6 @@ class HyperState:
         A ValueError names the first id outside the id space (padding included) or not legal at its
         position; the streams are then part-way fed, which `restore` undoes.
         """
-        on_device = self.on_device if self.on_device is not None else input_ids.device.type != "cpu"
-        if self.device_codebooks is None and input_ids.shape[1] == 1 and on_device:
-            self.device_codebooks = DeviceCodebooks.from_streams(
-                self.codec, self.streams, self.num_real_tokens, input_ids.device
-            )
-            self.streams = None
         if self.device_codebooks is not None:
             return self._consume_on_device(input_ids, mask.bool(), keep, position_mode)
         ids, real = input_ids.tolist(), mask.bool().tolist()

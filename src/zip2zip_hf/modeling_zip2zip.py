@@ -268,6 +268,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         else:
             use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
             cache, state = self._resolve_state(cache, batch_size, use_cache)
+            state.prepare(input_ids)
 
         with _all_or_nothing(state, cache, past_length):
             if state is not None:
