@@ -278,17 +278,18 @@ class HyperState:
 
     def store(self, entries: EntryBatch, input_vectors: torch.Tensor, output_vectors: torch.Tensor) -> None:
         """Write the vectors of `unencoded_entries` (``input_vectors[i]`` for entry i)."""
-        if self.device_codebooks is not None:
-            sizes = self.batch_size, self.codec.max_codebook_size
-            self.input_table = _write_all_slots(self.input_table, entries, input_vectors, *sizes)
-            self.output_table = _write_all_slots(self.output_table, entries, output_vectors, *sizes)
+        if self.device_codebooks is not None:  # every slot (K + 1 with the sink), so shapes never change
+            capacity = self.codec.max_codebook_size + 1
+        elif entries.rows:
+            for r, k in zip(entries.rows, entries.slots):
+                self.num_encoded[r] = max(self.num_encoded[r], k + 1)
+            current = 0 if self.input_table is None else self.input_table.shape[1]
+            needed = max(entries.slots) + 1
+            capacity = current if needed <= current else max(needed, 2 * current, 16)  # grow geometrically
+        else:
             return
-        if not entries.rows:
-            return
-        for r, k in zip(entries.rows, entries.slots):
-            self.num_encoded[r] = max(self.num_encoded[r], k + 1)
-        self.input_table = _write(self.input_table, entries, input_vectors, self.batch_size)
-        self.output_table = _write(self.output_table, entries, output_vectors, self.batch_size)
+        self.input_table = _write(self.input_table, entries, input_vectors, self.batch_size, capacity)
+        self.output_table = _write(self.output_table, entries, output_vectors, self.batch_size, capacity)
 
     # ------------------------------------------------------------------ rows and snapshots
 
@@ -364,7 +365,16 @@ class DeviceCodebooks:
     """
 
     # Per-row counters (what a snapshot holds) and all per-row tensors (what a row selection moves).
-    _COUNTERS = ("num_installed", "pending", "pending_length", "pending_content", "num_base_ids", "num_real_tokens")
+    _COUNTERS = (
+        "num_installed",
+        "pending",
+        "pending_length",
+        "pending_content",
+        "provisional_content",
+        "provisional_length",
+        "num_base_ids",
+        "num_real_tokens",
+    )
     _FIELDS = ("keys", "content", "length", *_COUNTERS)
 
     def __init__(self, codec: LZWCodec, batch_size: int, device=None):
@@ -378,6 +388,8 @@ class DeviceCodebooks:
         self.pending = long(batch_size) - 1
         self.pending_length = long(batch_size)
         self.pending_content = long(batch_size, M)
+        self.provisional_content = long(batch_size, M)  # what `provisional` returns, kept up to date
+        self.provisional_length = long(batch_size)
         self.num_base_ids = long(batch_size)
         self.num_real_tokens = long(batch_size)
         self.disabled = torch.zeros(V, dtype=torch.bool, device=device)
@@ -400,6 +412,7 @@ class DeviceCodebooks:
                 state.pending_content[b] = torch.tensor(_padded(phrase, M))
             state.num_base_ids[b] = stream.num_base_ids
         state.num_real_tokens[:] = torch.tensor(num_real_tokens)
+        state.provisional_content, state.provisional_length = state._provisional()
         return state.to(device)
 
     def to(self, device) -> DeviceCodebooks:
@@ -415,7 +428,10 @@ class DeviceCodebooks:
 
     def provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
         """``(B, M)`` content and ``(B,)`` length of the provisional id ``V + num_installed``
-        (``w + w[0]``); length 0 where it is not legal."""
+        (``w + w[0]``); length 0 where it is not legal. Computed once per fed id, not per read."""
+        return self.provisional_content, self.provisional_length
+
+    def _provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
         M, K = self.codec.max_subtokens, self.codec.max_codebook_size
         first = self.pending_content[:, :1]
         installed = (self.keys == self._key(first[:, 0])[:, None]).any(dim=1)
@@ -505,6 +521,7 @@ class DeviceCodebooks:
             )
         self.num_base_ids = self.num_base_ids + length
         self.num_real_tokens = self.num_real_tokens + real.long()
+        self.provisional_content, self.provisional_length = self._provisional()
         return length, torch.stack(created, dim=1), legality
 
     # ------------------------------------------------------------------ rows and snapshots
@@ -528,33 +545,17 @@ class DeviceCodebooks:
         self.keys.masked_fill_(slots >= self.num_installed[:, None], -1)
 
 
-def _write(table: torch.Tensor | None, entries: EntryBatch, vectors: torch.Tensor, batch_size: int):
-    """Scatter ``vectors`` into ``table[entries.rows, entries.slots]``, growing its capacity geometrically."""
-    needed = max(entries.slots) + 1
-    if table is None or table.shape[1] < needed:
-        capacity = max(needed, 2 * (0 if table is None else table.shape[1]), 16)
+def _write(table, entries: EntryBatch, vectors: torch.Tensor, batch_size: int, capacity: int) -> torch.Tensor:
+    """Scatter ``vectors`` into ``table[entries.rows, entries.slots]``, first growing the table to
+    ``capacity`` slots if it has fewer."""
+    if table is None or table.shape[1] < capacity:
         grown = vectors.new_zeros(batch_size, capacity, vectors.shape[-1])
         if table is not None:
             grown[:, : table.shape[1]] = table
         table = grown
-    index = (torch.tensor(entries.rows, device=vectors.device), torch.tensor(entries.slots, device=vectors.device))
+    index = tuple(torch.as_tensor(i, device=vectors.device) for i in (entries.rows, entries.slots))
     if torch.is_grad_enabled() and (vectors.requires_grad or table.requires_grad):
         return table.index_put(index, vectors)  # out of place: autograd needs the old version
-    table[index] = vectors.to(table.dtype)
-    return table
-
-
-def _write_all_slots(table, entries: EntryBatch, vectors: torch.Tensor, batch_size: int, max_codebook_size: int):
-    """`_write` for the device phase: the table holds every slot (K + 1 with the sink) from the
-    start, so its shape never changes, and the writes go by tensor index with no host sync."""
-    if table is None or table.shape[1] != max_codebook_size + 1:
-        grown = vectors.new_zeros(batch_size, max_codebook_size + 1, vectors.shape[-1])
-        if table is not None:
-            grown[:, : table.shape[1]] = table
-        table = grown
-    index = (entries.rows, entries.slots)
-    if torch.is_grad_enabled() and (vectors.requires_grad or table.requires_grad):
-        return table.index_put(index, vectors)
     table[index] = vectors.to(table.dtype)
     return table
 
