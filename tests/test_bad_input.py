@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from utils import K, M, V, compressed, tiny_base, wrap
-from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipTokenizer
+from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipStaticCache, Zip2ZipTokenizer
 from zip2zip_hf.lzw import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
 from zip2zip_hf.tools.cli import main
 
@@ -34,10 +34,11 @@ def state_of(cache) -> tuple:
 # ---------------------------------------------------------------------- 1. a failed forward changes nothing
 
 
-def prefilled(model, rows: list[list[int]]):
+def prefilled(model, rows: list[list[int]], static: bool = False):
     ids = torch.tensor(rows)
+    cache = Zip2ZipStaticCache(config=model.config.get_text_config(), max_cache_len=80) if static else None
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=True).past_key_values
+        return model(input_ids=ids, past_key_values=cache, use_cache=True).past_key_values
 
 
 def test_forward_failing_on_a_later_row_leaves_the_cache_as_it_was(model):
@@ -58,23 +59,24 @@ def test_forward_failing_on_a_later_row_leaves_the_cache_as_it_was(model):
     torch.testing.assert_close(carried_on, fresh, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize("bad_id", [-1, V + K + 5, V + K - 1])
-def test_a_bad_decoding_step_raises_and_changes_nothing(model, bad_id, on_device, monkeypatch):
+def test_a_bad_decoding_step_raises_and_changes_nothing(model, bad_id, on_device, static, monkeypatch):
     """Decoding steps run on the device state and learn of a bad id after the step is queued; the
-    error and the rollback are the same as anywhere else."""
+    error and the rollback are the same as anywhere else, in a dynamic and in a static cache."""
     prompt = compressed(5, 40)
     monkeypatch.setattr(model, "codebooks_on_device", on_device)
 
     def decoded(steps):
-        cache, errors = prefilled(model, [prompt]), []
+        cache, errors = prefilled(model, [prompt], static), []
         with torch.no_grad():
             for ids in steps:
                 try:
                     logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits
                 except ValueError as error:
                     errors.append(str(error))
-        return logits, cache.get_seq_length(), errors
+        return logits, int(cache.get_seq_length()), errors
 
     # A bad id at the first decoding step (where the codebooks move to the device) and at a later one.
     logits, length, errors = decoded([[bad_id], [5], [bad_id], [6], [5]])

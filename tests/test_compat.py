@@ -95,10 +95,9 @@ def forward_calls(model):
     "kwargs, message",
     [
         ({"prompt_lookup_num_tokens": 3}, "prompt lookup decoding"),
-        ({"cache_implementation": "static"}, "cache_implementation='static'"),
         ({"cache_implementation": "offloaded"}, "cache_implementation='offloaded'"),
         ({"cache_implementation": "quantized"}, "cache_implementation='quantized'"),
-        ({"generation_config": GenerationConfig(cache_implementation="static", max_new_tokens=4)}, "'static'"),
+        ({"generation_config": GenerationConfig(cache_implementation="offloaded", max_new_tokens=4)}, "'offloaded'"),
         ({"assistant_model": "itself"}, "assisted generation"),
     ],
 )

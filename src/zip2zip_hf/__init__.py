@@ -8,7 +8,7 @@ here load with or without the package installed.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_zip2zip import Zip2ZipConfig
-from .hyper_cache import Zip2ZipCache, codebook_tensors
+from .hyper_cache import Zip2ZipCache, Zip2ZipStaticCache, codebook_tensors
 from .lzw import Codebook, LZWCodec, LZWStream
 from .modeling_zip2zip import Zip2ZipForCausalLM
 from .tokenization_zip2zip import Zip2ZipTokenizer
@@ -29,6 +29,7 @@ __all__ = [
     "LZWCodec",
     "LZWStream",
     "Zip2ZipCache",
+    "Zip2ZipStaticCache",
     "Zip2ZipConfig",
     "Zip2ZipForCausalLM",
     "Zip2ZipTokenizer",

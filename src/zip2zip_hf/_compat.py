@@ -69,9 +69,11 @@ def pop_cache(kwargs: dict, cache=None):
     """
     from transformers import Cache
 
-    given = {name: value for name in CACHE_NAMES if (value := kwargs.pop(name, None)) is not None}
-    if cache is not None:
-        given = {"cache": cache, **given}
+    given = {"cache": cache} if cache is not None else {}
+    for name in CACHE_NAMES:
+        value = kwargs.pop(name, None)
+        if value is not None:
+            given[name] = value
     if len(given) > 1:
         raise ValueError(f"the cache was passed twice, as {' and '.join(given)}: pass it once, as `cache`")
     cache = next(iter(given.values()), None)
@@ -106,16 +108,23 @@ def _is_legacy_cache(value) -> bool:
 
 
 def truncate_cache(cache, length: int) -> None:
-    """Cut every layer of a dynamic cache back to ``length`` positions (layers already that short,
-    e.g. ones a failed forward never reached, stay as they are).
+    """Cut every layer of a cache back to ``length`` positions (layers already that short, e.g. ones
+    a failed forward never reached, stay as they are).
 
     A layer's ``crop`` takes the length to keep up to 5.23 and the number of positions to remove from
     5.24 on; both read a negative number as "remove that many from the end", which is what we pass.
+    Static layers of 4.57 have no ``crop`` and count the positions whose keys are not all zero: the
+    positions past ``length`` are zeroed.
     """
     for index, layer in enumerate(cache.layers):
-        excess = cache.get_seq_length(index) - length
-        if excess > 0:  # crop(0) would empty the layer before 5.24
+        excess = int(cache.get_seq_length(index)) - length
+        if excess <= 0:  # crop(0) would empty the layer before 5.24
+            continue
+        if hasattr(layer, "crop"):
             layer.crop(-excess)
+        else:
+            layer.keys[:, :, length:].zero_()
+            layer.values[:, :, length:].zero_()
 
 
 # ---------------------------------------------------------------------- generation

@@ -15,6 +15,7 @@ What this mixin adds is the boundary with code that only knows base ids:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from ._compat import beam_search_vocab_size, check_generation_internals
+from ._compat import CACHE_NAMES, beam_search_vocab_size, check_generation_internals, output_cache_field
 from .lzw import LZWCodec, LZWStream
 
 
@@ -73,13 +74,17 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         if input_ids is None:
             raise ValueError("Zip2ZipForCausalLM.generate needs input_ids (or inputs): there is no text-free start")
         check_generation_internals()
-        self._refuse_unsupported_modes(generation_config, kwargs)
+        config = self._refuse_unsupported_modes(generation_config, kwargs)
+        static = config.cache_implementation == "static"
+        if static:
+            generation_config, kwargs = self._with_static_cache(generation_config, config, input_ids, kwargs)
         if kwargs.get("tokenizer") is not None:
             self._check_tokenizer(kwargs["tokenizer"])
         attention_mask = kwargs.get("attention_mask")
         if streamer is not None:
             streamer = _BaseIdStreamer(streamer, self.codec)
-        output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
+        with _cache_implementation_hidden(self.generation_config, static):
+            output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         prompts = _real_prompts(input_ids, attention_mask)
         after_prompt = PromptStreams(self.codec)
@@ -110,8 +115,9 @@ class Zip2ZipGenerationMixin(GenerationMixin):
                 return int(candidate)
         return 0
 
-    def _refuse_unsupported_modes(self, generation_config: GenerationConfig | None, kwargs: dict) -> None:
-        """NotImplementedError naming the mode, before any work, for what the codebooks cannot follow yet."""
+    def _refuse_unsupported_modes(self, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+        """NotImplementedError naming the mode, before any work, for what the codebooks cannot follow
+        yet; else the generation config in effect (``generation_config`` updated by ``kwargs``)."""
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         config.update(**{key: value for key, value in kwargs.items() if hasattr(config, key)})
         if kwargs.get("assistant_model") is not None:
@@ -120,16 +126,46 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             raise NotImplementedError(
                 "prompt lookup decoding (prompt_lookup_num_tokens=) is not supported by zip2zip models yet"
             )
-        if config.cache_implementation not in (None, "dynamic"):
+        if config.cache_implementation not in (None, "dynamic", "static"):
             raise NotImplementedError(
                 f"cache_implementation={config.cache_implementation!r} is not supported by zip2zip models yet: "
-                "the codebooks ride in a dynamic cache (leave cache_implementation unset)"
+                "the codebooks ride in a dynamic or a static cache (cache_implementation None, 'dynamic' or 'static')"
             )
         if getattr(config, "watermarking_config", None) is not None:
             raise NotImplementedError("watermarking is not supported: it assumes a fixed vocabulary of logits")
         mode = config.get_generation_mode(kwargs.get("assistant_model"))
         if mode not in _SUPPORTED_MODES:
             raise NotImplementedError(f"generation mode {mode.value!r} is not supported by zip2zip models")
+        return config
+
+    def _with_static_cache(self, generation_config, config: GenerationConfig, input_ids: torch.Tensor, kwargs: dict):
+        """``cache_implementation="static"`` as a `Zip2ZipStaticCache` handed to generate.
+
+        transformers would build a plain `StaticCache`, which cannot carry the codebooks; ours is
+        sized the same way (prompt plus new tokens, or ``max_cache_len`` when larger) and passed as
+        the caller's own cache, which generate then uses as it would its own (``torch.compile`` of
+        the decoding steps on CUDA included).
+        """
+        from .hyper_cache import Zip2ZipStaticCache
+
+        if any(kwargs.get(name) is not None for name in CACHE_NAMES):
+            raise ValueError("pass either a cache or cache_implementation='static', not both")
+        length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+        length = max(length, getattr(config, "max_cache_len", None) or 0)
+        cache = Zip2ZipStaticCache(config=self.config.get_text_config(), max_cache_len=length)
+        # The request is now the cache: generate refuses both together.
+        kwargs = {key: value for key, value in kwargs.items() if key != "cache_implementation"}
+        given = generation_config if generation_config is not None else self.generation_config
+        if given.cache_implementation is not None:
+            generation_config = copy.deepcopy(given)
+            generation_config.cache_implementation = None
+        return generation_config, {**kwargs, output_cache_field(): cache}
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """Keep the 2-D padding mask: with a static cache, generate would turn it into the base
+        model's 4-D mask here, but the forward needs it as it is (padding is skipped by the
+        codebooks) and the base model builds its own 4-D mask from it."""
+        return attention_mask
 
     def _check_tokenizer(self, tokenizer) -> None:
         """A tokenizer handed to generate must make the ids this model reads (ours: the same settings)."""
@@ -154,6 +190,19 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, tokenizer, **kwargs)
         criteria.append(StopStringsOnText(stop_strings, tokenizer, self.codec))
         return criteria
+
+
+@contextlib.contextmanager
+def _cache_implementation_hidden(model_generation_config: GenerationConfig, hide: bool):
+    """Hide the model's own ``cache_implementation`` for one call: generate fills what a call leaves
+    unset from it, and a static request it holds is already our cache."""
+    saved = model_generation_config.cache_implementation
+    if hide:
+        model_generation_config.cache_implementation = None
+    try:
+        yield
+    finally:
+        model_generation_config.cache_implementation = saved
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from .lzw import LZWCodec
 
@@ -34,6 +34,7 @@ __all__ = [
     "EntryBatch",
     "HyperState",
     "Zip2ZipCache",
+    "Zip2ZipStaticCache",
     "codebook_tensors",
 ]
 
@@ -90,12 +91,12 @@ class ConsumedBlock:
 class EntryBatch:
     """Installed entries to encode: entry ``slots[i]`` of row ``rows[i]`` holds ``subtokens[i, :lengths[i]]``.
 
-    ``rows`` and ``slots`` are lists in the prompt phase, tensors in the device phase, and None for
-    precomputed codebooks (every row's whole codebook in order, ``B * E`` entries).
+    ``rows`` and ``slots`` are None for precomputed codebooks (every row's whole codebook in order,
+    ``B * E`` entries).
     """
 
-    rows: list[int] | torch.LongTensor | None
-    slots: list[int] | torch.LongTensor | None
+    rows: torch.LongTensor | None  # (N,)
+    slots: torch.LongTensor | None  # (N,)
     subtokens: torch.LongTensor  # (N, M), 0-padded
     lengths: torch.LongTensor  # (N,)
 
@@ -156,6 +157,9 @@ class HyperState:
             the last a sink for masked writes, once on the device).
         num_encoded: per row, how many entries already have vectors in the tables (prompt phase).
         num_real_tokens: per row, how many non-padding ids were consumed (prompt phase).
+        num_positions: how many positions (padding included) the rows hold: the cache's length,
+            kept here as an int so that no step reads it back from the device (the model counts
+            each block it ran).
     """
 
     def __init__(self, codec: LZWCodec, batch_size: int, on_device: bool | None = None):
@@ -167,6 +171,7 @@ class HyperState:
         self.output_table: torch.Tensor | None = None
         self.num_encoded = [0] * batch_size
         self.num_real_tokens = [0] * batch_size
+        self.num_positions = 0
         self._created: torch.LongTensor | None = None  # (B, new slots) installed by the last block
         self._unchecked: tuple[torch.Tensor, torch.Tensor] | None = None  # the last block's legality
 
@@ -176,16 +181,21 @@ class HyperState:
 
     # ------------------------------------------------------------------ reading ids
 
-    def prepare(self, input_ids: torch.LongTensor) -> None:
+    @torch.compiler.disable  # Python over the streams, once: never part of a compiled step
+    def prepare(self, input_ids: torch.LongTensor, vector_like: torch.Tensor) -> None:
         """Move the codebooks to the device when this block is a decoding step (one id per row) and
-        the device phase applies (see the class docstring). Called before the step's `snapshot`,
-        so a failed step rolls back within the phase it ran in."""
+        the device phase applies (see the class docstring), with tables of all K + 1 slots shaped
+        like rows of ``vector_like``. Called eagerly before the step's `snapshot`, so a failed step
+        rolls back within the phase it ran in, and a compiled step only ever sees the final shapes."""
         on_device = self.on_device if self.on_device is not None else input_ids.device.type != "cpu"
         if self.device_codebooks is None and input_ids.shape[1] == 1 and on_device:
             self.device_codebooks = DeviceCodebooks.from_streams(
                 self.codec, self.streams, self.num_real_tokens, input_ids.device
             )
             self.streams = None
+            capacity = self.codec.max_codebook_size + 1
+            self.input_table = _static(_grown(self.input_table, self.batch_size, capacity, vector_like))
+            self.output_table = _static(_grown(self.output_table, self.batch_size, capacity, vector_like))
 
     def consume(
         self, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str
@@ -203,6 +213,12 @@ class HyperState:
         """
         if self.device_codebooks is not None:
             return self._consume_on_device(input_ids, mask.bool(), keep, position_mode)
+        return self._consume_in_streams(input_ids, mask, keep, position_mode)
+
+    # Python over every id, in either of these: eager even inside a compiled step, so that a compiled
+    # prompt costs graph breaks, not a recompilation per codebook size.
+    @torch.compiler.disable
+    def _consume_in_streams(self, input_ids, mask, keep, position_mode) -> ConsumedBlock:
         ids, real = input_ids.tolist(), mask.bool().tolist()
         _check_id_range(ids, self.codec.total_vocab_size)
         base_offsets = torch.tensor([stream.num_base_ids for stream in self.streams])
@@ -223,7 +239,8 @@ class HyperState:
         """`consume` by `DeviceCodebooks`: tensor operations only. The legality of the ids is
         computed, not yet read: `raise_if_illegal` reads it once the step is queued."""
         codebooks = self.device_codebooks
-        base_offsets, real_offsets = codebooks.num_base_ids, codebooks.num_real_tokens
+        # Copies: `feed` updates the state in place.
+        base_offsets, real_offsets = codebooks.num_base_ids.clone(), codebooks.num_real_tokens.clone()
         kept_at = set(keep)
         lengths, created, legality, legal, provisional, provisional_lengths = [], [], [], [], [], []
         for t in range(input_ids.shape[1]):
@@ -234,8 +251,8 @@ class HyperState:
             if t in kept_at:
                 content, content_length = codebooks.provisional()
                 legal.append(codebooks.num_installed + (content_length > 0))
-                provisional.append(content)
-                provisional_lengths.append(content_length)
+                provisional.append(content.clone())
+                provisional_lengths.append(content_length.clone())
         self._unchecked = (torch.stack(legality, dim=1), input_ids)
         self._created = torch.cat(created, dim=1)
         lengths = torch.stack(lengths, dim=1)
@@ -264,9 +281,13 @@ class HyperState:
 
     def unencoded_entries(self) -> EntryBatch:
         """The installed entries that have no vectors yet."""
-        V, M = self.codec.initial_vocab_size, self.codec.max_subtokens
         if self.device_codebooks is not None:
             return self.device_codebooks.entries(self._created)
+        return self._unencoded_in_streams()
+
+    @torch.compiler.disable
+    def _unencoded_in_streams(self) -> EntryBatch:
+        V, M = self.codec.initial_vocab_size, self.codec.max_subtokens
         rows, slots, contents = [], [], []
         for b, stream in enumerate(self.streams):
             for k in range(self.num_encoded[b], stream.num_installed):
@@ -274,22 +295,29 @@ class HyperState:
                 slots.append(k)
                 contents.append(stream.codebook.get_subtokens(V + k))
         subtokens = torch.tensor([_padded(c, M) for c in contents], dtype=torch.long).reshape(len(contents), M)
-        return EntryBatch(rows, slots, subtokens, torch.tensor([len(c) for c in contents], dtype=torch.long))
+        as_tensor = functools.partial(torch.tensor, dtype=torch.long)
+        return EntryBatch(as_tensor(rows), as_tensor(slots), subtokens, as_tensor([len(c) for c in contents]))
 
     def store(self, entries: EntryBatch, input_vectors: torch.Tensor, output_vectors: torch.Tensor) -> None:
         """Write the vectors of `unencoded_entries` (``input_vectors[i]`` for entry i)."""
         if self.device_codebooks is not None:  # every slot (K + 1 with the sink), so shapes never change
             capacity = self.codec.max_codebook_size + 1
-        elif entries.rows:
-            for r, k in zip(entries.rows, entries.slots):
-                self.num_encoded[r] = max(self.num_encoded[r], k + 1)
-            current = 0 if self.input_table is None else self.input_table.shape[1]
-            needed = max(entries.slots) + 1
-            capacity = current if needed <= current else max(needed, 2 * current, 16)  # grow geometrically
+        elif len(entries.slots):
+            capacity = self._reserve(entries.rows, entries.slots)
         else:
             return
         self.input_table = _write(self.input_table, entries, input_vectors, self.batch_size, capacity)
         self.output_table = _write(self.output_table, entries, output_vectors, self.batch_size, capacity)
+
+    @torch.compiler.disable
+    def _reserve(self, rows: torch.LongTensor, slots: torch.LongTensor) -> int:
+        """Count the prompt phase's entries ``slots`` of ``rows`` as encoded; return the tables' new capacity."""
+        rows, slots = rows.tolist(), slots.tolist()
+        for r, k in zip(rows, slots):
+            self.num_encoded[r] = max(self.num_encoded[r], k + 1)
+        current = 0 if self.input_table is None else self.input_table.shape[1]
+        needed = max(slots) + 1
+        return current if needed <= current else max(needed, 2 * current, 16)  # grow geometrically
 
     # ------------------------------------------------------------------ rows and snapshots
 
@@ -298,9 +326,8 @@ class HyperState:
         if self.device_codebooks is not None:
             index = torch.as_tensor(rows, device=self.device_codebooks.pending.device)
             self.device_codebooks.select(index)
-            if self.input_table is not None:
-                self.input_table = self.input_table.index_select(0, index)
-                self.output_table = self.output_table.index_select(0, index)
+            self.input_table = select_rows(self.input_table, index)
+            self.output_table = select_rows(self.output_table, index)
             return
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
         # Beam search calls this every step: a row kept once keeps its stream object, and only a
@@ -322,9 +349,16 @@ class HyperState:
         """A cheap record of the state (O(rows)): `restore` returns to it after any consuming and
         storing (not after a row selection)."""
         if self.device_codebooks is not None:
-            return self.device_codebooks.snapshot(), self.input_table, self.output_table
+            return self.num_positions, self.device_codebooks.snapshot(), self.input_table, self.output_table
         marks = [stream.mark() for stream in self.streams]
-        return marks, list(self.num_encoded), list(self.num_real_tokens), self.input_table, self.output_table
+        return (
+            self.num_positions,
+            marks,
+            list(self.num_encoded),
+            list(self.num_real_tokens),
+            self.input_table,
+            self.output_table,
+        )
 
     def restore(self, snapshot: tuple) -> None:
         """Return to a `snapshot`: entries installed since are uninstalled, counters and tables reset.
@@ -333,11 +367,12 @@ class HyperState:
         count as free again, so the tables need no copy.
         """
         if self.device_codebooks is not None:
-            device_snapshot, self.input_table, self.output_table = snapshot
+            self.num_positions, device_snapshot, self.input_table, self.output_table = snapshot
             self.device_codebooks.restore(device_snapshot)
             self._unchecked = None
             return
-        marks, self.num_encoded, self.num_real_tokens, self.input_table, self.output_table = snapshot
+        self.num_positions, marks, self.num_encoded, self.num_real_tokens, *tables = snapshot
+        self.input_table, self.output_table = tables
         for stream, mark in zip(self.streams, marks, strict=True):
             stream.rollback(mark)
 
@@ -417,7 +452,7 @@ class DeviceCodebooks:
 
     def to(self, device) -> DeviceCodebooks:
         for name in (*self._FIELDS, "disabled"):
-            setattr(self, name, getattr(self, name).to(device))
+            setattr(self, name, _static(getattr(self, name).to(device)))
         return self
 
     # ------------------------------------------------------------------ reading
@@ -428,7 +463,8 @@ class DeviceCodebooks:
 
     def provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
         """``(B, M)`` content and ``(B,)`` length of the provisional id ``V + num_installed``
-        (``w + w[0]``); length 0 where it is not legal. Computed once per fed id, not per read."""
+        (``w + w[0]``); length 0 where it is not legal. Computed once per fed id, not per read: these
+        are the state's own tensors, which the next `feed` overwrites in place."""
         return self.provisional_content, self.provisional_length
 
     def _provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -488,6 +524,7 @@ class DeviceCodebooks:
         is only checked for the id space). An id that is not legal stands for nothing.
         """
         V, K, M = self.codec.initial_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
+        buffers = {name: getattr(self, name) for name in self._COUNTERS}
         content, length, legality = self.expand(codes)
         legality = torch.where(real | (legality == 1), legality, 0)
         length = torch.where(real, length, 0)
@@ -497,7 +534,9 @@ class DeviceCodebooks:
             active = i < length
             c = content[:, i]
             key = self._key(c)
-            found, slot = (self.keys == key[:, None]).max(dim=1)
+            # Keys are unique: at most one match. (Not a max over bools: inductor's CPU code lacks it.)
+            matches = self.keys == key[:, None]
+            found, slot = matches.any(dim=1), matches.int().argmax(dim=1)
             extend = active & found
             create = active & ~found & (self.pending >= 0) & ~self.disabled[c]
             create &= (self.num_installed < K) & (self.pending_length < M)
@@ -522,13 +561,20 @@ class DeviceCodebooks:
         self.num_base_ids = self.num_base_ids + length
         self.num_real_tokens = self.num_real_tokens + real.long()
         self.provisional_content, self.provisional_length = self._provisional()
+        self._write_back(buffers)
         return length, torch.stack(created, dim=1), legality
+
+    def _write_back(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Copy the counters into the tensors that held them before and keep those: the whole state
+        lives at fixed addresses, mutated in place, as CUDA graphs (``mode="reduce-overhead"``) need."""
+        for name, buffer in buffers.items():
+            setattr(self, name, buffer.copy_(getattr(self, name)))
 
     # ------------------------------------------------------------------ rows and snapshots
 
     def select(self, rows: torch.LongTensor) -> None:
         for name in self._FIELDS:
-            setattr(self, name, getattr(self, name).index_select(0, rows))
+            setattr(self, name, select_rows(getattr(self, name), rows))
 
     def snapshot(self) -> tuple[torch.Tensor, ...]:
         """A cheap record of the state (O(rows) on the device): `restore` returns to it after any
@@ -540,29 +586,54 @@ class DeviceCodebooks:
         ``num_installed``: their keys are cleared (so no lookup finds them) and the next installs
         overwrite the rest."""
         for name, value in zip(self._COUNTERS, snapshot, strict=True):
-            setattr(self, name, value)
+            getattr(self, name).copy_(value)
         slots = torch.arange(self.keys.shape[1], device=self.keys.device)
         self.keys.masked_fill_(slots >= self.num_installed[:, None], -1)
+
+
+def select_rows(tensor: torch.Tensor, rows: torch.LongTensor) -> torch.Tensor:
+    """``tensor`` with row ``i`` taken from row ``rows[i]``: in place when the count stays (beam
+    search reorders every step, and the state keeps its addresses), else a new static tensor."""
+    selected = tensor.index_select(0, rows)
+    if len(rows) == len(tensor):
+        return tensor.copy_(selected)
+    return _static(selected)
+
+
+def _static(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark a long-lived state tensor as living at a fixed address, as transformers' `StaticCache`
+    does: ``torch.compile`` then treats it as state it mutates, not as an input to copy in."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(tensor)
+    return tensor
 
 
 def _write(table, entries: EntryBatch, vectors: torch.Tensor, batch_size: int, capacity: int) -> torch.Tensor:
     """Scatter ``vectors`` into ``table[entries.rows, entries.slots]``, first growing the table to
     ``capacity`` slots if it has fewer."""
-    if table is None or table.shape[1] < capacity:
-        grown = vectors.new_zeros(batch_size, capacity, vectors.shape[-1])
-        if table is not None:
-            grown[:, : table.shape[1]] = table
-        table = grown
-    index = tuple(torch.as_tensor(i, device=vectors.device) for i in (entries.rows, entries.slots))
+    table = _grown(table, batch_size, capacity, vectors)
+    index = (entries.rows.to(vectors.device), entries.slots.to(vectors.device))
     if torch.is_grad_enabled() and (vectors.requires_grad or table.requires_grad):
         return table.index_put(index, vectors)  # out of place: autograd needs the old version
     table[index] = vectors.to(table.dtype)
     return table
 
 
+def _grown(table: torch.Tensor | None, batch_size: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
+    """``table`` if it has ``capacity`` slots, else a zero table that large (vectors shaped, typed and
+    placed like rows of ``like``) holding its rows."""
+    if table is not None and table.shape[1] >= capacity:
+        return table
+    grown = like.new_zeros(batch_size, capacity, like.shape[-1])
+    if table is not None:
+        grown[:, : table.shape[1]] = table
+    return grown
+
+
+@torch.compiler.disable  # a host sync by design: never part of a compiled step
 def _raise_if_illegal(legality: torch.LongTensor, input_ids: torch.LongTensor, total: int) -> None:
     """Raise for the first nonzero `DeviceCodebooks.legality` in ``(B, T)`` (one host sync)."""
-    if torch.compiler.is_compiling() or not legality.any():
+    if not legality.any():
         return
     b, t = (int(i) for i in torch.nonzero(legality)[0])
     code = int(input_ids[b, t])
@@ -627,12 +698,12 @@ def _padded(content, width: int) -> list[int]:
     return [*content, *[0] * (width - len(content))]
 
 
-class Zip2ZipCache(DynamicCache):
-    """A `DynamicCache` carrying the batch's `HyperState` (``hyper_state``, None until first use)."""
+class _CodebookRows:
+    """What a zip2zip cache adds to a transformers cache: the batch's `HyperState` (``hyper_state``,
+    None until first use), moved with the keys and values wherever transformers reorders, repeats
+    or selects rows (beam search, ``num_return_sequences``)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.hyper_state: HyperState | None = None
+    hyper_state: HyperState | None = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -651,7 +722,7 @@ class Zip2ZipCache(DynamicCache):
 
     def crop(self, *args, **kwargs):
         raise NotImplementedError(
-            "DynamicCache.crop is not supported for a zip2zip cache yet: rewinding would have to uninstall "
+            f"{type(self).__name__}.crop is not supported yet: rewinding would have to uninstall "
             "codebook entries (assisted and prompt-lookup decoding need it)"
         )
 
@@ -659,3 +730,18 @@ class Zip2ZipCache(DynamicCache):
     def is_croppable(self) -> bool:
         # transformers 5.24 asks before deferring its stop check by one (cropped) step.
         return False
+
+
+class Zip2ZipCache(_CodebookRows, DynamicCache):
+    """A `DynamicCache` carrying the batch's `HyperState` (``hyper_state``, None until first use)."""
+
+
+class Zip2ZipStaticCache(_CodebookRows, StaticCache):
+    """A `StaticCache` (keys and values preallocated for ``max_cache_len`` positions, the cache
+    ``torch.compile`` wants) carrying the batch's `HyperState`. ``generate(cache_implementation="static")``
+    makes one; build one yourself as ``Zip2ZipStaticCache(config=model.config.get_text_config(),
+    max_cache_len=n)``."""
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.max_positions = max_cache_len  # how many positions it holds (the releases name it differently)

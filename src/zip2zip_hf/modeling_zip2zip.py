@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -34,7 +35,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ._compat import cache_keyword, forget_key_mapping, output_cache_field, pop_cache, truncate_cache
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
-from .hyper_cache import CODEBOOK_TENSOR_KEYS, ConsumedBlock, EntryBatch, HyperState, Zip2ZipCache
+from .hyper_cache import (
+    CODEBOOK_TENSOR_KEYS,
+    ConsumedBlock,
+    EntryBatch,
+    HyperState,
+    Zip2ZipCache,
+    Zip2ZipStaticCache,
+)
 from .hyper_encoder import build_hyper_encoder
 from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 
@@ -104,6 +112,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         self.codec = config.codec()
         self._base_forward_params = set(inspect.signature(self.language_model.forward).parameters)
         self._base_cache_keyword = cache_keyword(self._base_forward_params)
+        self._head_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._head_hook_id: int | None = None
+        self._head_input: torch.Tensor | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -205,6 +216,11 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
 
     # ------------------------------------------------------------------ forward
 
+    # Eager itself, whoever compiles the model: the checks and the codebooks' phase switch
+    # (`_plan_block`), the snapshot, the rollback and the legality check are Python. What
+    # ``torch.compile`` compiles is the block's tensor work (`_run_block` and all it calls): one graph
+    # of fixed shapes per decoding step once the codebooks are on the device.
+    @torch.compiler.disable(recursive=False)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -251,89 +267,144 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
                 cache this model did not make). Nothing is changed then: the cache holds exactly what
                 it held before the call.
         """
-        cache = pop_cache(kwargs, cache)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        _check_input_ids(input_ids, inputs_embeds)
-        batch_size, length = input_ids.shape
-        if labels is not None and tuple(labels.shape) != (batch_size, length):
-            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
-        past_length = cache.get_seq_length() if cache is not None else 0
-        attention_mask = _checked_attention_mask(attention_mask, input_ids, past_length)
-        keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
-        if codebooks is not None:
-            if past_length or use_cache:
-                raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
-            step, entries = _precomputed(codebooks, input_ids, attention_mask, keep, self.codec, self.config)
-            cache = state = None
-        else:
-            use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
-            cache, state = self._resolve_state(cache, batch_size, use_cache)
-            state.prepare(input_ids)
-
-        with _all_or_nothing(state, cache, past_length):
-            if state is not None:
-                step = state.consume(input_ids, attention_mask[:, -length:], keep, self.config.position_mode)
-                entries = state.unencoded_entries()
-            step = step.to(input_ids.device)
-            input_table, output_table, provisional_vectors, unused = self._hyper_vectors(state, entries, step)
-            base_kwargs = {
-                "inputs_embeds": self._embed(input_ids, step, input_table),
-                "attention_mask": attention_mask,
-                "position_ids": step.positions,
-                self._base_cache_keyword: cache,
-                "use_cache": cache is not None,
-                "output_attentions": output_attentions,
-                "output_hidden_states": output_hidden_states,
-                "return_dict": True,
-            }
-            if "logits_to_keep" in self._base_forward_params:
-                base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
-            with _capture_input(self.get_output_embeddings()) as head_inputs:
-                outputs = self.language_model(**base_kwargs, **kwargs)
-            hidden = _select(head_inputs[-1], keep, length)
-            base_logits = _select(outputs.logits, keep, length)
-            logits = self._widen(base_logits, hidden, step, output_table, provisional_vectors)
-            if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
-                logits = logits + unused
+        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        block = self._plan_block(
+            input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
+        )
+        with _all_or_nothing(block.state, block.cache, block.past_length):
+            step, logits, outputs = self._run_block(input_ids, block)
             loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
-            if state is not None:
-                state.raise_if_illegal()
+            if block.state is not None:
+                # Counted here, not in the compiled step: it changes at every step.
+                block.state.num_positions += input_ids.shape[1]
+                block.state.raise_if_illegal()
 
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{output_cache_field(): cache},
+            **{output_cache_field(): block.cache},
         )
         return output.to_tuple() if return_dict is False else output
 
+    @torch.compiler.disable  # checks and Python bookkeeping: never part of a compiled step
+    def _plan_block(
+        self, input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
+    ) -> _Block:
+        """Check the inputs and settle everything a block needs before it runs (see `_Block`)."""
+        cache = pop_cache(kwargs, cache)
+        _check_input_ids(input_ids, inputs_embeds)
+        batch_size, length = input_ids.shape
+        if labels is not None and tuple(labels.shape) != (batch_size, length):
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
+        keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
+        if codebooks is not None:
+            if use_cache or (cache is not None and cache.get_seq_length()):
+                raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
+            attention_mask = _checked_attention_mask(attention_mask, input_ids, 0)
+            precomputed = _precomputed(codebooks, input_ids, attention_mask, keep, self.codec, self.config)
+            cache = state = None
+        else:
+            use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+            cache, state = self._resolve_state(cache, batch_size, use_cache)
+            attention_mask = _checked_attention_mask(attention_mask, input_ids, state.num_positions)
+            state.prepare(input_ids, self.get_input_embeddings().weight)
+            precomputed = None
+        self._watch_head()
+        block_mask = attention_mask[:, -length:].contiguous()
+        if isinstance(cache, Zip2ZipStaticCache):
+            if attention_mask.shape[1] > cache.max_positions:
+                raise ValueError(
+                    f"the static cache holds {cache.max_positions} positions but this call needs "
+                    f"{attention_mask.shape[1]}: make it larger (max_cache_len)"
+                )
+            # As wide as the cache, so that a compiled step sees the same shapes at every step.
+            attention_mask = F.pad(attention_mask, (0, cache.max_positions - attention_mask.shape[1]))
+        base_kwargs = {
+            "attention_mask": attention_mask,
+            self._base_cache_keyword: cache,
+            "use_cache": cache is not None,
+            "return_dict": True,
+            **kwargs,
+        }
+        if "logits_to_keep" in self._base_forward_params:
+            base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
+        past_length = state.num_positions if state is not None else 0
+        if "cache_position" in self._base_forward_params and kwargs.get("cache_position") is None:
+            # Up to 4.57 the base model would otherwise ask the cache, which a static cache answers
+            # by reading its keys back (a sync, and no graph for a compiled step).
+            base_kwargs["cache_position"] = torch.arange(past_length, past_length + length, device=input_ids.device)
+        return _Block(cache, state, past_length, keep, block_mask, precomputed, base_kwargs)
+
+    def _run_block(self, input_ids: torch.LongTensor, block: _Block):
+        """Consume a block of ids (or take its precomputed block and entries), then return the
+        `ConsumedBlock`, the widened logits and the base model's output.
+
+        Tensor work only, once the codebooks are on the device: one graph for ``torch.compile``,
+        while the checks and the rollback around it stay in `forward`.
+        """
+        state, keep = block.state, block.keep
+        if state is None:
+            step, entries = block.precomputed
+        else:
+            step = state.consume(input_ids, block.mask, keep, self.config.position_mode)
+            entries = state.unencoded_entries()
+        step = step.to(input_ids.device)
+        input_table, output_table, provisional_vectors, unused = self._hyper_vectors(state, entries, step)
+        inputs_embeds = self._embed(input_ids, step, input_table)
+        outputs = self.language_model(inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs)
+        length = input_ids.shape[1]
+        hidden, self._head_input = _select(self._head_input, keep, length), None
+        logits = self._widen(_select(outputs.logits, keep, length), hidden, step, output_table, provisional_vectors)
+        if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
+            logits = logits + unused
+        return step, logits, outputs
+
     def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
         """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
-        if cache is not None and cache.get_seq_length() > 0:
-            state = getattr(cache, "hyper_state", None)
-            if state is None:
-                raise ValueError(
-                    f"the cache ({type(cache).__name__}) carries no zip2zip codebook state: pass the cache "
-                    "this model returned"
-                )
+        state = getattr(cache, "hyper_state", None)
+        if state is not None and state.num_positions > 0:
             if state.batch_size != batch_size:
                 raise ValueError(f"input_ids has {batch_size} rows but the cache holds {state.batch_size}")
             return cache, state
-        if cache is not None and type(cache) not in (Zip2ZipCache, DynamicCache):
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"the cache ({type(cache).__name__}) carries no zip2zip codebook state: pass the cache "
+                "this model returned"
+            )
+        if cache is not None and type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache, DynamicCache):
             raise NotImplementedError(
-                f"{type(cache).__name__} is not supported: a zip2zip model keeps its codebooks in a "
-                "Zip2ZipCache (a DynamicCache); static, offloaded and quantized caches are not supported yet"
+                f"{type(cache).__name__} is not supported: a zip2zip model keeps its codebooks in its own "
+                "cache classes, Zip2ZipCache (dynamic) and Zip2ZipStaticCache (static); offloaded and "
+                "quantized caches are not supported yet"
             )
         state = HyperState(self.codec, batch_size, on_device=self.codebooks_on_device)
         if not use_cache:
             return None, state
         # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
         # which generate() then carries on from our output.
-        if not isinstance(cache, Zip2ZipCache):
+        if type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache):
             cache = Zip2ZipCache(config=self.config.get_text_config())
         cache.hyper_state = state
         return cache, state
+
+    def _watch_head(self) -> None:
+        """Have the output embeddings record what they are called on in ``_head_input``: the hidden
+        states the base model feeds its head, whatever the architecture (final norm, slicing by
+        ``logits_to_keep`` and all). The hook is registered once, outside any compiled step, and
+        again only if the head module was replaced."""
+        head = self.get_output_embeddings()
+        if self._head_hook_id in head._forward_hooks:  # the handle itself is opaque to torch.compile
+            return
+        if self._head_hook is not None:
+            self._head_hook.remove()
+        self._head_hook = head.register_forward_hook(self._record_head_input)
+        self._head_hook_id = self._head_hook.id
+
+    def _record_head_input(self, module: nn.Module, args: tuple, output) -> None:
+        self._head_input = args[0]
 
     def _hyper_vectors(self, state: HyperState | None, entries: EntryBatch, step: ConsumedBlock):
         """Encode the new entries (both sides) and the provisional contents (output side).
@@ -437,6 +508,28 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
 # ---------------------------------------------------------------------- helpers
 
 
+@dataclass
+class _Block:
+    """What `forward` settles before a block runs.
+
+    Attributes:
+        cache / state: the cache to pass on and its codebooks (None with precomputed codebooks).
+        past_length: positions held before this block (what a failed block rolls back to).
+        keep: the positions whose logits are computed.
+        mask: ``(B, T)`` this block's padding mask.
+        precomputed: the `ConsumedBlock` and `EntryBatch` from ``codebooks=`` (None otherwise).
+        base_kwargs: the base model's keyword arguments, but the embeddings and positions.
+    """
+
+    cache: Cache | None
+    state: HyperState | None
+    past_length: int
+    keep: list[int]
+    mask: torch.Tensor
+    precomputed: tuple[ConsumedBlock, EntryBatch] | None
+    base_kwargs: dict
+
+
 def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
     """A tokenizer saved beside the weights must compress exactly as the config says."""
     tokenizer_config = os.path.join(str(path), "tokenizer_config.json")
@@ -469,7 +562,7 @@ def _checked_attention_mask(attention_mask, input_ids: torch.Tensor, past_length
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != expected:
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
         raise ValueError(f"attention_mask must be a (batch, past + length) = {expected} tensor of 0/1, got {shape}")
-    return attention_mask
+    return attention_mask.contiguous()  # a sliced mask would give a compiled step another layout each time
 
 
 def _kept_positions(length: int, logits_to_keep) -> list[int]:
@@ -568,15 +661,3 @@ def _encode(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.Long
     if len(subtokens) == 0:
         return weight.new_zeros(0, weight.shape[-1])
     return encoder(subtokens, lengths, weight)
-
-
-@contextlib.contextmanager
-def _capture_input(module: nn.Module):
-    """Record what ``module`` is called on: the hidden states the base model feeds its lm_head,
-    whatever the architecture (final norm, slicing by ``logits_to_keep`` and all)."""
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _module, args, _output: seen.append(args[0]))
-    try:
-        yield seen
-    finally:
-        handle.remove()

@@ -1,0 +1,171 @@
+"""The GPU fast path, checked on any machine: a static cache and a compiled decoding step write
+exactly what the eager dynamic path writes, and a decoding step is one graph of fixed shapes."""
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from utils import PAD, V, assert_same_logits, compressed, left_pad, step_by_step_logits, tiny_base, wrap
+from zip2zip_hf import Zip2ZipStaticCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    return wrap(tiny_base("llama"))
+
+
+def generate(model, ids, mask, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        pad_token_id=PAD,
+        eos_token_id=None,
+        return_hypertokens=True,
+        **kwargs,
+    )
+
+
+def padded_batch():
+    return left_pad([compressed(24, 70), compressed(25, 35), compressed(26, 52)])
+
+
+def caches_seen(model) -> tuple[list, torch.utils.hooks.RemovableHandle]:
+    seen = []
+
+    def record(_module, _args, kwargs):
+        seen.append(kwargs.get("cache", kwargs.get("past_key_values")))
+
+    return seen, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+@pytest.mark.parametrize(
+    "mode",
+    [{}, {"num_beams": 3, "num_return_sequences": 2}, {"do_sample": True, "top_k": 20}],
+    ids=["greedy", "beams", "sampling"],
+)
+def test_static_cache_generates_what_the_dynamic_cache_does(model, mode, on_device, monkeypatch):
+    monkeypatch.setattr(model, "codebooks_on_device", on_device)
+    ids, mask = padded_batch()
+    torch.manual_seed(0)
+    dynamic = generate(model, ids, mask, **mode)
+    seen, handle = caches_seen(model)
+    try:
+        torch.manual_seed(0)
+        static = generate(model, ids, mask, cache_implementation="static", **mode)
+    finally:
+        handle.remove()
+    assert torch.equal(static, dynamic)
+    assert (static[:, ids.shape[1] :] >= V).any(), "the rows must write hypertokens"
+    assert all(isinstance(cache, Zip2ZipStaticCache) for cache in seen) and len(seen) == 12
+
+
+def test_static_cache_from_the_generation_config_is_used_too(model):
+    ids, mask = padded_batch()
+    config = model.generation_config
+    try:
+        model.generation_config = type(config)(**{**config.to_dict(), "cache_implementation": "static"})
+        seen, handle = caches_seen(model)
+        static = generate(model, ids, mask)
+        handle.remove()
+    finally:
+        model.generation_config = config
+    assert torch.equal(static, generate(model, ids, mask))
+    assert isinstance(seen[0], Zip2ZipStaticCache)
+
+
+def test_a_cache_and_cache_implementation_together_are_refused(model):
+    ids, mask = padded_batch()
+    cache = Zip2ZipStaticCache(config=model.config.get_text_config(), max_cache_len=128)
+    with pytest.raises(ValueError, match="either a cache or cache_implementation"):
+        generate(model, ids, mask, cache_implementation="static", past_key_values=cache)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_static_cache_steps_equal_teacher_forcing(model, on_device, monkeypatch):
+    monkeypatch.setattr(model, "codebooks_on_device", on_device)
+    ids, mask = left_pad([compressed(1, 40), compressed(2, 30)])
+    with torch.no_grad():
+        teacher_forced = model(input_ids=ids, attention_mask=mask).logits
+        cache = Zip2ZipStaticCache(config=model.config.get_text_config(), max_cache_len=ids.shape[1])
+        first = 10
+        prefill = model(input_ids=ids[:, :first], attention_mask=mask[:, :first], past_key_values=cache)
+        steps = [prefill.logits]
+        for t in range(first, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+            assert out.past_key_values is cache
+            steps.append(out.logits)
+    assert_same_logits(teacher_forced, torch.cat(steps, dim=1), mask)
+
+
+def test_a_plain_static_cache_is_refused_by_name(model):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=32)
+    with pytest.raises(NotImplementedError, match="Zip2ZipStaticCache"):
+        model(input_ids=torch.tensor([compressed(1, 20)]), past_key_values=cache, use_cache=True)
+
+
+# ---------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_a_compiled_decoding_step_is_one_graph_and_never_recompiles(model, static, monkeypatch):
+    """With the codebooks on the device, each decoding step's tensor work (`_run_block`) compiles
+    to one graph (fullgraph=True fails on any break). With a static cache its shapes are the same
+    at every step: it compiles once. A dynamic cache grows, which costs one more compile (the
+    growing length is then marked dynamic), and none after."""
+    torch._dynamo.reset()
+    ids, mask = left_pad([compressed(1, 60), compressed(2, 30)])
+    eager = step_by_step_logits(model, ids, mask, first=10)
+    cache = Zip2ZipStaticCache(config=model.config.get_text_config(), max_cache_len=ids.shape[1]) if static else None
+    with torch.no_grad():  # the prompt: read by Python streams, not compiled
+        out = model(input_ids=ids[:, :10], attention_mask=mask[:, :10], past_key_values=cache, use_cache=True)
+    monkeypatch.setattr(model, "_run_block", torch.compile(model._run_block, fullgraph=True, backend="eager"))
+    logits, cache = [out.logits], out.past_key_values
+    compiling_steps = 1 if static else 2
+    for t in range(10, ids.shape[1]):
+        stance = "fail_on_recompile" if t >= 10 + compiling_steps else "default"
+        with torch.compiler.set_stance(stance), torch.no_grad():
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+        logits.append(out.logits)
+    assert_same_logits(eager, torch.cat(logits, dim=1), mask)
+
+
+def test_a_static_cache_too_small_for_the_call_is_an_error_naming_it(model):
+    cache = Zip2ZipStaticCache(config=model.config.get_text_config(), max_cache_len=8)
+    with pytest.raises(ValueError, match="static cache holds 8 positions but this call needs 12"):
+        model(input_ids=torch.tensor([compressed(1, 20)[:12]]), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("mode", [{}, {"num_beams": 2}], ids=["greedy", "beams"])
+def test_generate_compiles_the_static_decoding_steps_and_writes_the_same_tokens(model, mode):
+    """transformers compiles the decoding steps of a static-cache generate (on CUDA by default;
+    here forced on a CPU, with the eager backend for speed)."""
+    torch._dynamo.reset()
+    ids, mask = padded_batch()
+    eager = generate(model, ids, mask, **mode)
+    compile_config = CompileConfig(backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers' own switch for compiling off CUDA
+    compiled = generate(model, ids, mask, cache_implementation="static", compile_config=compile_config, **mode)
+    assert getattr(model, "_compiled_call", None) is not None, "generate should have compiled the model"
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", [{}, {"num_beams": 2}, {"do_sample": True, "top_k": 20}])
+def test_cuda_static_generate_with_cuda_graphs_writes_the_same_tokens(mode):
+    """On CUDA, ``cache_implementation="static"`` makes generate compile the decoding steps with
+    ``mode="reduce-overhead"`` (CUDA graphs, replayed on the state's fixed addresses)."""
+    torch._dynamo.reset()
+    model = wrap(tiny_base("llama")).cuda()
+    model.codebooks_on_device = None  # the default: on the device, as on any accelerator
+    ids, mask = (t.cuda() for t in padded_batch())
+    torch.manual_seed(0)
+    eager = generate(model, ids, mask, **mode)
+    torch.manual_seed(0)
+    compiled = generate(model, ids, mask, cache_implementation="static", **mode)
+    assert torch.equal(compiled, eager)
