@@ -153,11 +153,11 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
         length = max(length, getattr(config, "max_cache_len", None) or 0)
         cache = Zip2ZipStaticCache(config=self.config.get_text_config(), max_cache_len=length)
-        # The request is now the cache: generate refuses both together.
+        # The request is now the cache (generate refuses both): drop it from the call's keywords and
+        # generation config (the model's own is hidden during the call, `_cache_implementation_hidden`).
         kwargs = {key: value for key, value in kwargs.items() if key != "cache_implementation"}
-        given = generation_config if generation_config is not None else self.generation_config
-        if given.cache_implementation is not None:
-            generation_config = copy.deepcopy(given)
+        if generation_config is not None and generation_config.cache_implementation is not None:
+            generation_config = copy.deepcopy(generation_config)
             generation_config.cache_implementation = None
         return generation_config, {**kwargs, output_cache_field(): cache}
 

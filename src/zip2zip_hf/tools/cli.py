@@ -1,6 +1,8 @@
-"""Command line: ``python -m zip2zip_hf compress FILE...`` and ``python -m zip2zip_hf demo``.
+"""Command line: ``python -m zip2zip_hf compress FILE...``, ``eval MODEL FILE...`` and ``demo``.
 
 ``compress`` prints how much LZW shortens each file (each compressed on its own) and a total.
+``eval`` scores files with a saved checkpoint, zip2zip or plain: bits per byte and steps per byte
+(see `zip2zip_hf.evaluation`), as a few lines or, with ``--json``, one JSON object.
 ``demo`` (see `zip2zip_hf.tools.demo`) zip2zip-fies SmolLM2-135M, LoRA-finetunes it briefly on CPython
 standard-library sources and shows compression, held-out loss and a generated sample;
 ``demo --compression-only`` shows the compression of real text (code and prose) alone.
@@ -11,6 +13,8 @@ The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.too
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +31,24 @@ def run_compress(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer, args.max_codebook_size, args.max_subtokens)
     print(describe(tokenizer))
     print(stats_table(tokenizer, named_texts))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..evaluation import load_for_evaluation, score_texts
+
+    texts = [read_text_file(path, args.max_bytes) for path in args.files]  # all checked first
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise CLIError(f"{args.model}: not a saved model folder (no config.json)")
+    model, tokenizer = load_for_evaluation(args.model, args.device)
+    score = score_texts(model, tokenizer, texts, window=args.window, batch_size=args.batch_size, progress=True)
+    if args.json:
+        print(json.dumps({"model": args.model, "files": args.files, **score.to_dict()}))
+        return 0
+    kind = "zip2zip" if hasattr(tokenizer, "codec") else "plain"
+    print(f"{args.model} ({kind}), {len(texts)} files, windows of {args.window} base tokens")
+    print(f"bytes {score.bytes}, base tokens {score.base_tokens}, model steps {score.tokens}")
+    print(f"bits per byte {score.bits_per_byte:.4f}, steps per byte {score.steps_per_byte:.4f}")
     return 0
 
 
@@ -84,6 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tokenizer_options(compress)
     compress.set_defaults(run=run_compress)
+
+    evaluate = commands.add_parser("eval", help="bits per byte of text files under a saved model, zip2zip or plain")
+    evaluate.add_argument("model", metavar="MODEL_PATH", help="a saved checkpoint folder (model and tokenizer)")
+    evaluate.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (regular files only)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object for all files together")
+    evaluate.add_argument(
+        "--window", type=at_least(1), default=1024, metavar="N", help="base tokens per window (default 1024)"
+    )
+    evaluate.add_argument(
+        "--batch-size", type=at_least(1), default=4, metavar="N", help="windows per forward (default 4)"
+    )
+    evaluate.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    evaluate.add_argument(
+        "--max-bytes",
+        type=at_least(1),
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
+    )
+    evaluate.set_defaults(run=run_eval)
 
     demo = commands.add_parser(
         "demo",

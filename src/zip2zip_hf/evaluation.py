@@ -1,0 +1,152 @@
+"""Bits per byte of text: the measure that compares models whose tokens differ.
+
+A zip2zip model and its base model read the same text in different numbers of steps, so loss per
+token does not compare them; bits per byte does. `score_texts` scores exactly the same text for
+both:
+
+* each text is split into windows of ``window`` *base* tokens (the same spans for every model);
+* every window is read after one prefix token (the tokenizer's BOS, else its EOS, as lm-eval does),
+  so every base token of the text is predicted once, and the bytes scored are all of the text's
+  UTF-8 bytes;
+* a zip2zip model reads each window compressed from an empty codebook (the prefix included): its
+  score is the probability of the window's canonical ids, the ids its tokenizer writes for that
+  text. (A model may also give some probability to other legal id sequences of the same text, so
+  this is an upper bound on its bits per byte; it is how zip2zip models are scored.)
+
+``python -m zip2zip_hf eval MODEL_PATH FILE... [--json]`` runs it on saved checkpoints, zip2zip or
+plain (detected from the config).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+__all__ = ["TextScore", "best_device", "load_for_evaluation", "score_texts"]
+
+
+@dataclass
+class TextScore:
+    """The score of some texts, all windows together.
+
+    Attributes:
+        bits_per_byte: total negative log-likelihood in bits over the texts' UTF-8 bytes.
+        bytes: UTF-8 bytes scored (all of the texts).
+        tokens: positions the model predicted (compressed ids for a zip2zip model).
+        base_tokens: base tokens of the same text (equal to ``tokens`` for a plain model).
+        nats: total negative log-likelihood in nats.
+    """
+
+    bits_per_byte: float
+    bytes: int
+    tokens: int
+    base_tokens: int
+    nats: float
+
+    @property
+    def steps_per_byte(self) -> float:
+        """Model steps per byte of text: what compression saves (a plain model: base tokens per byte)."""
+        return self.tokens / self.bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "steps_per_byte": self.steps_per_byte}
+
+
+def best_device() -> torch.device:
+    """CUDA, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_for_evaluation(path: str, device: torch.device | str | None = None):
+    """``(model, tokenizer)`` of a saved checkpoint, zip2zip or plain, in eval mode on ``device``
+    (default: `best_device`). The Auto classes pick the kind from the checkpoint's config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import zip2zip_hf  # noqa: F401  (registers the zip2zip classes with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device or best_device()).eval(), tokenizer
+
+
+def score_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    window: int = 1024,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> TextScore:
+    """Bits per byte of ``texts`` under ``model`` (see the module docstring for what is scored).
+
+    Args:
+        model: a `Zip2ZipForCausalLM` with its `Zip2ZipTokenizer`, or any causal LM with its tokenizer.
+        texts: the texts, each split into windows on its own.
+        window: base tokens per window.
+        batch_size: windows per forward call.
+        progress: show a progress bar over the batches.
+    """
+    if isinstance(texts, str):
+        raise TypeError("score_texts takes a list of texts, not a single string")
+    if window < 1 or batch_size < 1:
+        raise ValueError(f"window and batch_size must be at least 1, got {window} and {batch_size}")
+    rows, base_tokens = _windows(tokenizer, texts, window)
+    nats, tokens = _score_rows(model, tokenizer, rows, batch_size, progress)
+    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    if n_bytes == 0:
+        raise ValueError("the texts are empty: there is nothing to score")
+    return TextScore(nats / math.log(2) / n_bytes, n_bytes, tokens, base_tokens, nats)
+
+
+def _windows(tokenizer, texts: Sequence[str], window: int) -> tuple[list[list[int]], int]:
+    """The model's ids of every window (prefix first), and the texts' base-token count."""
+    codec = getattr(tokenizer, "codec", None)
+    if codec is not None:
+        base_rows = tokenizer.base_ids(list(texts), add_special_tokens=False)
+    else:
+        # Whole texts, not model inputs: no warning about their length.
+        base_rows = [tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] for text in texts]
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to read each window after")
+    rows = []
+    for base in base_rows:
+        for start in range(0, len(base), window):
+            ids = [prefix, *base[start : start + window]]
+            rows.append(codec.encode(ids)[0] if codec is not None else ids)
+    return rows, sum(map(len, base_rows))
+
+
+@torch.no_grad()
+def _score_rows(model, tokenizer, rows: list[list[int]], batch_size: int, progress: bool) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of every id after the first in each row, and how many."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths share a batch
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    nats, tokens = 0.0, 0
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+        width = max(len(rows[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, i in enumerate(batch):
+            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+            mask[j, : len(rows[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for j, i in enumerate(batch):  # one row at a time: a (T, vocabulary) float copy, not a batch of them
+            n = len(rows[i])
+            targets = ids[j, 1:n].to(logits.device)
+            nats += float(F.cross_entropy(logits[j, : n - 1].float(), targets, reduction="sum"))
+            tokens += n - 1
+    return nats, tokens
