@@ -60,6 +60,18 @@ def test_fresh_attention_encoder_is_the_masked_mean():
     )
 
 
+@pytest.mark.parametrize("residual", ["first", "last"])
+def test_fresh_attention_encoder_is_its_residual(residual):
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(ROWS, D, generator=generator)
+    subtokens, lengths = random_batch(32, generator)
+    subtokens = fill_padding(subtokens, lengths, generator)
+    encoder = build_hyper_encoder("attention", D, M, latent_size=8, num_heads=2, residual=residual)
+    pick = torch.zeros_like(lengths) if residual == "first" else lengths - 1
+    expected = weight[subtokens[torch.arange(len(lengths)), pick]]
+    torch.testing.assert_close(encoder(subtokens, lengths, weight), expected, rtol=0, atol=1e-6)
+
+
 @settings(max_examples=15, deadline=None, database=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12), m_pad=st.integers(1, M))
 def test_padding_never_changes_a_row(seed, n, m_pad):
@@ -165,3 +177,7 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="max_subtokens"):
         encoder(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.randn(ROWS, D))
     assert isinstance(build_hyper_encoder("mean", D, M), MeanHyperEncoder)
+    with pytest.raises(ValueError, match="residual must be one of"):
+        build_hyper_encoder("attention", D, M, residual="max")
+    with pytest.raises(ValueError, match="mean hyper-encoder has no residual"):
+        build_hyper_encoder("mean", D, M, residual="last")

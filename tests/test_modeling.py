@@ -26,6 +26,7 @@ from utils import (
     wrap,
 )
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
+from zip2zip_hf.configuration_zip2zip import ZIP2ZIP_FORMAT_VERSION
 from zip2zip_hf.modeling_zip2zip import HYPER_ENCODER_NAMES
 
 
@@ -343,14 +344,17 @@ def test_format_1_checkpoint_loads_and_saves_as_today(tmp_path):
     old_names = {re.sub(r"^language_model\.", "model.", name): tensor for name, tensor in weights.items()}
     save_file(old_names, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["input_hyper_encoder_residual"]  # a setting format 3 added
     (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "zip2zip_format_version": 1}))
 
     loaded = Zip2ZipForCausalLM.from_pretrained(tmp_path / "old")
+    assert loaded.config.input_hyper_encoder_residual == "mean"
     for (name, mine), (loaded_name, theirs) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert name == loaded_name and torch.equal(mine, theirs), name
     loaded.save_pretrained(tmp_path / "new")
     assert load_file(tmp_path / "new" / "model.safetensors").keys() == weights.keys()
-    assert json.loads((tmp_path / "new" / "config.json").read_text())["zip2zip_format_version"] == 2
+    saved_config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert saved_config["zip2zip_format_version"] == ZIP2ZIP_FORMAT_VERSION
 
 
 def test_missing_or_misshaped_encoder_weights_raise(tmp_path):
@@ -502,3 +506,27 @@ def test_from_base_takes_compression_settings_from_the_tokenizer_only():
     model = Zip2ZipForCausalLM.from_base(tiny_base("llama"), SimpleTokenizerSettings(), hyper_encoder="mean")
     assert model.config.compression_settings() == SimpleTokenizerSettings.codec.settings()
     assert model.config.hyper_encoder == "mean"
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [({}, "last"), ({"tie_hyper_encoders": True}, "mean"), ({"input_hyper_encoder_residual": "first"}, "first")],
+)
+def test_from_base_starts_the_input_encoder_at_the_last_constituent(kwargs, expected):
+    """Measured on held-out code with SmolLM2-135M: a fresh wrap whose input vectors are each
+    hypertoken's last constituent scores fewer bits per byte than one reading their mean."""
+    model = Zip2ZipForCausalLM.from_base(tiny_base("llama"), SimpleTokenizerSettings(), **kwargs)
+    assert model.config.input_hyper_encoder_residual == expected
+    weight = model.get_input_embeddings().weight
+    subtokens, lengths = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([3, 2])
+    vectors = model.input_hyper_encoder(subtokens, lengths, weight)
+    means = torch.stack([weight[[5, 6, 7]].mean(0), weight[[8, 9]].mean(0)])
+    picked = {"last": weight[[7, 9]], "first": weight[[5, 8]], "mean": means}[expected]
+    torch.testing.assert_close(vectors, picked, rtol=0, atol=1e-6)
+
+
+def test_a_bad_residual_in_the_config_is_refused():
+    with pytest.raises(ValueError, match="input_hyper_encoder_residual must be one of"):
+        Zip2ZipConfig(text_config=tiny_base("llama").config, input_hyper_encoder_residual="max")
+    with pytest.raises(ValueError, match="only 'mean' for a mean hyper-encoder"):
+        Zip2ZipConfig(text_config=tiny_base("llama").config, hyper_encoder="mean", input_hyper_encoder_residual="last")

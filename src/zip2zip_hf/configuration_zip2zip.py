@@ -13,8 +13,11 @@ __all__ = ["Zip2ZipConfig"]
 # Bump when the meaning of saved weights or settings changes; loading refuses newer formats and
 # `Zip2ZipForCausalLM.from_pretrained` reads older ones. 2: the wrapped model's weights are named
 # ``language_model.*`` (``model.*`` in 1).
-ZIP2ZIP_FORMAT_VERSION = 2
+ZIP2ZIP_FORMAT_VERSION = 3
 HYPER_ENCODERS = ("mean", "attention")
+# What an attention encoder outputs before training (its residual): the masked mean of the
+# constituents, or the first or the last one.
+HYPER_ENCODER_RESIDUALS = ("mean", "first", "last")
 POSITION_MODES = ("compressed", "base")
 # Settings a tokenizer and a model must agree on, or hyper ids mean different things to each
 # (`LZWCodec.settings`).
@@ -39,6 +42,10 @@ class Zip2ZipConfig(PretrainedConfig):
             about a tenth of what a full-width one does, which a prefill of mostly new entries feels).
         hyper_encoder_num_layers / hyper_encoder_num_heads: depth and heads of the attention encoder.
         tie_hyper_encoders: one encoder for the input and the output side.
+        input_hyper_encoder_residual: what the input-side attention encoder outputs before training
+            (its residual): ``"mean"`` of the constituents (the default, and what format 2 and older
+            checkpoints used), or the ``"first"`` or ``"last"`` one. A tied encoder uses it on both
+            sides. `Zip2ZipForCausalLM.from_base` picks ``"last"``.
         position_mode: ``"compressed"`` (one position per token) or ``"base"`` (a hypertoken takes the
             position of its last base token, so distances match the base model's).
     """
@@ -59,6 +66,7 @@ class Zip2ZipConfig(PretrainedConfig):
         hyper_encoder_num_layers: int = 1,
         hyper_encoder_num_heads: int = 4,
         tie_hyper_encoders: bool = False,
+        input_hyper_encoder_residual: str = "mean",
         position_mode: str = "base",
         zip2zip_format_version: int = ZIP2ZIP_FORMAT_VERSION,
         **kwargs,
@@ -83,6 +91,13 @@ class Zip2ZipConfig(PretrainedConfig):
         hyper_encoder_num_heads = setting("hyper_encoder_num_heads", hyper_encoder_num_heads, least=1)
         if hyper_encoder_hidden_size is not None:
             hyper_encoder_hidden_size = setting("hyper_encoder_hidden_size", hyper_encoder_hidden_size, least=1)
+        if input_hyper_encoder_residual not in HYPER_ENCODER_RESIDUALS or (
+            hyper_encoder == "mean" and input_hyper_encoder_residual != "mean"
+        ):
+            raise ValueError(
+                f"input_hyper_encoder_residual must be one of {HYPER_ENCODER_RESIDUALS} (only 'mean' for a "
+                f"mean hyper-encoder), got {input_hyper_encoder_residual!r}"
+            )
         if not isinstance(tie_hyper_encoders, bool):
             raise ValueError(f"tie_hyper_encoders must be a bool, got {tie_hyper_encoders!r}")
         if pad_token_id is not None:
@@ -108,6 +123,7 @@ class Zip2ZipConfig(PretrainedConfig):
         self.hyper_encoder_num_layers = hyper_encoder_num_layers
         self.hyper_encoder_num_heads = hyper_encoder_num_heads
         self.tie_hyper_encoders = tie_hyper_encoders
+        self.input_hyper_encoder_residual = input_hyper_encoder_residual
         self.position_mode = position_mode
         self.zip2zip_format_version = zip2zip_format_version
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))

@@ -14,8 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .configuration_zip2zip import HYPER_ENCODER_RESIDUALS
 
-__all__ = ["HYPER_ENCODER_KINDS", "AttentionHyperEncoder", "MeanHyperEncoder", "build_hyper_encoder"]
+
+__all__ = [
+    "HYPER_ENCODER_KINDS",
+    "HYPER_ENCODER_RESIDUALS",
+    "AttentionHyperEncoder",
+    "MeanHyperEncoder",
+    "build_hyper_encoder",
+]
 
 HYPER_ENCODER_KINDS = ("mean", "attention")
 
@@ -54,6 +62,14 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     total = values.to(accumulate).masked_fill(~valid[..., None], 0).sum(dim=1)
     count = valid.sum(dim=1, keepdim=True).clamp(min=1).to(accumulate)
     return (total / count).to(values.dtype)
+
+
+def _residual(embeddings: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
+    """The masked mean, or the first or last valid constituent, of ``embeddings (N, M, D)``."""
+    if kind == "mean":
+        return _masked_mean(embeddings, valid)
+    index = torch.zeros_like(valid[:, 0], dtype=torch.long) if kind == "first" else valid.sum(dim=1).clamp(min=1) - 1
+    return embeddings.gather(1, index[:, None, None].expand(-1, 1, embeddings.shape[-1]))[:, 0]
 
 
 class MeanHyperEncoder(nn.Module):
@@ -104,11 +120,13 @@ class AttentionHyperEncoderBlock(GradientCheckpointingLayer):
 
 
 class AttentionHyperEncoder(nn.Module):
-    """Small transformer hyper-encoder with a masked-mean residual.
+    """Small transformer hyper-encoder with a residual.
 
-    ``output = masked_mean(constituents) + proj_out(masked_mean(transformer(proj_in(constituents) + pos)))``.
-    ``proj_out`` starts at zero, so a fresh encoder outputs exactly the masked mean (a sane average the
-    base model already understands) and training learns a correction on top.
+    ``output = residual(constituents) + proj_out(masked_mean(transformer(proj_in(constituents) + pos)))``.
+    ``proj_out`` starts at zero, so a fresh encoder outputs exactly its residual (a vector the base
+    model already understands) and training learns a correction on top. The residual is the masked
+    mean of the constituents, or the first or last of them (``residual``): on the input side, the
+    last constituent starts a model much closer to its base (see the README's quality results).
 
     Args:
         hidden_size: D, the width of the embedding rows read and of the output.
@@ -116,6 +134,7 @@ class AttentionHyperEncoder(nn.Module):
         num_layers: number of pre-LN blocks.
         num_heads: attention heads; must divide ``latent_size``.
         max_subtokens: M, the most constituents per hypertoken (learned positions for M slots).
+        residual: ``"mean"``, ``"first"`` or ``"last"`` (`HYPER_ENCODER_RESIDUALS`).
     """
 
     def __init__(
@@ -125,8 +144,12 @@ class AttentionHyperEncoder(nn.Module):
         num_layers: int = 1,
         num_heads: int = 4,
         max_subtokens: int = 4,
+        residual: str = "mean",
     ):
         super().__init__()
+        if residual not in HYPER_ENCODER_RESIDUALS:
+            raise ValueError(f"residual must be one of {HYPER_ENCODER_RESIDUALS}, got {residual!r}")
+        self.residual = residual
         latent_size = latent_size or hidden_size
         if latent_size % num_heads:
             raise ValueError(f"latent_size {latent_size} is not divisible by num_heads {num_heads}")
@@ -179,7 +202,7 @@ class AttentionHyperEncoder(nn.Module):
         if embedding_weight.shape[1] != self.hidden_size:
             raise ValueError(f"embedding_weight has width {embedding_weight.shape[1]}, expected {self.hidden_size}")
         embeddings, valid = _gather(subtokens, lengths, embedding_weight)
-        residual = _masked_mean(embeddings, valid)
+        residual = _residual(embeddings, valid, self.residual)
 
         # The transformer runs in the parameters' dtype/device: usually the model's, but an encoder
         # kept in float32 next to a bf16 base (mixed-precision training) works too.
@@ -207,10 +230,13 @@ def build_hyper_encoder(
     latent_size: int | None = None,
     num_layers: int = 1,
     num_heads: int = 4,
+    residual: str = "mean",
 ) -> nn.Module:
     """Build a hyper-encoder: ``kind="mean"`` (`MeanHyperEncoder`, the other settings unused) or
     ``kind="attention"`` (`AttentionHyperEncoder`)."""
     if kind == "mean":
+        if residual != "mean":
+            raise ValueError(f"a mean hyper-encoder has no residual to choose (got {residual!r})")
         return MeanHyperEncoder()
     if kind == "attention":
         return AttentionHyperEncoder(
@@ -219,5 +245,6 @@ def build_hyper_encoder(
             num_layers=num_layers,
             num_heads=num_heads,
             max_subtokens=max_subtokens,
+            residual=residual,
         )
     raise ValueError(f"Unknown hyper-encoder kind {kind!r}; expected one of {HYPER_ENCODER_KINDS}")

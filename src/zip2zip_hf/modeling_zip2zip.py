@@ -107,7 +107,8 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             num_layers=config.hyper_encoder_num_layers,
             num_heads=config.hyper_encoder_num_heads,
         )
-        self.input_hyper_encoder = build_hyper_encoder(**encoder_kwargs)
+        residual = getattr(config, "input_hyper_encoder_residual", "mean")
+        self.input_hyper_encoder = build_hyper_encoder(**encoder_kwargs, residual=residual)
         self.output_hyper_encoder = None if config.tie_hyper_encoders else build_hyper_encoder(**encoder_kwargs)
         self.codec = config.codec()
         self._base_forward_params = set(inspect.signature(self.language_model.forward).parameters)
@@ -129,8 +130,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
                 settings (V, K, M, disabled ids) and special ids go into the config.
             config_kwargs: the other `Zip2ZipConfig` settings: ``hyper_encoder`` (``"attention"`` or
                 ``"mean"``), ``position_mode`` (``"base"`` or ``"compressed"``), ``tie_hyper_encoders``,
-                ``hyper_encoder_hidden_size`` / ``_num_layers`` / ``_num_heads``.
+                ``hyper_encoder_hidden_size`` / ``_num_layers`` / ``_num_heads``,
+                ``input_hyper_encoder_residual`` (default here ``"last"`` for untied attention
+                encoders: a fresh wrap then starts closer to its base).
         """
+        untied_attention = config_kwargs.get("hyper_encoder", "attention") == "attention"
+        if untied_attention and not config_kwargs.get("tie_hyper_encoders"):
+            config_kwargs.setdefault("input_hyper_encoder_residual", "last")
         clash = sorted(set(config_kwargs) & {*COMPRESSION_KEYS, "pad_token_id"})
         if clash:
             raise ValueError(f"{', '.join(clash)} come from the tokenizer: build it with the settings you want")
