@@ -1,6 +1,8 @@
 """The GPU fast path, checked on any machine: a static cache and a compiled decoding step write
 exactly what the eager dynamic path writes, and a decoding step is one graph of fixed shapes."""
 
+import copy
+
 import pytest
 import torch
 from transformers import CompileConfig
@@ -66,7 +68,8 @@ def test_static_cache_from_the_generation_config_is_used_too(model):
     ids, mask = padded_batch()
     config = model.generation_config
     try:
-        model.generation_config = type(config)(**{**config.to_dict(), "cache_implementation": "static"})
+        model.generation_config = copy.deepcopy(config)
+        model.generation_config.cache_implementation = "static"
         seen, handle = caches_seen(model)
         static = generate(model, ids, mask)
         handle.remove()
