@@ -190,12 +190,14 @@ def test_streaming_equals_batch(example, data):
     assert one_by_one.num_codes == len(codes) and one_by_one.num_base_ids == len(ids)
 
     blocks = codec.stream()
-    base_ids, installed, i = [], [], 0
+    base_ids, installed, lengths, i = [], [], [], 0
     while i < len(codes):
         size = data.draw(st.integers(1, 8))
-        installed += blocks.feed(codes[i : i + size], out=base_ids)
+        installed += blocks.feed(codes[i : i + size], out=base_ids, lengths=lengths)
         i += size
     assert base_ids == ids and blocks.codebook == codebook
+    # How many base ids each code stood for: its expansion, in order.
+    assert lengths == [len(codebook.get_subtokens(code)) for code in codes] and sum(lengths) == len(ids)
     assert [(hyper, list(content)) for hyper, content in installed] == list(codebook.to_dict().items())
     assert blocks.num_codes == len(codes) and blocks.num_base_ids == len(ids)
 

@@ -654,23 +654,29 @@ def _consume_rows(streams, ids: list[list[int]], real: list[list[bool]], keep, m
     """Feed each row's real ids to its stream; return `ConsumedBlock`'s ``lengths``, ``legal``,
     ``provisional`` and ``provisional_lengths`` (at the ``keep`` positions).
 
+    The ids between two kept positions go to the stream in one call (a prompt whose last logits
+    alone are kept: one call per row), as a call costs more than an id.
     A ValueError names the first id not legal at its position; the streams are then part-way fed.
     """
     kept_at = {t: j for j, t in enumerate(keep)}
+    ends = sorted({*kept_at, len(ids[0]) - 1})
     lengths = [[0] * len(row) for row in ids]
     legal = [[0] * len(kept_at) for _ in ids]
     provisional = [[[0] * max_subtokens for _ in kept_at] for _ in ids]
     provisional_lengths = [[0] * len(kept_at) for _ in ids]
     for b, (row, row_real, stream) in enumerate(zip(ids, real, streams)):
-        for t, (code, is_real) in enumerate(zip(row, row_real)):
-            if is_real:
-                before = stream.num_base_ids
-                try:
-                    stream.feed(code)
-                except ValueError as error:
-                    raise ValueError(f"input_ids[{b}, {t}]: {error}") from None
-                lengths[b][t] = stream.num_base_ids - before
-            j = kept_at.get(t)
+        start = 0
+        for end in ends:
+            positions = [t for t in range(start, end + 1) if row_real[t]]
+            fed, consumed = [], stream.num_codes
+            try:
+                stream.feed([row[t] for t in positions], lengths=fed)
+            except ValueError as error:
+                raise ValueError(f"input_ids[{b}, {positions[stream.num_codes - consumed]}]: {error}") from None
+            for t, n in zip(positions, fed):
+                lengths[b][t] = n
+            start = end + 1
+            j = kept_at.get(end)
             if j is None:
                 continue
             content = stream.provisional_subtokens()

@@ -397,18 +397,21 @@ class LZWStream:
             f"(ids {codec.initial_vocab_size}..{codec.initial_vocab_size + len(codebook) - 1})"
         )
 
-    def feed(self, codes: Sequence[int] | int, out: list[int] | None = None) -> list[tuple[int, tuple[int, ...]]]:
+    def feed(
+        self, codes: Sequence[int] | int, out: list[int] | None = None, lengths: list[int] | None = None
+    ) -> list[tuple[int, tuple[int, ...]]]:
         """Consume compressed ids; return the entries they installed as ``(hyper_id, base ids)``.
 
-        Base ids are appended to ``out`` when given. On an illegal id a ValueError names it and its
-        position; the ids before it stay consumed, and the state is exactly as after them.
+        Base ids are appended to ``out`` when given, and how many each id stood for to ``lengths``.
+        On an illegal id a ValueError names it and its position; the ids before it stay consumed,
+        and the state is exactly as after them.
         """
         before = len(self.codebook)
-        self._feed(_as_id_list(codes), out)
+        self._feed(_as_id_list(codes), out, lengths)
         V, expanded = self.codec.initial_vocab_size, self.codebook._expanded
         return [(V + k, expanded[k]) for k in range(before, len(expanded))]
 
-    def _feed(self, codes: list[int], out: list[int] | None) -> None:
+    def _feed(self, codes: list[int], out: list[int] | None, lengths: list[int] | None = None) -> None:
         """`feed` without the report: expand each id and run its base ids through greedy LZW.
 
         This is `LZWCodec.encode`'s loop (see the comments there) applied to the expanded text, so
@@ -478,6 +481,8 @@ class LZWStream:
                 sink.append(c)
             else:
                 sink.extend(content)
+            if lengths is not None:
+                lengths.append(1 if content is None else len(content))
         self._w, self._wlen = w, wlen
         self.num_codes += len(codes)
         self.num_base_ids += len(sink) - start
