@@ -1,0 +1,29 @@
+"""The GPU benchmark runs end to end (its CPU dry run): device time is scarce, and a script that
+breaks after a long start-up wastes it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.real_model
+def test_bench_gpu_dry_run_measures_everything(smollm2_tokenizer_dir, tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    script = BENCHMARKS / "bench_gpu.py"
+    command = [sys.executable, str(script), "--repeats", "1", "--tokenizer", str(smollm2_tokenizer_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    measures = report["shapes"]["tiny"]
+    failed = {name: values["error"] for name, values in measures.items() if "error" in values}
+    assert not failed, failed
+    for name in ("prefill (ms)", "forced replay (bytes/s)", "LoRA training step (bytes/s)"):
+        assert measures[name]["base"] > 0 and measures[name]["zip2zip"] > 0, name
+    assert any("compiled + static" in name for name in measures)
