@@ -95,21 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"base tokens per hypertoken (default {DEFAULT_MAX_SUBTOKENS})",
         )
 
+    def add_file_arguments(command: argparse.ArgumentParser) -> None:
+        command.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (regular files only)")
+        command.add_argument(
+            "--max-bytes",
+            type=at_least(1),
+            default=DEFAULT_MAX_BYTES,
+            metavar="N",
+            help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
+        )
+
     compress = commands.add_parser("compress", help="compression statistics of text files")
-    compress.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (regular files only)")
-    compress.add_argument(
-        "--max-bytes",
-        type=at_least(1),
-        default=DEFAULT_MAX_BYTES,
-        metavar="N",
-        help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
-    )
+    add_file_arguments(compress)
     add_tokenizer_options(compress)
     compress.set_defaults(run=run_compress)
 
     evaluate = commands.add_parser("eval", help="bits per byte of text files under a saved model, zip2zip or plain")
     evaluate.add_argument("model", metavar="MODEL_PATH", help="a saved checkpoint folder (model and tokenizer)")
-    evaluate.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (regular files only)")
+    add_file_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object for all files together")
     evaluate.add_argument(
         "--window", type=at_least(1), default=1024, metavar="N", help="base tokens per window (default 1024)"
@@ -118,13 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=at_least(1), default=4, metavar="N", help="windows per forward (default 4)"
     )
     evaluate.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
-    evaluate.add_argument(
-        "--max-bytes",
-        type=at_least(1),
-        default=DEFAULT_MAX_BYTES,
-        metavar="N",
-        help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
-    )
     evaluate.set_defaults(run=run_eval)
 
     demo = commands.add_parser(
