@@ -2,8 +2,11 @@
 
 Importing the package registers its classes with the transformers Auto classes, both in-process
 (`AutoConfig.register`, ...) and for remote code (`register_for_auto_class`), so checkpoints saved
-here load with or without the package installed.
+here load with or without the package installed; and, where lm-evaluation-harness is installed, its
+``zip2zip`` model (`zip2zip_hf.lm_eval_harness`).
 """
+
+import importlib.util
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -23,6 +26,20 @@ AutoTokenizer.register(Zip2ZipConfig, slow_tokenizer_class=Zip2ZipTokenizer, exi
 Zip2ZipTokenizer.register_for_auto_class("AutoTokenizer")
 AutoModelForCausalLM.register(Zip2ZipConfig, Zip2ZipForCausalLM, exist_ok=True)
 Zip2ZipForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def _register_with_lm_eval() -> None:
+    """Make ``model="zip2zip"`` known to lm-eval without importing it (lm-eval loads the class on first use)."""
+    # lm-eval fills its registry with its own models only while the registry is empty: do that first.
+    import lm_eval.models  # noqa: F401
+    from lm_eval.api.registry import model_registry
+
+    if "zip2zip" not in model_registry:
+        model_registry.register("zip2zip", target="zip2zip_hf.lm_eval_harness:Zip2ZipLM")
+
+
+if importlib.util.find_spec("lm_eval") is not None:
+    _register_with_lm_eval()
 
 __all__ = [
     "Codebook",

@@ -1,8 +1,11 @@
-"""Command line: ``python -m zip2zip_hf compress FILE...``, ``eval MODEL FILE...`` and ``demo``.
+"""Command line: ``python -m zip2zip_hf compress FILE...``, ``eval MODEL FILE...``, ``lm-eval ...`` and ``demo``.
 
 ``compress`` prints how much LZW shortens each file (each compressed on its own) and a total.
 ``eval`` scores files with a saved checkpoint, zip2zip or plain: bits per byte and steps per byte
 (see `zip2zip_hf.evaluation`), as a few lines or, with ``--json``, one JSON object.
+``lm-eval`` runs lm-evaluation-harness's own command line with its ``zip2zip`` model registered
+(see `zip2zip_hf.lm_eval_harness`): ``python -m zip2zip_hf lm-eval run --model zip2zip
+--model_args pretrained=PATH --tasks ...``.
 ``demo`` (see `zip2zip_hf.tools.demo`) zip2zip-fies SmolLM2-135M, LoRA-finetunes it briefly on CPython
 standard-library sources and shows compression, held-out loss and a generated sample;
 ``demo --compression-only`` shows the compression of real text (code and prose) alone.
@@ -49,6 +52,23 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{args.model} ({kind}), {len(texts)} files, windows of {args.window} base tokens")
     print(f"bytes {score.bytes}, base tokens {score.base_tokens}, model steps {score.tokens}")
     print(f"bits per byte {score.bits_per_byte:.4f}, steps per byte {score.steps_per_byte:.4f}")
+    return 0
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    # Importing zip2zip_hf registered the model; lm-eval's command line reads sys.argv.
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ModuleNotFoundError:
+        raise CLIError("lm-evaluation-harness is not installed: pip install 'zip2zip_hf[eval]'") from None
+    saved_argv = sys.argv
+    sys.argv = ["lm-eval", *args.arguments]
+    try:
+        cli_evaluate()
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        sys.argv = saved_argv
     return 0
 
 
@@ -122,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     evaluate.set_defaults(run=run_eval)
+
+    harness = commands.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness's command line with the 'zip2zip' model registered",
+        description="Runs `lm-eval ARGUMENTS` with `--model zip2zip` available, e.g. "
+        "`lm-eval run --model zip2zip --model_args pretrained=PATH --tasks wikitext`.",
+    )
+    harness.add_argument("arguments", nargs=argparse.REMAINDER, metavar="ARGUMENTS", help="lm-eval's arguments")
+    harness.set_defaults(run=run_lm_eval)
 
     demo = commands.add_parser(
         "demo",
