@@ -8,12 +8,12 @@ here load with or without the package installed; and, where lm-evaluation-harnes
 
 import importlib.util
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_zip2zip import Zip2ZipConfig
 from .hyper_cache import Zip2ZipCache, Zip2ZipStaticCache, codebook_tensors
 from .lzw import Codebook, LZWCodec, LZWStream
-from .modeling_zip2zip import Zip2ZipForCausalLM
+from .modeling_zip2zip import Zip2ZipForCausalLM, Zip2ZipModel
 from .tokenization_zip2zip import Zip2ZipTokenizer
 
 
@@ -26,6 +26,8 @@ AutoTokenizer.register(Zip2ZipConfig, slow_tokenizer_class=Zip2ZipTokenizer, exi
 Zip2ZipTokenizer.register_for_auto_class("AutoTokenizer")
 AutoModelForCausalLM.register(Zip2ZipConfig, Zip2ZipForCausalLM, exist_ok=True)
 Zip2ZipForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoModel.register(Zip2ZipConfig, Zip2ZipModel, exist_ok=True)
+Zip2ZipModel.register_for_auto_class("AutoModel")
 
 
 def _register_with_lm_eval() -> None:
@@ -49,6 +51,7 @@ __all__ = [
     "Zip2ZipStaticCache",
     "Zip2ZipConfig",
     "Zip2ZipForCausalLM",
+    "Zip2ZipModel",
     "Zip2ZipTokenizer",
     "__version__",
     "codebook_tensors",

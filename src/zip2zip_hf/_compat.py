@@ -49,11 +49,13 @@ CACHE_NAMES = ("cache", "past_key_values", "cache_params")
 
 
 @functools.cache
-def output_cache_field() -> str:
-    """The field of a model output that generate reads the cache from: ``cache`` from 5.24 on."""
+def output_cache_field(output_class: type | None = None) -> str:
+    """The field of a model output (default `CausalLMOutputWithPast`) that holds the cache, the one
+    generate reads: ``cache`` from 5.24 on."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    fields = (output_class or CausalLMOutputWithPast).__dataclass_fields__
+    return "cache" if "cache" in fields else "past_key_values"
 
 
 def cache_keyword(forward_parameters) -> str:

@@ -298,8 +298,11 @@ class HyperState:
         as_tensor = functools.partial(torch.tensor, dtype=torch.long)
         return EntryBatch(as_tensor(rows), as_tensor(slots), subtokens, as_tensor([len(c) for c in contents]))
 
-    def store(self, entries: EntryBatch, input_vectors: torch.Tensor, output_vectors: torch.Tensor) -> None:
-        """Write the vectors of `unencoded_entries` (``input_vectors[i]`` for entry i)."""
+    def store(
+        self, entries: EntryBatch, input_vectors: torch.Tensor, output_vectors: torch.Tensor | None = None
+    ) -> None:
+        """Write the vectors of `unencoded_entries` (``input_vectors[i]`` for entry i); a model without
+        a head (`Zip2ZipModel`) has no output vectors."""
         if self.device_codebooks is not None:  # every slot (K + 1 with the sink), so shapes never change
             capacity = self.codec.max_codebook_size + 1
         elif len(entries.slots):
@@ -307,7 +310,8 @@ class HyperState:
         else:
             return
         self.input_table = _write(self.input_table, entries, input_vectors, self.batch_size, capacity)
-        self.output_table = _write(self.output_table, entries, output_vectors, self.batch_size, capacity)
+        if output_vectors is not None:
+            self.output_table = _write(self.output_table, entries, output_vectors, self.batch_size, capacity)
 
     @torch.compiler.disable
     def _reserve(self, rows: torch.LongTensor, slots: torch.LongTensor) -> int:

@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -29,8 +30,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, Cache, DynamicCache, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import AutoModel, AutoModelForCausalLM, Cache, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ._compat import cache_keyword, forget_key_mapping, output_cache_field, pop_cache, truncate_cache
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
@@ -47,13 +49,20 @@ from .hyper_encoder import build_hyper_encoder
 from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 
 
-__all__ = ["HYPER_ENCODER_NAMES", "Zip2ZipForCausalLM", "Zip2ZipPreTrainedModel"]
+__all__ = ["HYPER_ENCODER_NAMES", "Zip2ZipForCausalLM", "Zip2ZipModel", "Zip2ZipPreTrainedModel"]
 
 # The modules this class adds to the base model (attribute and weight-name prefix).
 HYPER_ENCODER_NAMES = ("input_hyper_encoder", "output_hyper_encoder")
 # Checkpoints of format 1 named the wrapped model's weights ``model.*``; a regex no format-2 name
 # matches, so it is safe to apply to every checkpoint.
 FORMAT_1_KEY_MAPPING = {r"^model\.": "language_model."}
+# What every saved config.json lists for remote code, whichever of the two classes saved it.
+_MODEL_AUTO_MAP = {
+    "AutoModel": "modeling_zip2zip.Zip2ZipModel",
+    "AutoModelForCausalLM": "modeling_zip2zip.Zip2ZipForCausalLM",
+}
+# `from_pretrained` arguments that say where a checkpoint is (its config is read with the same ones).
+_HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 class Zip2ZipPreTrainedModel(PreTrainedModel):
@@ -67,6 +76,16 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    codebooks_on_device: bool | None = None
+
+    def _build_input_side(self, config: Zip2ZipConfig, language_model: PreTrainedModel) -> None:
+        """What both the bare model and the LM own: the base model, the input hyper-encoder, the codec."""
+        self.language_model = language_model
+        residual = getattr(config, "input_hyper_encoder_residual", "mean")
+        self.input_hyper_encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
+        self.codec = config.codec()
+        self._base_forward_params = set(inspect.signature(self.language_model.forward).parameters)
+        self._base_cache_keyword = cache_keyword(self._base_forward_params)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The base model's own modules are initialised by its own `_init_weights` (transformers
@@ -76,6 +95,226 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
 
     def _hyper_encoder_modules(self) -> list[nn.Module]:
         return [m for m in (getattr(self, name, None) for name in HYPER_ENCODER_NAMES) if m is not None]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but loud: missing or mis-shaped weights raise, and so do
+        weights of the hyper-encoders the model does not have (e.g. after editing ``hyper_encoder`` or
+        ``tie_hyper_encoders`` in config.json): trained weights are never silently dropped."""
+        want_info = kwargs.pop("output_loading_info", False)
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        mapping = {**FORMAT_1_KEY_MAPPING, **cls._checkpoint_key_mapping(path, kwargs)}
+        kwargs["key_mapping"] = {**mapping, **(kwargs.get("key_mapping") or {})}
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # The weights are in today's layout now, and are saved so.
+        forget_key_mapping(model, mapping)
+        model.config.zip2zip_format_version = ZIP2ZIP_FORMAT_VERSION
+        problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
+        problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
+        unexpected = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] in HYPER_ENCODER_NAMES]
+        problems += [f"unexpected: {k}" for k in unexpected if not cls._ignored(k)]
+        if problems:
+            raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
+        _check_saved_tokenizer(model.config, path)
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _checkpoint_key_mapping(cls, path, kwargs: dict) -> dict[str, str]:
+        """Renames from a saved checkpoint's weight names to this class's (none here)."""
+        return {}
+
+    @classmethod
+    def _ignored(cls, key: str) -> bool:
+        return any(re.match(pattern, key) for pattern in cls._keys_to_ignore_on_load_unexpected or ())
+
+    def save_pretrained(self, *args, **kwargs):
+        # Both Auto classes in every saved config.json, whichever class is saved: AutoModel gives the
+        # bare model and AutoModelForCausalLM the LM, from one checkpoint, as for built-in models.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_MODEL_AUTO_MAP}
+        return super().save_pretrained(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # ------------------------------------------------------------------ a block of ids (both classes)
+
+    @torch.compiler.disable  # checks and Python bookkeeping: never part of a compiled step
+    def _plan_block(
+        self, input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
+    ) -> _Block:
+        """Check the inputs and settle everything a block needs before it runs (see `_Block`)."""
+        cache = pop_cache(kwargs, cache)
+        _check_input_ids(input_ids, inputs_embeds)
+        batch_size, length = input_ids.shape
+        if labels is not None and tuple(labels.shape) != (batch_size, length):
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
+        keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
+        if codebooks is not None:
+            if use_cache or (cache is not None and cache.get_seq_length()):
+                raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
+            attention_mask = _checked_attention_mask(attention_mask, input_ids, 0)
+            precomputed = _precomputed(codebooks, input_ids, attention_mask, keep, self.codec, self.config)
+            cache = state = None
+        else:
+            use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+            cache, state = self._resolve_state(cache, batch_size, use_cache)
+            attention_mask = _checked_attention_mask(attention_mask, input_ids, state.num_positions)
+            state.prepare(input_ids, self.get_input_embeddings().weight)
+            precomputed = None
+        block_mask = attention_mask[:, -length:].contiguous()
+        if isinstance(cache, Zip2ZipStaticCache):
+            if attention_mask.shape[1] > cache.max_positions:
+                raise ValueError(
+                    f"the static cache holds {cache.max_positions} positions but this call needs "
+                    f"{attention_mask.shape[1]}: make it larger (max_cache_len)"
+                )
+            # As wide as the cache, so that a compiled step sees the same shapes at every step.
+            attention_mask = F.pad(attention_mask, (0, cache.max_positions - attention_mask.shape[1]))
+        base_kwargs = {
+            "attention_mask": attention_mask,
+            self._base_cache_keyword: cache,
+            "use_cache": cache is not None,
+            "return_dict": True,
+            **kwargs,
+        }
+        if "logits_to_keep" in self._base_forward_params:
+            base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
+        past_length = state.num_positions if state is not None else 0
+        if "cache_position" in self._base_forward_params and kwargs.get("cache_position") is None:
+            # Up to 4.57 the base model would otherwise ask the cache, which a static cache answers
+            # by reading its keys back (a sync, and no graph for a compiled step).
+            base_kwargs["cache_position"] = torch.arange(past_length, past_length + length, device=input_ids.device)
+        return _Block(cache, state, past_length, keep, block_mask, precomputed, base_kwargs)
+
+    def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
+        """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
+        state = getattr(cache, "hyper_state", None)
+        if state is not None and state.num_positions > 0:
+            if state.batch_size != batch_size:
+                raise ValueError(f"input_ids has {batch_size} rows but the cache holds {state.batch_size}")
+            return cache, state
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"the cache ({type(cache).__name__}) carries no zip2zip codebook state: pass the cache "
+                "this model returned"
+            )
+        if cache is not None and type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache, DynamicCache):
+            raise NotImplementedError(
+                f"{type(cache).__name__} is not supported: a zip2zip model keeps its codebooks in its own "
+                "cache classes, Zip2ZipCache (dynamic) and Zip2ZipStaticCache (static); offloaded and "
+                "quantized caches are not supported yet"
+            )
+        state = HyperState(self.codec, batch_size, on_device=self.codebooks_on_device)
+        if not use_cache:
+            return None, state
+        # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
+        # which generate() then carries on from our output.
+        if type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache):
+            cache = Zip2ZipCache(config=self.config.get_text_config())
+        cache.hyper_state = state
+        return cache, state
+
+    def _consume_block(self, input_ids: torch.LongTensor, block: _Block) -> tuple[ConsumedBlock, EntryBatch]:
+        """The block's `ConsumedBlock` and the entries it installed (precomputed ones, or from the state)."""
+        if block.state is None:
+            step, entries = block.precomputed
+        else:
+            step = block.state.consume(input_ids, block.mask, block.keep, self.config.position_mode)
+            entries = block.state.unencoded_entries()
+        return step.to(input_ids.device), entries
+
+    def _embed(self, input_ids: torch.LongTensor, step: ConsumedBlock, input_table: torch.Tensor | None):
+        """Input embeddings: base rows for base ids, the input table's vectors for hyper ids."""
+        V = self.codec.initial_vocab_size
+        is_hyper = input_ids >= V
+        # Ids outside the id space are reported after the step is queued (`raise_if_illegal`);
+        # until then they read row 0, never out of bounds.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_hyper | (input_ids < 0), 0))
+        if input_table is None or input_table.shape[1] == 0:
+            return inputs_embeds  # no entry installed, so no hyper id was legal
+        slots = (input_ids - V).clamp(0, input_table.shape[1] - 1)
+        vectors = input_table.gather(1, slots[..., None].expand(-1, -1, input_table.shape[-1]))
+        return torch.where((is_hyper & step.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds)
+
+
+class Zip2ZipModel(Zip2ZipPreTrainedModel):
+    """The bare zip2zip model: compressed ids in, the base model's last hidden states out, one per
+    compressed position (what ``AutoModel`` gives, as ``LlamaModel`` is to ``LlamaForCausalLM``).
+
+    It reads ids exactly as `Zip2ZipForCausalLM` does (codebook state, input hyper-encoder, positions
+    from ``position_mode``, the cache) and has no head: no output hyper-encoder, no logits. Loading a
+    `Zip2ZipForCausalLM` checkpoint gives the same weights but the head's.
+    """
+
+    # A causal-LM checkpoint's head: not part of the bare model.
+    _keys_to_ignore_on_load_unexpected = [r"^output_hyper_encoder\.", r"^language_model\.lm_head\."]
+
+    def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if base_model is None:
+            base_model = AutoModel.from_config(config.text_config)
+        self._build_input_side(config, base_model)
+        self.post_init()
+
+    @classmethod
+    def _checkpoint_key_mapping(cls, path, kwargs: dict) -> dict[str, str]:
+        """A causal-LM checkpoint names the base model's decoder ``language_model.<prefix>.*`` (``model``
+        for Llama, ``transformer`` for GPT-2); here it is ``language_model.*``."""
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            hub = {key: kwargs[key] for key in _HUB_KEYWORDS if key in kwargs}
+            config = cls.config_class.from_pretrained(path, **hub)
+        causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config.get_text_config()), None)
+        prefix = getattr(causal_lm, "base_model_prefix", "")
+        return {rf"^language_model\.{re.escape(prefix)}\.": "language_model."} if prefix else {}
+
+    @torch.compiler.disable(recursive=False)
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        codebooks: dict[str, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""Run the base model's decoder on compressed ids.
+
+        Takes `Zip2ZipForCausalLM.forward`'s arguments but the head's (``labels``, ``logits_to_keep``).
+
+        Returns:
+            `BaseModelOutputWithPast` whose ``last_hidden_state`` is ``(B, T, hidden)``, one vector per
+            compressed position, with the cache under the name the installed transformers uses.
+        """
+        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        block = self._plan_block(
+            input_ids, inputs_embeds, attention_mask, cache, None, use_cache, 0, codebooks, kwargs
+        )
+        with _all_or_nothing(block.state, block.cache, block.past_length):
+            step, entries = self._consume_block(input_ids, block)
+            subtokens, lengths = entries.subtokens.to(input_ids.device), entries.lengths.to(input_ids.device)
+            vectors = _encode(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
+            input_table = _input_table(block.state, entries, vectors, input_ids.shape[0])
+            inputs_embeds = self._embed(input_ids, step, input_table)
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs
+            )
+            _count_block(block, input_ids)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{output_cache_field(BaseModelOutputWithPast): block.cache},
+        )
+        return output.to_tuple() if return_dict is False else output
 
 
 class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
@@ -91,28 +330,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             True or False to choose. The logits are the same either way.
     """
 
-    codebooks_on_device: bool | None = None
-
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
-        if base_model is None:
-            base_model = AutoModelForCausalLM.from_config(config.text_config)
-        self.language_model = base_model
-        text_config = config.get_text_config()
-        encoder_kwargs = dict(
-            kind=config.hyper_encoder,
-            hidden_size=text_config.hidden_size,
-            max_subtokens=config.max_subtokens,
-            latent_size=config.hyper_encoder_hidden_size,
-            num_layers=config.hyper_encoder_num_layers,
-            num_heads=config.hyper_encoder_num_heads,
+        self._build_input_side(
+            config, base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
-        residual = getattr(config, "input_hyper_encoder_residual", "mean")
-        self.input_hyper_encoder = build_hyper_encoder(**encoder_kwargs, residual=residual)
-        self.output_hyper_encoder = None if config.tie_hyper_encoders else build_hyper_encoder(**encoder_kwargs)
-        self.codec = config.codec()
-        self._base_forward_params = set(inspect.signature(self.language_model.forward).parameters)
-        self._base_cache_keyword = cache_keyword(self._base_forward_params)
+        tied = config.tie_hyper_encoders
+        self.output_hyper_encoder = None if tied else build_hyper_encoder(**_encoder_settings(config))
         self._head_hook: torch.utils.hooks.RemovableHandle | None = None
         self._head_hook_id: int | None = None
         self._head_input: torch.Tensor | None = None
@@ -180,33 +404,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         return cls.from_base(base_model, tokenizer, **config_kwargs), tokenizer
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but loud: missing or mis-shaped weights raise, and so do
-        weights of the hyper-encoders the model does not have (e.g. after editing ``hyper_encoder`` or
-        ``tie_hyper_encoders`` in config.json): trained weights are never silently dropped."""
-        want_info = kwargs.pop("output_loading_info", False)
-        kwargs["key_mapping"] = {**FORMAT_1_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        # The weights are in today's layout now, and are saved so.
-        forget_key_mapping(model, FORMAT_1_KEY_MAPPING)
-        model.config.zip2zip_format_version = ZIP2ZIP_FORMAT_VERSION
-        problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
-        problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
-        unexpected = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] in HYPER_ENCODER_NAMES]
-        problems += [f"unexpected: {k}" for k in unexpected]
-        if problems:
-            raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
-        _check_saved_tokenizer(model.config, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
-        return (model, info) if want_info else model
-
     # ------------------------------------------------------------------ embeddings (PEFT, resize)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
@@ -278,13 +476,11 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         block = self._plan_block(
             input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
         )
+        self._watch_head()
         with _all_or_nothing(block.state, block.cache, block.past_length):
             step, logits, outputs = self._run_block(input_ids, block)
             loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
-            if block.state is not None:
-                # Counted here, not in the compiled step: it changes at every step.
-                block.state.num_positions += input_ids.shape[1]
-                block.state.raise_if_illegal()
+            _count_block(block, input_ids)
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -295,55 +491,6 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         return output.to_tuple() if return_dict is False else output
 
-    @torch.compiler.disable  # checks and Python bookkeeping: never part of a compiled step
-    def _plan_block(
-        self, input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
-    ) -> _Block:
-        """Check the inputs and settle everything a block needs before it runs (see `_Block`)."""
-        cache = pop_cache(kwargs, cache)
-        _check_input_ids(input_ids, inputs_embeds)
-        batch_size, length = input_ids.shape
-        if labels is not None and tuple(labels.shape) != (batch_size, length):
-            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
-        keep = _kept_positions(length, 0 if labels is not None else logits_to_keep)
-        if codebooks is not None:
-            if use_cache or (cache is not None and cache.get_seq_length()):
-                raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
-            attention_mask = _checked_attention_mask(attention_mask, input_ids, 0)
-            precomputed = _precomputed(codebooks, input_ids, attention_mask, keep, self.codec, self.config)
-            cache = state = None
-        else:
-            use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
-            cache, state = self._resolve_state(cache, batch_size, use_cache)
-            attention_mask = _checked_attention_mask(attention_mask, input_ids, state.num_positions)
-            state.prepare(input_ids, self.get_input_embeddings().weight)
-            precomputed = None
-        self._watch_head()
-        block_mask = attention_mask[:, -length:].contiguous()
-        if isinstance(cache, Zip2ZipStaticCache):
-            if attention_mask.shape[1] > cache.max_positions:
-                raise ValueError(
-                    f"the static cache holds {cache.max_positions} positions but this call needs "
-                    f"{attention_mask.shape[1]}: make it larger (max_cache_len)"
-                )
-            # As wide as the cache, so that a compiled step sees the same shapes at every step.
-            attention_mask = F.pad(attention_mask, (0, cache.max_positions - attention_mask.shape[1]))
-        base_kwargs = {
-            "attention_mask": attention_mask,
-            self._base_cache_keyword: cache,
-            "use_cache": cache is not None,
-            "return_dict": True,
-            **kwargs,
-        }
-        if "logits_to_keep" in self._base_forward_params:
-            base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
-        past_length = state.num_positions if state is not None else 0
-        if "cache_position" in self._base_forward_params and kwargs.get("cache_position") is None:
-            # Up to 4.57 the base model would otherwise ask the cache, which a static cache answers
-            # by reading its keys back (a sync, and no graph for a compiled step).
-            base_kwargs["cache_position"] = torch.arange(past_length, past_length + length, device=input_ids.device)
-        return _Block(cache, state, past_length, keep, block_mask, precomputed, base_kwargs)
-
     def _run_block(self, input_ids: torch.LongTensor, block: _Block):
         """Consume a block of ids (or take its precomputed block and entries), then return the
         `ConsumedBlock`, the widened logits and the base model's output.
@@ -352,12 +499,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         while the checks and the rollback around it stay in `forward`.
         """
         state, keep = block.state, block.keep
-        if state is None:
-            step, entries = block.precomputed
-        else:
-            step = state.consume(input_ids, block.mask, keep, self.config.position_mode)
-            entries = state.unencoded_entries()
-        step = step.to(input_ids.device)
+        step, entries = self._consume_block(input_ids, block)
         input_table, output_table, provisional_vectors, unused = self._hyper_vectors(state, entries, step)
         inputs_embeds = self._embed(input_ids, step, input_table)
         outputs = self.language_model(inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs)
@@ -367,34 +509,6 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
             logits = logits + unused
         return step, logits, outputs
-
-    def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
-        """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
-        state = getattr(cache, "hyper_state", None)
-        if state is not None and state.num_positions > 0:
-            if state.batch_size != batch_size:
-                raise ValueError(f"input_ids has {batch_size} rows but the cache holds {state.batch_size}")
-            return cache, state
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(
-                f"the cache ({type(cache).__name__}) carries no zip2zip codebook state: pass the cache "
-                "this model returned"
-            )
-        if cache is not None and type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache, DynamicCache):
-            raise NotImplementedError(
-                f"{type(cache).__name__} is not supported: a zip2zip model keeps its codebooks in its own "
-                "cache classes, Zip2ZipCache (dynamic) and Zip2ZipStaticCache (static); offloaded and "
-                "quantized caches are not supported yet"
-            )
-        state = HyperState(self.codec, batch_size, on_device=self.codebooks_on_device)
-        if not use_cache:
-            return None, state
-        # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
-        # which generate() then carries on from our output.
-        if type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache):
-            cache = Zip2ZipCache(config=self.config.get_text_config())
-        cache.hyper_state = state
-        return cache, state
 
     def _watch_head(self) -> None:
         """Have the output embeddings record what they are called on in ``_head_input``: the hidden
@@ -443,26 +557,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             output_vectors.split([len(subtokens), batch_size * kept]),
         )
         output_new = output_new[:n_new]
-        if state is None:  # precomputed: the entries are every row's whole codebook, in order
-            shape = (batch_size, n_new // batch_size, input_vectors.shape[-1])
-            input_table, output_table = input_vectors.reshape(shape), output_new.reshape(shape)
-        else:
-            state.store(entries, input_vectors, output_new)
-            input_table, output_table = state.input_table, state.output_table
+        input_table = _input_table(state, entries, input_vectors, batch_size, output_new)
+        output_table = state.output_table if state is not None else _whole_codebooks(output_new, batch_size)
         return input_table, output_table, provisional_vectors.reshape(batch_size, kept, -1), unused
-
-    def _embed(self, input_ids: torch.LongTensor, step: ConsumedBlock, input_table: torch.Tensor | None):
-        """Input embeddings: base rows for base ids, the input table's vectors for hyper ids."""
-        V = self.codec.initial_vocab_size
-        is_hyper = input_ids >= V
-        # Ids outside the id space are reported after the step is queued (`raise_if_illegal`);
-        # until then they read row 0, never out of bounds.
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_hyper | (input_ids < 0), 0))
-        if input_table is None or input_table.shape[1] == 0:
-            return inputs_embeds  # no entry installed, so no hyper id was legal
-        slots = (input_ids - V).clamp(0, input_table.shape[1] - 1)
-        vectors = input_table.gather(1, slots[..., None].expand(-1, -1, input_table.shape[-1]))
-        return torch.where((is_hyper & step.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds)
 
     def _widen(self, base_logits, hidden, step: ConsumedBlock, output_table, provisional_vectors) -> torch.Tensor:
         """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf.
@@ -536,6 +633,39 @@ class _Block:
     base_kwargs: dict
 
 
+def _encoder_settings(config: Zip2ZipConfig) -> dict:
+    """`build_hyper_encoder` settings shared by the input and output encoders."""
+    return dict(
+        kind=config.hyper_encoder,
+        hidden_size=config.get_text_config().hidden_size,
+        max_subtokens=config.max_subtokens,
+        latent_size=config.hyper_encoder_hidden_size,
+        num_layers=config.hyper_encoder_num_layers,
+        num_heads=config.hyper_encoder_num_heads,
+    )
+
+
+def _whole_codebooks(vectors: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Precomputed entries are every row's whole codebook, in order: ``(B, entries per row, D)``."""
+    return vectors.reshape(batch_size, len(vectors) // batch_size, vectors.shape[-1])
+
+
+def _input_table(state, entries, input_vectors, batch_size: int, output_vectors=None) -> torch.Tensor:
+    """Store a block's new entry vectors in the state (both sides given), and return the input table."""
+    if state is None:
+        return _whole_codebooks(input_vectors, batch_size)
+    state.store(entries, input_vectors, output_vectors)
+    return state.input_table
+
+
+def _count_block(block: _Block, input_ids: torch.Tensor) -> None:
+    """After a block ran: count its positions (here, not in the compiled step: it changes at every
+    step) and raise for an illegal id (the one sync of a step)."""
+    if block.state is not None:
+        block.state.num_positions += input_ids.shape[1]
+        block.state.raise_if_illegal()
+
+
 def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
     """A tokenizer saved beside the weights must compress exactly as the config says."""
     tokenizer_config = os.path.join(str(path), "tokenizer_config.json")
@@ -550,7 +680,7 @@ def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
 def _check_input_ids(input_ids, inputs_embeds) -> None:
     if input_ids is None or inputs_embeds is not None:
         raise ValueError(
-            "Zip2ZipForCausalLM needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook"
+            "a zip2zip model needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook"
         )
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
