@@ -22,7 +22,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-gpu lock clean
+.PHONY: setup demo test bench bench-gpu bench-quality lock clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,11 @@ bench: setup
 # On a GPU the measurements of record; on a CPU a dry run with tiny shapes.
 bench-gpu: setup
 	$(BIN)/python benchmarks/bench_gpu.py
+
+# Uptraining recipes against a plain LoRA control at equal wall-clock budget (about 15 minutes on
+# 2 CPU cores); on a GPU pass a real budget: make bench-quality QUALITY_ARGS="--budget 600 ...".
+bench-quality: setup
+	$(BIN)/python benchmarks/bench_quality.py $(QUALITY_ARGS)
 
 # Re-resolve the pins in throw-away virtualenvs: the newest releases setup.cfg allows, and the
 # same with the oldest supported transformers. Then run `make test` and `make test TRANSFORMERS=4.57`.

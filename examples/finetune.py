@@ -31,6 +31,7 @@ from zip2zip_hf.training import (
     default_lora_config,
     prepare_model_for_training,
     training_arguments,
+    zip2zip_optimizer,
 )
 
 
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hyper-encoder", default="attention", choices=["attention", "mean"])
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--encoder-learning-rate", type=float, default=None, help="default: a fifth of --learning-rate")
     p.add_argument("--batch-size", type=int, default=4, help="rows per device and step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=200, help="-1: train --epochs epochs")
@@ -156,7 +158,11 @@ def main(argv=None) -> int:
         model.print_trainable_parameters()
 
     collator = Zip2ZipDataCollator(tokenizer, max_length=args.max_length)
-    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator)
+    # The hyper-encoders learn at their own, lower rate (zip2zip_hf.training.ENCODER_LEARNING_RATE_SCALE).
+    optimizer = zip2zip_optimizer(model, args.learning_rate, args.encoder_learning_rate)
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=rows, data_collator=collator, optimizers=(optimizer, None)
+    )
     CompressionLoggingCallback(collator).attach(trainer)
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)

@@ -23,10 +23,12 @@ from zip2zip_hf.data import (
     split_windows,
 )
 from zip2zip_hf.training import (
+    ENCODER_LEARNING_RATE_SCALE,
     CompressionLoggingCallback,
     default_lora_config,
     prepare_model_for_training,
     training_arguments,
+    zip2zip_optimizer,
 )
 
 
@@ -189,6 +191,25 @@ def test_default_lora_config_targets_base_linears_and_saves_encoders(train_tok, 
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or "hyper_encoder" in n for n in trainable)
     assert any("input_hyper_encoder" in n for n in trainable)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_optimizer_gives_the_encoders_their_own_rate(train_tok, lora):
+    """Every trainable parameter in exactly one group: the encoders' (LoRA's modules_to_save copies
+    or the full modules) at their rate, the rest at the main rate; frozen ones in none."""
+    model = tiny_model(train_tok, "llama", hidden=32)
+    model = prepare_model_for_training(model, default_lora_config(model, r=4) if lora else None)
+    optimizer = zip2zip_optimizer(model, 1e-3, weight_decay=0.0)
+    main, encoders = optimizer.param_groups
+    assert (main["lr"], encoders["lr"]) == (1e-3, pytest.approx(ENCODER_LEARNING_RATE_SCALE * 1e-3))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in encoders["params"]} == {
+        n for n, p in model.named_parameters() if p.requires_grad and "hyper_encoder" in n
+    }
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert len(grouped) == len(set(grouped))
+    assert zip2zip_optimizer(model, 1e-3, encoder_learning_rate=0.0).param_groups[1]["lr"] == 0.0
 
 
 # ---------------------------------------------------------------------- Trainer

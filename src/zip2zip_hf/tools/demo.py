@@ -259,6 +259,7 @@ def _finetune(args, model, tokenizer, train_rows):
         default_lora_config,
         prepare_model_for_training,
         training_arguments,
+        zip2zip_optimizer,
     )
 
     model = prepare_model_for_training(model, default_lora_config(model, r=args.lora_r))
@@ -285,6 +286,7 @@ def _finetune(args, model, tokenizer, train_rows):
         ),
         train_dataset=train_rows,
         data_collator=collator,
+        optimizers=(zip2zip_optimizer(model, args.learning_rate, args.encoder_learning_rate), None),
     )
     CompressionLoggingCallback(collator).attach(trainer)
     train_start = time.perf_counter()
@@ -333,6 +335,9 @@ def add_demo_arguments(demo) -> None:
     demo.add_argument("--batch-size", type=int, default=2, help="rows per step (default 2)")
     demo.add_argument("--max-length", type=int, default=256, help="zip2zip tokens per row (default 256)")
     demo.add_argument("--learning-rate", type=float, default=5e-4)
+    demo.add_argument(
+        "--encoder-learning-rate", type=float, default=None, help="the encoders' (default: a fifth of the LoRA's)"
+    )
     demo.add_argument("--lora-r", type=int, default=16)
     demo.add_argument("--train-chars", type=int, default=400_000, help="characters of standard library to train on")
     demo.add_argument("--eval-rows", type=int, default=8, help="held-out windows for the loss (default 8)")

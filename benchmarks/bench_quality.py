@@ -1,0 +1,318 @@
+"""Quality at equal wall-clock budget: uptraining recipes for zip2zip against a plain LoRA control.
+
+Every arm starts from the real SmolLM2-135M-Instruct and trains for the same ``--budget`` seconds
+(training steps only; evaluations are not counted) on the same windows of text: CPython
+standard-library sources cut into windows of ``--window`` base tokens, shuffled once, ``--batch-size``
+windows a step. The control reads them as base ids; zip2zip arms read the same windows compressed
+(fewer ids, so faster steps and more text within the budget). The learning rate follows the budget:
+linear warm-up over the first ``warmup`` share of it, then a cosine to zero at its end. Weights are
+float32; on CUDA the steps run under bf16 autocast.
+
+At ``--checkpoints`` evenly spaced times (and before training) every arm is scored on the held-out
+files of the demo (argparse, textwrap, difflib, json/encoder, csv; the first ``--eval-bytes`` of them
+together) with `zip2zip_hf.evaluation.score_texts`: bits per byte, the one measure that compares
+models whose tokens differ. At the end each zip2zip arm writes a greedy continuation of a held-out
+file: steps per byte of what it wrote against base tokens per byte of the same text.
+
+Prints one table per checkpoint time (ratios against the control at that time) and saves the curves
+as JSON and, with matplotlib, a PNG (``--plot``).
+
+    python benchmarks/bench_quality.py [--budget 150] [--arms lora zip2zip ...] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from _common import markdown_table, smollm2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One arm. ``lora_r=None`` finetunes every weight; ``encoder_lr`` (zip2zip) is the hyper-encoders'
+    learning rate (default: ``lr``, the recipe before the library's default became a fifth of it)."""
+
+    compressed: bool
+    lr: float = 5e-4
+    encoder_lr: float | None = None
+    lora_r: int | None = 16
+    warmup: float = 0.1
+    input_residual: str | None = None  # the fresh input encoder's start (None: from_base's default)
+
+
+RECIPES = {
+    "lora": Recipe(compressed=False),
+    "zip2zip": Recipe(compressed=True),
+    "zip2zip-encoder-lr4x": Recipe(compressed=True, encoder_lr=2e-3),
+    "zip2zip-encoder-lr0.2x": Recipe(compressed=True, encoder_lr=1e-4),
+    "zip2zip-frozen-encoders": Recipe(compressed=True, encoder_lr=0.0),
+    "zip2zip-lr2x": Recipe(compressed=True, lr=1e-3),
+    "zip2zip-r64": Recipe(compressed=True, lora_r=64),
+    "zip2zip-r64-encoder-lr0.2x": Recipe(compressed=True, lora_r=64, encoder_lr=1e-4),
+    "zip2zip-full": Recipe(compressed=True, lr=5e-5, encoder_lr=5e-4, lora_r=None),
+    "zip2zip-mean-start": Recipe(compressed=True, input_residual="mean"),
+}
+
+# About 15 minutes on 2 CPU cores at the default budget.
+DEFAULT_ARMS = ["lora", "zip2zip", "zip2zip-encoder-lr0.2x", "zip2zip-r64-encoder-lr0.2x", "zip2zip-full"]
+
+
+@dataclass
+class Curve:
+    name: str
+    recipe: Recipe
+    seconds: list[float] = field(default_factory=list)
+    bits_per_byte: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    text_bytes: list[int] = field(default_factory=list)
+    generation: dict = field(default_factory=dict)
+
+
+def load_arm(path: str, recipe: Recipe, device: torch.device, max_codebook_size: int, max_subtokens: int):
+    """``(model ready to train, tokenizer)`` for one arm."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
+    from zip2zip_hf.training import default_lora_config, prepare_model_for_training
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not recipe.compressed:
+        if recipe.lora_r is None:
+            return base.to(device).train(), tokenizer
+        lora = LoraConfig(
+            task_type="CAUSAL_LM", r=recipe.lora_r, lora_alpha=2 * recipe.lora_r, target_modules="all-linear"
+        )
+        return get_peft_model(base, lora).to(device).train(), tokenizer
+    tokenizer = Zip2ZipTokenizer.from_base(tokenizer, max_codebook_size=max_codebook_size, max_subtokens=max_subtokens)
+    settings = {} if recipe.input_residual is None else {"input_hyper_encoder_residual": recipe.input_residual}
+    model = Zip2ZipForCausalLM.from_base(base, tokenizer, **settings)
+    lora = None if recipe.lora_r is None else default_lora_config(model, r=recipe.lora_r)
+    return prepare_model_for_training(model, lora).to(device), tokenizer
+
+
+def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
+    from zip2zip_hf.training import zip2zip_optimizer
+
+    encoder_lr = recipe.encoder_lr if recipe.encoder_lr is not None else recipe.lr
+    optimizer = zip2zip_optimizer(model, recipe.lr, encoder_lr, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+    return optimizer
+
+
+def set_learning_rate(optimizer, recipe: Recipe, progress: float) -> None:
+    """Warm-up then cosine to zero, over the share of the budget spent."""
+    if progress < recipe.warmup:
+        scale = (progress + 1e-3) / recipe.warmup
+    else:
+        scale = 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - recipe.warmup) / (1 - recipe.warmup))))
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * scale
+
+
+def batch_of(windows: list[list[int]], tokenizer, compressed: bool, device: torch.device) -> dict:
+    rows = [tokenizer.codec.encode(w)[0] for w in windows] if compressed else windows
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def evaluate(model, tokenizer, texts: list[str], window: int) -> float:
+    from zip2zip_hf.evaluation import score_texts
+
+    model.eval()
+    score = score_texts(model, tokenizer, texts, window=window, batch_size=4)
+    model.train()
+    return score.bits_per_byte
+
+
+def greedy_steps_per_byte(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """What one greedy continuation saves: its steps per byte against base tokens per byte of the same text."""
+    model.eval()
+    encoded = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False)
+    written = out[0, encoded["input_ids"].shape[1] :].tolist()
+    codes = out[0].tolist()
+    base = tokenizer.codec.decode(codes)[0][len(tokenizer.codec.decode(encoded["input_ids"][0].tolist())[0]) :]
+    n_bytes = len(tokenizer.base_tokenizer.decode(base).encode("utf-8"))
+    return {"steps_per_byte": len(written) / n_bytes, "base_tokens_per_byte": len(base) / n_bytes, "bytes": n_bytes}
+
+
+def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_out: list[str], prompt: str) -> Curve:
+    model, tokenizer = load_arm(args.model, recipe, args.device, args.max_codebook_size, args.max_subtokens)
+    optimizer = optimizer_for(model, recipe)
+    curve = Curve(name, recipe)
+    marks = [args.budget * k / args.checkpoints for k in range(args.checkpoints + 1)]
+    spent, step, text_bytes = 0.0, 0, 0
+    decode = (lambda w: tokenizer.base_tokenizer.decode(w)) if recipe.compressed else tokenizer.decode
+    while True:
+        if spent >= marks[len(curve.seconds)]:
+            curve.seconds.append(round(spent, 1))
+            curve.bits_per_byte.append(evaluate(model, tokenizer, held_out, args.window))
+            curve.steps.append(step)
+            curve.text_bytes.append(text_bytes)
+            print(f"  {name}: {spent:6.0f} s, step {step:4d}, held-out bits/byte {curve.bits_per_byte[-1]:.4f}")
+            if len(curve.seconds) == len(marks):
+                break
+        chunk = [windows[(step * args.batch_size + i) % len(windows)] for i in range(args.batch_size)]
+        start = time.perf_counter()
+        set_learning_rate(optimizer, recipe, spent / args.budget)
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch_of(chunk, tokenizer, recipe.compressed, args.device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())  # waits for the device: the step's time is all in `spent`
+        spent += time.perf_counter() - start
+        text_bytes += sum(len(decode(w).encode("utf-8")) for w in chunk)
+        step += 1
+    if recipe.compressed:
+        curve.generation = greedy_steps_per_byte(model, tokenizer, prompt, args.new_tokens)
+    return curve
+
+
+def training_windows(path: str, window: int, max_chars: int, seed: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from zip2zip_hf.tools.demo import training_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = []
+    for text in training_texts(max_chars):
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        windows += [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
+    random.Random(seed).shuffle(windows)
+    return windows
+
+
+def held_out_texts(max_bytes: int) -> list[str]:
+    """The same share of each held-out file, ``max_bytes`` in all."""
+    from zip2zip_hf.tools.demo import held_out_files
+
+    files = [text for _, text in held_out_files()]
+    share = max_bytes // len(files)
+    return [text.encode("utf-8")[:share].decode("utf-8", errors="ignore") for text in files]
+
+
+def report(curves: list[Curve]) -> None:
+    control = next((c for c in curves if not c.recipe.compressed), None)
+    for k, seconds in enumerate(curves[0].seconds):
+        rows = []
+        for curve in curves:
+            bits = curve.bits_per_byte[k]
+            ratio = f"{bits / control.bits_per_byte[k]:.3f}" if control else "-"
+            rows.append([curve.name, curve.steps[k], f"{curve.text_bytes[k] / 1e3:.0f}", f"{bits:.4f}", ratio])
+        against = control.name if control else "-"
+        print(f"\nafter {seconds:.0f} s of training (held-out bits per byte; ratio = arm / {against})")
+        print(markdown_table(["arm", "steps", "kB of text", "bits/byte", "ratio"], rows))
+    generated = [c for c in curves if c.generation]
+    if generated:
+        print("\ngreedy continuation of a held-out file after training")
+        rows = [
+            [
+                c.name,
+                c.generation["bytes"],
+                f"{c.generation['steps_per_byte']:.4f}",
+                f"{c.generation['base_tokens_per_byte']:.4f}",
+                f"{1 - c.generation['steps_per_byte'] / c.generation['base_tokens_per_byte']:.1%}",
+            ]
+            for c in generated
+        ]
+        print(markdown_table(["arm", "bytes", "steps/byte", "base tokens/byte", "fewer steps"], rows))
+
+
+def plot(curves: list[Curve], path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        print(f"not writing {path}: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for curve in curves:
+        axes.plot(
+            curve.seconds,
+            curve.bits_per_byte,
+            marker="o",
+            label=curve.name,
+            linestyle="-" if curve.recipe.compressed else "--",
+        )
+    axes.set_xlabel("training seconds")
+    axes.set_ylabel("held-out bits per byte")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=sorted(RECIPES))
+    parser.add_argument("--budget", type=float, default=120.0, help="training seconds per arm (default 120)")
+    parser.add_argument("--checkpoints", type=int, default=3, help="evaluations after the start (default 3)")
+    parser.add_argument("--window", type=int, default=256, help="base tokens per training / held-out window")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--eval-bytes", type=int, default=12_000, help="held-out bytes scored (default 12000)")
+    parser.add_argument("--train-chars", type=int, default=2_000_000)
+    parser.add_argument("--new-tokens", type=int, default=96, help="greedy steps of the final generation")
+    parser.add_argument("-K", dest="max_codebook_size", type=int, default=2048)
+    parser.add_argument("-M", dest="max_subtokens", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
+    )
+    parser.add_argument("--model", default=None, help="a base model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--json", default="bench_quality.json", help="where to save the curves")
+    parser.add_argument("--plot", default="bench_quality.png", help="where to save the PNG plot")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.device = torch.device(args.device)
+    if args.bf16 is None:
+        args.bf16 = args.device.type == "cuda"
+    args.model = args.model or smollm2()
+
+    windows = training_windows(args.model, args.window, args.train_chars, args.seed)
+    held_out = held_out_texts(args.eval_bytes)
+    prompt = "".join(held_out[1].splitlines(keepends=True)[:30])
+    hardware = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "CPU"
+    title = (
+        f"{args.budget:.0f} s per arm on {hardware} ({torch.get_num_threads()} threads); windows of {args.window} "
+        f"base tokens, batch {args.batch_size}; {sum(map(len, held_out))} held-out chars"
+    )
+    print(title)
+    curves = []
+    for name in args.arms:
+        print(f"arm {name}: {RECIPES[name]}")
+        curves.append(train_arm(name, RECIPES[name], args, windows, held_out, prompt))
+    report(curves)
+    with open(args.json, "w") as f:
+        json.dump({"title": title, "curves": [{**asdict(c), "recipe": asdict(c.recipe)} for c in curves]}, f, indent=1)
+    print(f"wrote {args.json}")
+    plot(curves, args.plot, title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
