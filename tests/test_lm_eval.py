@@ -5,6 +5,7 @@ and runs from ``python -m zip2zip_hf lm-eval`` on local tasks (JSON in tests/dat
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,17 @@ def test_importing_the_package_registers_the_model_and_keeps_lm_evals_own():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split() == ["Zip2ZipLM", "HFLM"]
     assert get_model("zip2zip") is Zip2ZipLM
+
+
+def test_an_lm_eval_without_the_registry_is_a_warning_not_a_failed_import(tmp_path):
+    (tmp_path / "lm_eval").mkdir()
+    (tmp_path / "lm_eval" / "__init__.py").write_text("")  # an lm-eval with no models or registry
+    script = "import zip2zip_hf; print(zip2zip_hf.Zip2ZipForCausalLM.__name__)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "Zip2ZipForCausalLM"
+    assert "'zip2zip' model is not registered" in out.stderr
 
 
 def test_loglikelihood_scores_the_canonical_continuation(text_model, text_tok, tiny_base_tokenizer):

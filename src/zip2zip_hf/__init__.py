@@ -7,6 +7,7 @@ here load with or without the package installed; and, where lm-evaluation-harnes
 """
 
 import importlib.util
+import warnings
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -31,11 +32,21 @@ Zip2ZipModel.register_for_auto_class("AutoModel")
 
 
 def _register_with_lm_eval() -> None:
-    """Make ``model="zip2zip"`` known to lm-eval without importing it (lm-eval loads the class on first use)."""
-    # lm-eval fills its registry with its own models only while the registry is empty: do that first.
-    import lm_eval.models  # noqa: F401
-    from lm_eval.api.registry import model_registry
+    """Make ``model="zip2zip"`` known to lm-eval without importing it (lm-eval loads the class on first use).
 
+    An lm-eval whose registry this does not know (before 0.4.13) gets a warning, not a failed import.
+    """
+    try:
+        # lm-eval fills its registry with its own models only while the registry is empty: do that first.
+        import lm_eval.models  # noqa: F401
+        from lm_eval.api.registry import model_registry
+    except ImportError as error:
+        warnings.warn(
+            f"lm-eval is installed but its model registry is not importable ({error}): "
+            "its 'zip2zip' model is not registered; zip2zip_hf[eval] needs lm-eval>=0.4.13",
+            stacklevel=2,
+        )
+        return
     if "zip2zip" not in model_registry:
         model_registry.register("zip2zip", target="zip2zip_hf.lm_eval_harness:Zip2ZipLM")
 
