@@ -112,7 +112,7 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
         problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
         problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
         unexpected = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] in HYPER_ENCODER_NAMES]
-        problems += [f"unexpected: {k}" for k in unexpected if not cls._ignored(k)]
+        problems += [f"unexpected: {k}" for k in unexpected]  # less `_keys_to_ignore_on_load_unexpected`
         if problems:
             raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
         _check_saved_tokenizer(model.config, path)
@@ -122,10 +122,6 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
     def _checkpoint_key_mapping(cls, path, kwargs: dict) -> dict[str, str]:
         """Renames from a saved checkpoint's weight names to this class's (none here)."""
         return {}
-
-    @classmethod
-    def _ignored(cls, key: str) -> bool:
-        return any(re.match(pattern, key) for pattern in cls._keys_to_ignore_on_load_unexpected or ())
 
     def save_pretrained(self, *args, **kwargs):
         # Both Auto classes in every saved config.json, whichever class is saved: AutoModel gives the
@@ -302,7 +298,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
             step, entries = self._consume_block(input_ids, block)
             subtokens, lengths = entries.subtokens.to(input_ids.device), entries.lengths.to(input_ids.device)
             vectors = _encode(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
-            input_table = _input_table(block.state, entries, vectors, input_ids.shape[0])
+            input_table, _ = _tables(block.state, entries, input_ids.shape[0], vectors)
             inputs_embeds = self._embed(input_ids, step, input_table)
             outputs = self.language_model(
                 inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs
@@ -557,8 +553,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             output_vectors.split([len(subtokens), batch_size * kept]),
         )
         output_new = output_new[:n_new]
-        input_table = _input_table(state, entries, input_vectors, batch_size, output_new)
-        output_table = state.output_table if state is not None else _whole_codebooks(output_new, batch_size)
+        input_table, output_table = _tables(state, entries, batch_size, input_vectors, output_new)
         return input_table, output_table, provisional_vectors.reshape(batch_size, kept, -1), unused
 
     def _widen(self, base_logits, hidden, step: ConsumedBlock, output_table, provisional_vectors) -> torch.Tensor:
@@ -645,17 +640,18 @@ def _encoder_settings(config: Zip2ZipConfig) -> dict:
     )
 
 
-def _whole_codebooks(vectors: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Precomputed entries are every row's whole codebook, in order: ``(B, entries per row, D)``."""
-    return vectors.reshape(batch_size, len(vectors) // batch_size, vectors.shape[-1])
+def _tables(state, entries, batch_size: int, input_vectors, output_vectors=None) -> tuple:
+    """The ``(input, output)`` tables after a block: its new entry vectors stored in the state, or,
+    with precomputed codebooks, the entries themselves (every row's whole codebook, in order). A
+    model without a head (`Zip2ZipModel`) has no output vectors and gets no output table."""
+    if state is not None:
+        state.store(entries, input_vectors, output_vectors)
+        return state.input_table, state.output_table
 
+    def per_row(vectors):
+        return None if vectors is None else vectors.reshape(batch_size, len(vectors) // batch_size, vectors.shape[-1])
 
-def _input_table(state, entries, input_vectors, batch_size: int, output_vectors=None) -> torch.Tensor:
-    """Store a block's new entry vectors in the state (both sides given), and return the input table."""
-    if state is None:
-        return _whole_codebooks(input_vectors, batch_size)
-    state.store(entries, input_vectors, output_vectors)
-    return state.input_table
+    return per_row(input_vectors), per_row(output_vectors)
 
 
 def _count_block(block: _Block, input_ids: torch.Tensor) -> None:
