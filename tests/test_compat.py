@@ -77,11 +77,6 @@ def test_a_plain_cache_with_content_is_refused(model):
         model(input_ids=torch.tensor([[7]]), cache=base_cache)
 
 
-def test_crop_is_not_implemented_and_says_so():
-    with pytest.raises(NotImplementedError, match="crop"):
-        Zip2ZipCache().crop(1)
-
-
 # ---------------------------------------------------------------------- generate
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "cache_keyword",
     "check_generation_internals",
     "checkpointing_arguments",
+    "crop_length",
     "enable_activation_checkpointing",
     "forget_key_mapping",
     "original_init_errors",
@@ -39,6 +40,8 @@ __all__ = [
 TRANSFORMERS_VERSION: str = transformers.__version__
 SUPPORTED_RELEASES = "4.57 to 5.24"
 _MAJOR = int(TRANSFORMERS_VERSION.split(".")[0])
+# 5.24 changed what ``Cache.crop(n)`` means for n >= 0 (`crop_length`).
+_CROP_TAKES_REMOVALS = tuple(int(part) for part in TRANSFORMERS_VERSION.split(".")[:2]) >= (5, 24)
 
 # ---------------------------------------------------------------------- the cache's name (5.24)
 
@@ -127,6 +130,26 @@ def truncate_cache(cache, length: int) -> None:
         else:
             layer.keys[:, :, length:].zero_()
             layer.values[:, :, length:].zero_()
+
+
+def crop_length(current: int, argument: int) -> int:
+    """The length that ``Cache.crop(argument)`` keeps of a cache holding ``current`` positions.
+
+    A negative argument removes that many positions in every release. A positive one is the length
+    to keep (up to 5.23; 5.24 refuses it for its own caches, ours keep reading it so). 0 removes
+    nothing from 5.24 on (its decoding loops call ``crop(0)`` to mean that) and everything before.
+    """
+    if isinstance(argument, bool) or not isinstance(argument, int):
+        raise ValueError(f"crop takes an int, got {argument!r}")
+    if argument < 0:
+        length = current + argument
+    elif argument == 0:
+        length = current if _CROP_TAKES_REMOVALS else 0
+    else:
+        length = min(argument, current)
+    if length < 0:
+        raise ValueError(f"crop({argument}) would remove more than the {current} positions the cache holds")
+    return length
 
 
 # ---------------------------------------------------------------------- generation

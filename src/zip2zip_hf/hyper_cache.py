@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
+from ._compat import crop_length, truncate_cache
 from .lzw import LZWCodec
 
 
@@ -160,6 +161,11 @@ class HyperState:
         num_positions: how many positions (padding included) the rows hold: the cache's length,
             kept here as an int so that no step reads it back from the device (the model counts
             each block it ran).
+
+    Every block that succeeded is recorded (`record`: its ids, and the snapshot before it), so that
+    `crop` can return the state to any earlier length exactly: within the last block by restoring
+    that snapshot and feeding the kept part of the block again (what speculative decoding needs
+    after every verification), further back by rebuilding the codebooks from the recorded ids.
     """
 
     def __init__(self, codec: LZWCodec, batch_size: int, on_device: bool | None = None):
@@ -174,6 +180,10 @@ class HyperState:
         self.num_positions = 0
         self._created: torch.LongTensor | None = None  # (B, new slots) installed by the last block
         self._unchecked: tuple[torch.Tensor, torch.Tensor] | None = None  # the last block's legality
+        # What `crop` rewinds with: every id consumed so far, (B, capacity), -1 on padding, and the
+        # snapshot taken before the last block.
+        self._fed: torch.LongTensor | None = None
+        self._before_last_block: tuple | None = None
 
     @property
     def batch_size(self) -> int:
@@ -193,6 +203,7 @@ class HyperState:
                 self.codec, self.streams, self.num_real_tokens, input_ids.device
             )
             self.streams = None
+            self._before_last_block = None  # a snapshot of the other phase
             capacity = self.codec.max_codebook_size + 1
             self.input_table = _static(_grown(self.input_table, self.batch_size, capacity, vector_like))
             self.output_table = _static(_grown(self.output_table, self.batch_size, capacity, vector_like))
@@ -327,6 +338,9 @@ class HyperState:
 
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep (and repeat or reorder) rows: row ``i`` becomes old row ``rows[i]``."""
+        self._before_last_block = None  # a snapshot holds no rows to select
+        if self._fed is not None:
+            self._fed = self._fed.index_select(0, torch.as_tensor(rows, device=self._fed.device))
         if self.device_codebooks is not None:
             index = torch.as_tensor(rows, device=self.device_codebooks.pending.device)
             self.device_codebooks.select(index)
@@ -379,6 +393,75 @@ class HyperState:
         self.input_table, self.output_table = tables
         for stream, mark in zip(self.streams, marks, strict=True):
             stream.rollback(mark)
+
+    # ------------------------------------------------------------------ rewinding
+
+    def record(self, snapshot: tuple, input_ids: torch.LongTensor, mask: torch.Tensor) -> None:
+        """Remember a block that succeeded: its ids (``-1`` on padding) and the `snapshot` taken
+        before it. One write per block, on the ids' device, no host sync."""
+        start, end = snapshot[0], self.num_positions
+        if self._fed is None or self._fed.shape[1] < end:
+            width = 0 if self._fed is None else self._fed.shape[1]
+            grown = input_ids.new_full((self.batch_size, max(end, 2 * width, 16)), -1)
+            if self._fed is not None:
+                grown[:, :start] = self._fed[:, :start]
+            self._fed = grown
+        self._fed[:, start:end] = input_ids.masked_fill(~mask.bool(), -1)
+        self._before_last_block = snapshot
+
+    def crop(self, length: int) -> None:
+        """Return to the state after the first ``length`` positions: the entries installed since are
+        uninstalled and the counters restored, exactly as if only those positions had been fed.
+
+        Within the last block this costs one snapshot restore and feeding the block's kept ids
+        again; further back, the codebooks are rebuilt from the recorded ids (one host sync). The
+        hypertoken vectors need no work: entry k is the same phrase before and after, and its
+        vectors stay where they are.
+        """
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.num_positions:
+            raise ValueError(f"crop takes a length in [0, {self.num_positions}] (the positions held), got {length!r}")
+        if length == self.num_positions:
+            return
+        snapshot, encoded = self._before_last_block, self.num_encoded
+        if snapshot is not None and snapshot[0] <= length:
+            tables = self.input_table, self.output_table
+            self.restore(snapshot)
+            self.input_table, self.output_table = tables
+            if length > snapshot[0]:
+                self._feed_again(self._fed[:, snapshot[0] : length])
+        else:
+            self._rebuild(self._fed[:, :length])
+            self._before_last_block = None
+        if self.streams is not None:  # vectors exist for the entries the tables held before
+            self.num_encoded = [min(e, s.num_installed) for e, s in zip(encoded, self.streams, strict=True)]
+        self.num_positions = length
+
+    def _feed_again(self, fed: torch.LongTensor) -> None:
+        """Feed recorded ids (``-1`` on padding) once more: they were legal when first fed."""
+        ids, real = fed.clamp(min=0), fed >= 0
+        if self.device_codebooks is None:
+            self._consume_in_streams(ids, real, [], "base")
+            return
+        for t in range(ids.shape[1]):
+            self.device_codebooks.feed(ids[:, t], real[:, t])
+
+    @torch.compiler.disable
+    def _rebuild(self, fed: torch.LongTensor) -> None:
+        """The codebooks after the recorded ids ``fed`` (``-1`` on padding), fed anew to Python streams;
+        on the device they are copied into the tensors already there, whose addresses a captured CUDA
+        graph holds."""
+        rows = [[i for i in row if i >= 0] for row in fed.tolist()]
+        streams = [self.codec.stream() for _ in rows]
+        for stream, row in zip(streams, rows):
+            stream.feed(row)
+        num_real_tokens = [len(row) for row in rows]
+        if self.device_codebooks is None:
+            self.streams, self.num_real_tokens = streams, num_real_tokens
+            return
+        codebooks = self.device_codebooks
+        rebuilt = DeviceCodebooks.from_streams(self.codec, streams, num_real_tokens, codebooks.pending.device)
+        for name in DeviceCodebooks._FIELDS:
+            getattr(codebooks, name).copy_(getattr(rebuilt, name))
 
 
 class DeviceCodebooks:
@@ -730,16 +813,21 @@ class _CodebookRows:
         if self.hyper_state is not None:
             self.hyper_state.select(indices)
 
-    def crop(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"{type(self).__name__}.crop is not supported yet: rewinding would have to uninstall "
-            "codebook entries (assisted and prompt-lookup decoding need it)"
-        )
+    def crop(self, max_length: int) -> None:
+        """Drop the last positions: ``max_length < 0`` removes that many, ``> 0`` keeps that many, and
+        0 means what the installed transformers means by it (`_compat.crop_length`). The codebooks go
+        back with the keys and values: entries installed by the dropped positions are uninstalled."""
+        state = self.hyper_state
+        current = state.num_positions if state is not None else int(self.get_seq_length())
+        length = crop_length(current, max_length)
+        if state is not None:
+            state.crop(length)
+        truncate_cache(self, length)
 
     @property
     def is_croppable(self) -> bool:
         # transformers 5.24 asks before deferring its stop check by one (cropped) step.
-        return False
+        return True
 
 
 class Zip2ZipCache(_CodebookRows, DynamicCache):

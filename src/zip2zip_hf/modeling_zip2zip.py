@@ -294,7 +294,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         block = self._plan_block(
             input_ids, inputs_embeds, attention_mask, cache, None, use_cache, 0, codebooks, kwargs
         )
-        with _all_or_nothing(block.state, block.cache, block.past_length):
+        with _all_or_nothing(block, input_ids):
             step, entries = self._consume_block(input_ids, block)
             subtokens, lengths = entries.subtokens.to(input_ids.device), entries.lengths.to(input_ids.device)
             vectors = _encode(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
@@ -473,7 +473,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
         )
         self._watch_head()
-        with _all_or_nothing(block.state, block.cache, block.past_length):
+        with _all_or_nothing(block, input_ids):
             step, logits, outputs = self._run_block(input_ids, block)
             loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
             _count_block(block, input_ids)
@@ -716,18 +716,22 @@ def _kept_positions(length: int, logits_to_keep) -> list[int]:
 
 
 @contextlib.contextmanager
-def _all_or_nothing(state: HyperState | None, cache: Cache | None, past_length: int):
+def _all_or_nothing(block: _Block, input_ids: torch.LongTensor):
     """Undo what a failed forward changed: the codebooks and tables, and positions the base model
-    may already have written into the cache, so a caller that catches the error keeps its cache."""
+    may already have written into the cache, so a caller that catches the error keeps its cache.
+    A block that succeeds is recorded by the state (what `HyperState.crop` rewinds to)."""
+    state = block.state
     snapshot = state.snapshot() if state is not None else None
     try:
         yield
     except BaseException:
         if state is not None:
             state.restore(snapshot)
-        if cache is not None:
-            truncate_cache(cache, past_length)
+        if block.cache is not None:
+            truncate_cache(block.cache, block.past_length)
         raise
+    if state is not None:
+        state.record(snapshot, input_ids, block.mask)
 
 
 def _precomputed(codebooks, input_ids, attention_mask, keep, codec, config) -> tuple[ConsumedBlock, EntryBatch]:
