@@ -89,16 +89,12 @@ def forward_calls(model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"prompt_lookup_num_tokens": 3}, "prompt lookup decoding"),
         ({"cache_implementation": "offloaded"}, "cache_implementation='offloaded'"),
         ({"cache_implementation": "quantized"}, "cache_implementation='quantized'"),
         ({"generation_config": GenerationConfig(cache_implementation="offloaded", max_new_tokens=4)}, "'offloaded'"),
-        ({"assistant_model": "itself"}, "assisted generation"),
     ],
 )
 def test_unsupported_generation_modes_are_refused_before_any_work(model, kwargs, message):
-    if kwargs.get("assistant_model") == "itself":
-        kwargs = {"assistant_model": model}
     calls, handle = forward_calls(model)
     try:
         with pytest.raises(NotImplementedError, match=message):
@@ -131,3 +127,14 @@ def test_moved_generation_internals_fail_loudly(model, monkeypatch):
         check_generation_internals()
     with pytest.raises(RuntimeError, match="_get_stopping_criteria is gone"):
         model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=1)
+
+
+def test_a_moved_assisted_decoding_loop_fails_loudly(model, monkeypatch):
+    """Drafts run in our `_assisted_decoding`, which generate finds by name: a rename must not
+    silently send them to a loop that cannot rewind the codebooks."""
+    from transformers.generation.configuration_utils import GenerationMode
+    from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+    monkeypatch.setitem(GENERATION_MODES_MAPPING, GenerationMode.ASSISTED_GENERATION, "_speculate")
+    with pytest.raises(RuntimeError, match="_assisted_decoding"):
+        model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=1, prompt_lookup_num_tokens=3)

@@ -4,7 +4,21 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from utils import CODE_CONTINUATION, CODE_PROMPT, DISABLED, PAD, STDLIB, K, M, V, compressed, left_pad, tiny_base, wrap
+from utils import (
+    CODE_CONTINUATION,
+    CODE_PROMPT,
+    DISABLED,
+    PAD,
+    STDLIB,
+    K,
+    M,
+    V,
+    compressed,
+    forced_text_generation,
+    left_pad,
+    tiny_base,
+    wrap,
+)
 from zip2zip_hf import LZWCodec
 from zip2zip_hf.generation_zip2zip import Zip2ZipGenerateBeamOutput, Zip2ZipGenerateOutput
 from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
@@ -278,17 +292,6 @@ def test_sampled_ids_are_always_legal_for_their_row(model):
 
 
 # ---------------------------------------------------------------------- with a real tokenizer: streamers, stop strings
-
-
-def forced_text_generation(model, tok, prompt: str, continuation: str, eos: bool = False, **kwargs):
-    """Generate ``continuation`` after ``prompt`` by forced decoding; return (inputs, output, processor)."""
-    inputs = tok(prompt, return_tensors="pt")
-    base_ids = tok.base_ids([continuation], add_special_tokens=False)[0]
-    processor = ForcedContinuationLogitsProcessor(tok.codec, base_ids, eos_token_id=tok.eos_token_id if eos else None)
-    steps = len(canonical_continuation(tok.codec, inputs["input_ids"][0].tolist(), base_ids)) + eos
-    kwargs.setdefault("max_new_tokens", steps + 5 if eos else steps)
-    out = model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), do_sample=False, **kwargs)
-    return inputs, out, processor
 
 
 def test_forced_text_generation_writes_hypertokens_and_the_exact_text(text_model, text_tok):

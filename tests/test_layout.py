@@ -17,6 +17,7 @@ CORE = {
     "_compat.py",
     "configuration_zip2zip.py",
     "generation_zip2zip.py",
+    "speculative_zip2zip.py",
     "hyper_cache.py",
     "hyper_encoder.py",
     "lzw.py",

@@ -175,6 +175,22 @@ def test_prefix_stability(example, data):
 
 @PROPERTY
 @given(codec_and_text(), st.data())
+def test_continuation_is_what_encode_writes_after_any_prefix_of_its_codes(example, data):
+    codec, ids = example
+    codes, _ = codec.encode(ids)
+    cut = data.draw(st.integers(0, len(codes)))
+    stream = codec.stream()
+    prefix_base: list[int] = []
+    stream.feed(codes[:cut], out=prefix_base)
+    before = stream.mark(), stream.codebook.copy()
+    assert stream.continuation(ids[len(prefix_base) :]) == codes[cut:]
+    most = data.draw(st.integers(0, len(codes) - cut))
+    assert stream.continuation(ids[len(prefix_base) :], max_codes=most) == codes[cut : cut + most]
+    assert (stream.mark(), stream.codebook) == before  # the stream is left as it was
+
+
+@PROPERTY
+@given(codec_and_text(), st.data())
 def test_streaming_equals_batch(example, data):
     codec, ids = example
     codes, codebook = codec.encode(ids)

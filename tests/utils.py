@@ -11,9 +11,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
+from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
 
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -191,6 +192,18 @@ CODE_CONTINUATION = (
     "def volume(width, height, depth):\n    return width * height * depth\n\n"
     "def surface(width, height, depth):\n    return 2 * (width * height + width * depth + height * depth)\n"
 )
+
+
+def forced_text_generation(model, tok, prompt: str, continuation: str, eos: bool = False, **kwargs):
+    """Generate ``continuation`` after ``prompt`` by forced decoding; return (inputs, output, processor)."""
+    inputs = tok(prompt, return_tensors="pt")
+    base_ids = tok.base_ids([continuation], add_special_tokens=False)[0]
+    processor = ForcedContinuationLogitsProcessor(tok.codec, base_ids, eos_token_id=tok.eos_token_id if eos else None)
+    steps = len(canonical_continuation(tok.codec, inputs["input_ids"][0].tolist(), base_ids)) + eos
+    kwargs.setdefault("max_new_tokens", steps + 5 if eos else steps)
+    kwargs.setdefault("do_sample", False)
+    out = model.generate(**inputs, logits_processor=LogitsProcessorList([processor]), **kwargs)
+    return inputs, out, processor
 
 
 # Prepended to every script `run_without_package` runs: the checkpoint's own code must do everything.

@@ -186,7 +186,11 @@ def beam_search_vocab_size(text_config, width: int):
 # version would silently stop being used (beams would lose their codebooks, stop strings would be
 # matched on hyper ids), so it must be an error instead.
 _GENERATION_INTERNALS = {
-    "GenerationMixin": {"_beam_search": (), "_get_stopping_criteria": ("generation_config", "tokenizer")},
+    "GenerationMixin": {
+        "_beam_search": (),
+        "_get_stopping_criteria": ("generation_config", "tokenizer"),
+        "_assisted_decoding": ("generation_config", "streamer", "assistant_model"),
+    },
     "DynamicCache": {
         "reorder_cache": ("beam_idx",),
         "batch_repeat_interleave": ("repeats",),
@@ -210,6 +214,12 @@ def check_generation_internals() -> None:
             missing = [p for p in parameters if p not in inspect.signature(method).parameters]
             if missing:
                 moved.append(f"{owner_name}.{name} no longer takes {', '.join(missing)}")
+    # generate looks its decoding loop up by name: ours replaces the one it finds for drafts.
+    from transformers.generation.configuration_utils import GenerationMode
+    from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+    if GENERATION_MODES_MAPPING.get(GenerationMode.ASSISTED_GENERATION) != "_assisted_decoding":
+        moved.append("generate no longer runs assisted generation through GenerationMixin._assisted_decoding")
     if moved:
         raise RuntimeError(
             f"transformers {TRANSFORMERS_VERSION} changed internals zip2zip_hf generation relies on "

@@ -27,6 +27,12 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, Generat
 
 from ._compat import CACHE_NAMES, beam_search_vocab_size, check_generation_internals, output_cache_field
 from .lzw import LZWCodec, LZWStream
+from .speculative_zip2zip import (
+    DEFAULT_MAX_MATCHING_NGRAM,
+    AssistantDrafter,
+    PromptLookupDrafter,
+    speculative_decoding,
+)
 
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
 
 # The modes whose loop only reorders, repeats or selects cache rows, which the codebooks follow.
 _SUPPORTED_MODES = (
+    GenerationMode.ASSISTED_GENERATION,  # our own loop (`_assisted_decoding`), which crops the cache
     GenerationMode.GREEDY_SEARCH,
     GenerationMode.SAMPLE,
     GenerationMode.BEAM_SEARCH,
@@ -120,12 +127,14 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         yet; else the generation config in effect (``generation_config`` updated by ``kwargs``)."""
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         config.update(**{key: value for key, value in kwargs.items() if hasattr(config, key)})
-        if kwargs.get("assistant_model") is not None:
-            raise NotImplementedError("assisted generation (assistant_model=) is not supported by zip2zip models yet")
-        if config.prompt_lookup_num_tokens is not None:
+        speculative = kwargs.get("assistant_model") is not None or config.prompt_lookup_num_tokens is not None
+        if speculative and kwargs.get("assistant_tokenizer") is not None:
             raise NotImplementedError(
-                "prompt lookup decoding (prompt_lookup_num_tokens=) is not supported by zip2zip models yet"
+                "assistant_tokenizer= (a draft model with another tokenizer) is not supported: the draft "
+                "model must share the base tokenizer, whose ids the drafts are compressed from"
             )
+        if speculative and (config.output_attentions or config.output_hidden_states):
+            raise NotImplementedError("speculative decoding returns no attentions or hidden states")
         if config.cache_implementation not in (None, "dynamic", "static"):
             raise NotImplementedError(
                 f"cache_implementation={config.cache_implementation!r} is not supported by zip2zip models yet: "
@@ -176,6 +185,36 @@ class Zip2ZipGenerationMixin(GenerationMixin):
                 f"the tokenizer has {len(tokenizer)} ids but the model's base vocabulary V is "
                 f"{self.codec.initial_vocab_size}: it is not this model's tokenizer"
             )
+
+    def _assisted_decoding(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        assistant_model=None,
+        assistant_tokenizer=None,
+        tokenizer=None,
+        **model_kwargs,
+    ):
+        """Prompt lookup and assisted generation: drafts of the text, written as canonical
+        compressed ids and verified in one forward (`speculative_zip2zip`). transformers' own loop
+        compares ids of one fixed vocabulary and cannot rewind a codebook."""
+        if synced_gpus:
+            raise NotImplementedError("speculative decoding under synced_gpus (ZeRO-3, FSDP) is not supported")
+        if assistant_model is not None:
+            drafter = AssistantDrafter(
+                assistant_model, generation_config.num_assistant_tokens, self.codec.initial_vocab_size
+            )
+        else:
+            max_ngram = generation_config.max_matching_ngram_size or DEFAULT_MAX_MATCHING_NGRAM
+            num_tokens = generation_config.prompt_lookup_num_tokens
+            drafter = PromptLookupDrafter(num_tokens, max_ngram, self.codec.max_subtokens)
+        return speculative_decoding(
+            self, input_ids, drafter, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+        )
 
     def _beam_search(self, *args, **kwargs):
         with beam_search_vocab_size(self.config.get_text_config(), self.codec.total_vocab_size):

@@ -397,6 +397,34 @@ class LZWStream:
             f"(ids {codec.initial_vocab_size}..{codec.initial_vocab_size + len(codebook) - 1})"
         )
 
+    def continuation(self, base_ids: Sequence[int], max_codes: int | None = None) -> list[int]:
+        """The canonical compressed ids that continue this stream with the text ``base_ids``.
+
+        Greedy longest match against the codebook as it grows, the provisional ("KwKwK") id
+        included: what `LZWCodec.encode` writes for the whole text when the stream's ids are a
+        prefix of its codes. At most ``max_codes`` ids (the text may then be only partly covered).
+        The stream is left as it was.
+        """
+        base_ids = _as_id_list(base_ids)
+        codec, lookup = self.codec, self.codebook._lookup
+        V, M = codec.initial_vocab_size, codec.max_subtokens
+        mark, codes, i = self.mark(), [], 0
+        limit = len(base_ids) if max_codes is None else max_codes
+        try:
+            while i < len(base_ids) and len(codes) < limit:
+                code, length = base_ids[i], 1  # walk the trie: every prefix of an entry is an entry
+                while length < M and i + length < len(base_ids) and code * V + base_ids[i + length] in lookup:
+                    code, length = lookup[code * V + base_ids[i + length]], length + 1
+                provisional = self.provisional_subtokens()  # never an entry, so never a prefix of one
+                if provisional is not None and tuple(base_ids[i : i + len(provisional)]) == provisional:
+                    code, length = V + len(lookup), len(provisional)
+                self._feed([code], None)
+                codes.append(code)
+                i += length
+        finally:
+            self.rollback(mark)
+        return codes
+
     def feed(
         self, codes: Sequence[int] | int, out: list[int] | None = None, lengths: list[int] | None = None
     ) -> list[tuple[int, tuple[int, ...]]]:

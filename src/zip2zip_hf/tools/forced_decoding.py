@@ -25,26 +25,7 @@ def canonical_continuation(codec: LZWCodec, prompt: list[int], base_ids: list[in
     """
     stream = codec.stream()
     stream.feed(prompt)
-    V, M = codec.initial_vocab_size, codec.max_subtokens
-    known = {tuple(content): code for code, content in stream.codebook.to_dict().items()}
-    codes: list[int] = []
-    i = 0
-    while i < len(base_ids):
-        code, length = int(base_ids[i]), 1
-        provisional = stream.provisional_subtokens()
-        for n in range(min(M, len(base_ids) - i), 1, -1):
-            piece = tuple(base_ids[i : i + n])
-            if piece in known:
-                code, length = known[piece], n
-                break
-            if piece == provisional:
-                code, length = V + stream.num_installed, n
-                break
-        for hyper_id, content in stream.feed(code):
-            known[tuple(content)] = hyper_id
-        codes.append(code)
-        i += length
-    return codes
+    return stream.continuation(base_ids)
 
 
 class ForcedContinuationLogitsProcessor(LogitsProcessor):

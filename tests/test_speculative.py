@@ -1,0 +1,159 @@
+"""Speculative decoding (prompt lookup, a draft model) writes exactly what one step at a time writes.
+
+The oracle is plain decoding of the same model: the same compressed ids, codebooks, scores, streamed
+text and stopping point, in fewer forward calls when the drafts are right. Forced decoding makes the
+model write a known text that repeats its prompt, so that drafts are right and get accepted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils import CODE_CONTINUATION, CODE_PROMPT, PAD, V, compressed, forced_text_generation, tiny_base, wrap
+
+
+# The continuation copies most of its prompt, with a change in the middle: what editing a file is.
+PROMPT = CODE_PROMPT + CODE_CONTINUATION
+EDIT = CODE_PROMPT + CODE_CONTINUATION.replace("volume", "cuboid_volume")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return wrap(tiny_base("llama"))
+
+
+@pytest.fixture(scope="module")
+def assistant():
+    return tiny_base("qwen2")
+
+
+def forward_calls(model):
+    calls = []
+    return calls, model.register_forward_pre_hook(lambda *_: calls.append(1))
+
+
+def generate(model, ids, **kwargs):
+    kwargs.setdefault("max_new_tokens", 24)
+    return model.generate(
+        input_ids=ids, do_sample=False, pad_token_id=PAD, eos_token_id=None, return_hypertokens=True, **kwargs
+    )
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_prompt_lookup_writes_what_greedy_writes(model, on_device, cache_implementation, seed):
+    model.codebooks_on_device = on_device
+    ids = torch.tensor([compressed(seed, 90)])
+    expected = generate(model, ids, cache_implementation=cache_implementation)
+    got = generate(model, ids, cache_implementation=cache_implementation, prompt_lookup_num_tokens=5)
+    assert torch.equal(got, expected)
+
+
+def test_a_draft_model_writes_what_greedy_writes(model, assistant):
+    ids = torch.tensor([compressed(5, 70)])
+    expected = generate(model, ids, return_dict_in_generate=True, output_scores=True)
+    got = generate(model, ids, return_dict_in_generate=True, output_scores=True, assistant_model=assistant)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert got.codebooks == expected.codebooks
+    assert len(got.scores) == len(expected.scores) == 24
+    for a, b in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def forced(text_model, text_tok, **kwargs):
+    return forced_text_generation(text_model, text_tok, PROMPT, EDIT, **kwargs)
+
+
+@pytest.mark.parametrize("drafts", [{"prompt_lookup_num_tokens": 8}, {"assistant_model": "knows the text"}])
+def test_right_drafts_are_accepted_and_save_forward_calls(text_model, text_tok, drafts):
+    if "assistant_model" in drafts:
+        drafts = {"assistant_model": KnowsTheText(text_model, text_tok)}
+    calls, handle = forward_calls(text_model)
+    try:
+        inputs, plain, _ = forced(text_model, text_tok, return_hypertokens=True)
+        steps = len(calls)
+        calls.clear()
+        _, fast, _ = forced(text_model, text_tok, return_hypertokens=True, **drafts)
+    finally:
+        handle.remove()
+    assert torch.equal(fast, plain)
+    assert text_tok.decode(fast[0]) == PROMPT + EDIT
+    assert len(calls) < steps / 3, f"{len(calls)} forward calls for {steps} steps"
+
+
+class KnowsTheText(torch.nn.Module):
+    """A stand-in draft model over base ids that always proposes the next base id of the known text."""
+
+    def __init__(self, text_model, text_tok):
+        super().__init__()
+        self.embed = torch.nn.Embedding(text_tok.initial_vocab_size, 1)
+        self.text = text_tok.base_ids([PROMPT + EDIT])[0]
+        self.config = text_model.config.get_text_config()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def forward(self, input_ids, cache=None, past_key_values=None, use_cache=True):
+        cache = cache if cache is not None else past_key_values
+        length = int(cache.get_seq_length()) + input_ids.shape[1]
+        # Grow the cache by the ids read, as a real model's would.
+        for layer in range(len(cache.layers)):
+            kv = torch.zeros(1, 1, input_ids.shape[1], 2)
+            cache.update(kv, kv, layer)
+        next_id = self.text[length] if length < len(self.text) else 0
+        logits = torch.full((1, input_ids.shape[1], self.embed.num_embeddings), -1.0)
+        logits[0, -1, next_id] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+@pytest.mark.parametrize("drafts", [{}, {"prompt_lookup_num_tokens": 8}])
+def test_stop_strings_and_eos_end_the_text_where_one_step_at_a_time_does(text_model, text_tok, drafts):
+    for kwargs in ({"stop_strings": ["cuboid"], "tokenizer": text_tok}, {"eos": True}):
+        plain = forced(text_model, text_tok, **kwargs)[1]
+        fast = forced(text_model, text_tok, **kwargs, **drafts)[1]
+        assert torch.equal(fast, plain)
+    stopped = text_tok.decode(
+        forced(text_model, text_tok, stop_strings=["cuboid"], tokenizer=text_tok, **drafts)[1][0]
+    )
+    assert "cuboid" in stopped and len(stopped) < len(PROMPT + EDIT)
+
+
+def test_streamers_receive_the_text(text_model, text_tok, capsys):
+    from transformers import TextStreamer
+
+    capsys.readouterr()
+    streamer = TextStreamer(text_tok, skip_prompt=True, skip_special_tokens=True)
+    forced(text_model, text_tok, streamer=streamer, prompt_lookup_num_tokens=8)
+    assert capsys.readouterr().out == EDIT + "\n"
+
+
+def test_sampling_accepts_what_the_model_samples(text_model, text_tok):
+    """Forced scores leave one id possible, so sampling must write the forced text too."""
+    plain = forced(text_model, text_tok, return_hypertokens=True)[1]
+    torch.manual_seed(0)
+    sampled = forced(text_model, text_tok, return_hypertokens=True, prompt_lookup_num_tokens=8, do_sample=True)[1]
+    assert torch.equal(sampled, plain)
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(model, assistant, tiny_base_tokenizer):
+    ids = torch.tensor([compressed(1, 20)])
+    with pytest.raises(NotImplementedError, match="share the base tokenizer"):
+        generate(model, ids, assistant_model=assistant, assistant_tokenizer=tiny_base_tokenizer, tokenizer=None)
+
+
+def test_a_draft_model_with_fewer_ids_is_refused(model):
+    small = tiny_base("llama", rows=V - 10)
+    with pytest.raises(ValueError, match="tokenizer"):  # transformers says so first, we would too
+        generate(model, torch.tensor([compressed(1, 20)]), assistant_model=small)
+
+
+def test_several_rows_are_refused_as_transformers_does(model):
+    ids = torch.tensor([compressed(1, 20), compressed(1, 20)])
+    with pytest.raises(ValueError, match="batch size 1"):
+        generate(model, ids, prompt_lookup_num_tokens=4)
