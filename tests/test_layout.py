@@ -56,6 +56,21 @@ def test_the_core_imports_only_what_a_checkpoint_reader_has():
                 assert level == 1 and f"{module}.py" in CORE, f"{name} imports {'.' * level}{module}"
 
 
+def test_the_model_module_imports_every_core_file_it_needs_by_name():
+    """transformers 4.57 copies a local checkpoint's remote code one import deep: a core file that
+    only a sibling imports is missing from its module cache, and loading fails."""
+
+    def siblings(name):
+        return {f"{module}.py" for level, module in imports_of(PACKAGE / name) if level == 1}
+
+    needed, todo = set(), ["modeling_zip2zip.py"]
+    while todo:
+        for sibling in siblings(todo.pop()) - needed:
+            needed.add(sibling)
+            todo.append(sibling)
+    assert needed - {"modeling_zip2zip.py"} <= siblings("modeling_zip2zip.py")
+
+
 def test_no_import_cycles():
     modules = {p.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", "."): p for p in PACKAGE.rglob("*.py")}
     graph = {}

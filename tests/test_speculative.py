@@ -157,3 +157,38 @@ def test_several_rows_are_refused_as_transformers_does(model):
     ids = torch.tensor([compressed(1, 20), compressed(1, 20)])
     with pytest.raises(ValueError, match="batch size 1"):
         generate(model, ids, prompt_lookup_num_tokens=4)
+
+
+def test_prompt_lookup_continues_a_cache_handed_to_generate(model):
+    from zip2zip_hf._compat import output_cache_field
+
+    ids = torch.tensor([compressed(6, 80)])
+
+    def prefilled():
+        with torch.no_grad():
+            return model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+
+    expected = generate(model, ids, **{output_cache_field(): prefilled()})
+    got = generate(model, ids, prompt_lookup_num_tokens=5, **{output_cache_field(): prefilled()})
+    assert torch.equal(got, expected)
+    assert torch.equal(expected, generate(model, ids))
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"prompt_lookup_num_tokens": 2.5}, "prompt_lookup_num_tokens"),
+        ({"prompt_lookup_num_tokens": -1}, "prompt_lookup_num_tokens"),
+        ({"prompt_lookup_num_tokens": 4, "max_matching_ngram_size": 0}, "max_matching_ngram_size"),
+        ({"assistant_model": "tiny", "num_assistant_tokens": 1.5}, "num_assistant_tokens"),
+    ],
+)
+def test_bad_draft_settings_are_errors_naming_them_before_any_forward(model, assistant, kwargs, name):
+    kwargs = {**kwargs, **({"assistant_model": assistant} if "assistant_model" in kwargs else {})}
+    calls, handle = forward_calls(model)
+    try:
+        with pytest.raises(ValueError, match=name):
+            generate(model, torch.tensor([compressed(1, 20)]), **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []

@@ -26,9 +26,10 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from ._compat import CACHE_NAMES, beam_search_vocab_size, check_generation_internals, output_cache_field
-from .lzw import LZWCodec, LZWStream
+from .lzw import LZWCodec, LZWStream, setting
 from .speculative_zip2zip import (
     DEFAULT_MAX_MATCHING_NGRAM,
+    DEFAULT_NUM_ASSISTANT_TOKENS,
     AssistantDrafter,
     PromptLookupDrafter,
     speculative_decoding,
@@ -205,12 +206,21 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         if synced_gpus:
             raise NotImplementedError("speculative decoding under synced_gpus (ZeRO-3, FSDP) is not supported")
         if assistant_model is not None:
+            # The call's setting, else the draft model's own, else transformers' default.
+            num_tokens = generation_config.num_assistant_tokens or getattr(
+                getattr(assistant_model, "generation_config", None), "num_assistant_tokens", None
+            )
             drafter = AssistantDrafter(
-                assistant_model, generation_config.num_assistant_tokens, self.codec.initial_vocab_size
+                assistant_model,
+                setting("num_assistant_tokens", num_tokens or DEFAULT_NUM_ASSISTANT_TOKENS, least=1),
+                self.codec.initial_vocab_size,
             )
         else:
-            max_ngram = generation_config.max_matching_ngram_size or DEFAULT_MAX_MATCHING_NGRAM
-            num_tokens = generation_config.prompt_lookup_num_tokens
+            ngram = generation_config.max_matching_ngram_size
+            max_ngram = (
+                DEFAULT_MAX_MATCHING_NGRAM if ngram is None else setting("max_matching_ngram_size", ngram, least=1)
+            )
+            num_tokens = setting("prompt_lookup_num_tokens", generation_config.prompt_lookup_num_tokens, least=0)
             drafter = PromptLookupDrafter(num_tokens, max_ngram, self.codec.max_subtokens)
         return speculative_decoding(
             self, input_ids, drafter, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs

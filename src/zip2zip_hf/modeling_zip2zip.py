@@ -48,6 +48,10 @@ from .hyper_cache import (
 from .hyper_encoder import build_hyper_encoder
 from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 
+# transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
+# imports, not theirs), so every core file the model needs is imported here by name.
+from .speculative_zip2zip import speculative_decoding  # noqa: F401
+
 
 __all__ = ["HYPER_ENCODER_NAMES", "Zip2ZipForCausalLM", "Zip2ZipModel", "Zip2ZipPreTrainedModel"]
 

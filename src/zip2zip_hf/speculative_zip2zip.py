@@ -32,12 +32,21 @@ from ._compat import cache_keyword, output_cache_field, pop_cache
 from .lzw import LZWCodec, LZWStream
 
 
-__all__ = ["AssistantDrafter", "PromptLookupDrafter", "speculative_decoding"]
+__all__ = [
+    "DEFAULT_MAX_MATCHING_NGRAM",
+    "DEFAULT_NUM_ASSISTANT_TOKENS",
+    "AssistantDrafter",
+    "PromptLookupDrafter",
+    "speculative_decoding",
+]
 
 # Base ids a prompt-lookup match may span when `max_matching_ngram_size` is not set: base ids are
 # finer than the model's steps, and the longest earlier match is tried first, so a long n-gram costs
 # no recall and picks the right place to copy from in text where short n-grams recur everywhere.
 DEFAULT_MAX_MATCHING_NGRAM = 8
+# Base ids a draft model writes per iteration when neither the call nor its generation config says
+# (``num_assistant_tokens``; transformers' default).
+DEFAULT_NUM_ASSISTANT_TOKENS = 20
 
 
 class PromptLookupDrafter:
@@ -68,9 +77,6 @@ class PromptLookupDrafter:
             if end is not None:
                 return stream.continuation(text[end : end + self.span], max_codes=min(max_codes, self.num_tokens))
         return []
-
-    def update(self, text: list[int]) -> None:
-        """Nothing to learn from acceptance: the index follows the text at the next `draft`."""
 
     def _index(self, text: list[int]) -> None:
         for end in range(self._indexed + 1, len(text) + 1):
@@ -121,9 +127,6 @@ class AssistantDrafter:
             written += pending
         return stream.continuation(written, max_codes=max_codes)
 
-    def update(self, text: list[int]) -> None:
-        """Nothing to do: the next `draft` keeps what its cache shares with the accepted text."""
-
 
 def speculative_decoding(
     model,
@@ -153,7 +156,9 @@ def speculative_decoding(
     # The row's text as it grows, and the codebook the drafts are written against.
     stream, text = codec.stream(), []
     stream.feed(input_ids[0][mask[0].bool()].tolist(), out=text)
-    cached = 0  # positions in the cache; the ids after them are fed next, with the draft
+    # Positions in the cache (a cache handed to generate may hold some); the ids after them are fed
+    # next, with the draft.
+    cached = cache.hyper_state.num_positions if getattr(cache, "hyper_state", None) is not None else 0
     done = False
     while not done:
         cur_len = input_ids.shape[1]
@@ -188,7 +193,6 @@ def speculative_decoding(
         cached = input_ids.shape[1] - 1  # the last accepted id is fed with the next draft
         cache.crop(cached)
         stream.feed(accepted, out=text)
-        drafter.update(text)
         if streamer is not None:
             streamer.put(torch.tensor([accepted]))
         if scores is not None:
