@@ -22,7 +22,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-gpu bench-quality lock clean
+.PHONY: setup demo test bench bench-gpu bench-quality bench-speculative lock clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_generation.py
 	$(BIN)/python benchmarks/bench_training.py --steps 5 --batch-size 2 --max-length 512
+
+# Prompt lookup over hypertokens against the base model's own, on an edited file (about 15 minutes
+# on 2 CPU cores; BENCH_ARGS="--repeats 1" for a third of that, "--device cuda" on a GPU).
+bench-speculative: setup
+	$(BIN)/python benchmarks/bench_speculative.py $(BENCH_ARGS)
 
 # On a GPU the measurements of record; on a CPU a dry run with tiny shapes.
 bench-gpu: setup
