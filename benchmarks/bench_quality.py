@@ -46,6 +46,7 @@ class Recipe:
     lora_r: int | None = 16
     warmup: float = 0.1
     input_residual: str | None = None  # the fresh input encoder's start (None: from_base's default)
+    distillation: dict | None = None  # `DistillationConfig` fields: the base model teaches (None: CE only)
 
 
 RECIPES = {
@@ -59,10 +60,21 @@ RECIPES = {
     "zip2zip-r64-encoder-lr0.2x": Recipe(compressed=True, lora_r=64, encoder_lr=1e-4),
     "zip2zip-full": Recipe(compressed=True, lr=5e-5, encoder_lr=5e-4, lora_r=None),
     "zip2zip-mean-start": Recipe(compressed=True, input_residual="mean"),
+    # Self-distillation (zip2zip_hf.distillation): the LoRA-free base model reads the base ids.
+    "distill-span": Recipe(compressed=True, encoder_lr=1e-4, distillation={"span": 1.0}),
+    "distill-span-naive": Recipe(compressed=True, encoder_lr=1e-4, distillation={"span": 1.0, "correction": False}),
+    "distill-span-marginal": Recipe(compressed=True, encoder_lr=1e-4, distillation={"span": 1.0, "marginal": 1.0}),
+    "distill-span-hidden": Recipe(compressed=True, encoder_lr=1e-4, distillation={"span": 1.0, "hidden": 1.0}),
+    "distill-all": Recipe(
+        compressed=True, encoder_lr=1e-4, distillation={"span": 1.0, "marginal": 1.0, "hidden": 1.0}
+    ),
+    "distill-only": Recipe(
+        compressed=True, encoder_lr=1e-4, distillation={"ce": 0.0, "span": 1.0, "marginal": 1.0, "hidden": 1.0}
+    ),
 }
 
 # About 15 minutes on 2 CPU cores at the default budget.
-DEFAULT_ARMS = ["lora", "zip2zip", "zip2zip-encoder-lr0.2x", "zip2zip-r64-encoder-lr0.2x", "zip2zip-full"]
+DEFAULT_ARMS = ["lora", "zip2zip-encoder-lr0.2x", "distill-span", "distill-span-hidden", "distill-all"]
 
 
 @dataclass
@@ -71,6 +83,8 @@ class Curve:
     recipe: Recipe
     seconds: list[float] = field(default_factory=list)
     bits_per_byte: list[float] = field(default_factory=list)
+    steps_per_byte: list[float] = field(default_factory=list)
+    base_mode_bits_per_byte: float | None = None  # a zip2zip arm's LoRA'd base model on base ids, at the end
     steps: list[int] = field(default_factory=list)
     text_bytes: list[int] = field(default_factory=list)
     generation: dict = field(default_factory=dict)
@@ -121,8 +135,16 @@ def set_learning_rate(optimizer, recipe: Recipe, progress: float) -> None:
         group["lr"] = group["peak_lr"] * scale
 
 
-def batch_of(windows: list[list[int]], tokenizer, compressed: bool, device: torch.device) -> dict:
-    rows = [tokenizer.codec.encode(w)[0] for w in windows] if compressed else windows
+def batch_of(windows: list[list[int]], tokenizer, collator, device: torch.device) -> dict:
+    """A training batch: base ids for the control; for zip2zip arms the collator's batch (compressed
+    ids, their codebooks, and what distillation needs), made inside the timed step."""
+    if collator is not None:
+        batch = collator([{"input_ids": tokenizer.codec.encode(w)[0]} for w in windows])
+        return {
+            k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()
+        }
+    rows = windows
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -134,13 +156,25 @@ def batch_of(windows: list[list[int]], tokenizer, compressed: bool, device: torc
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def evaluate(model, tokenizer, texts: list[str], window: int) -> float:
+def evaluate(model, tokenizer, texts: list[str], window: int):
+    """The `TextScore` of the held-out texts (bits per byte, steps per byte)."""
     from zip2zip_hf.evaluation import score_texts
 
     model.eval()
     score = score_texts(model, tokenizer, texts, window=window, batch_size=4)
     model.train()
-    return score.bits_per_byte
+    return score
+
+
+def base_mode_bits_per_byte(model, path: str, texts: list[str], window: int) -> float:
+    """A trained zip2zip arm's base LM (its LoRA on) reading base ids: what the adapter cost, apart
+    from what compressed reading costs."""
+    from transformers import AutoTokenizer
+
+    language_model = (
+        model.get_base_model().language_model if hasattr(model, "get_base_model") else model.language_model
+    )
+    return evaluate(language_model, AutoTokenizer.from_pretrained(path), texts, window).bits_per_byte
 
 
 def greedy_steps_per_byte(model, tokenizer, prompt: str, new_tokens: int) -> dict:
@@ -157,8 +191,16 @@ def greedy_steps_per_byte(model, tokenizer, prompt: str, new_tokens: int) -> dic
 
 
 def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_out: list[str], prompt: str) -> Curve:
+    from zip2zip_hf.data import Zip2ZipDataCollator
+    from zip2zip_hf.distillation import DistillationConfig, Zip2ZipDistiller
+
     model, tokenizer = load_arm(args.model, recipe, args.device, args.max_codebook_size, args.max_subtokens)
     optimizer = optimizer_for(model, recipe)
+    distiller = collator = None
+    if recipe.compressed:
+        collator = Zip2ZipDataCollator(tokenizer, padding_side="right", distillation=recipe.distillation is not None)
+    if recipe.distillation is not None:
+        distiller = Zip2ZipDistiller(DistillationConfig(**recipe.distillation))
     curve = Curve(name, recipe)
     marks = [args.budget * k / args.checkpoints for k in range(args.checkpoints + 1)]
     spent, step, text_bytes = 0.0, 0, 0
@@ -166,17 +208,24 @@ def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_ou
     while True:
         if spent >= marks[len(curve.seconds)]:
             curve.seconds.append(round(spent, 1))
-            curve.bits_per_byte.append(evaluate(model, tokenizer, held_out, args.window))
+            score = evaluate(model, tokenizer, held_out, args.window)
+            curve.bits_per_byte.append(score.bits_per_byte)
+            curve.steps_per_byte.append(score.steps_per_byte)
             curve.steps.append(step)
             curve.text_bytes.append(text_bytes)
-            print(f"  {name}: {spent:6.0f} s, step {step:4d}, held-out bits/byte {curve.bits_per_byte[-1]:.4f}")
+            print(
+                f"  {name}: {spent:6.0f} s, step {step:4d}, held-out bits/byte {score.bits_per_byte:.4f}, "
+                f"steps/byte {score.steps_per_byte:.4f}",
+                flush=True,
+            )
             if len(curve.seconds) == len(marks):
                 break
         chunk = [windows[(step * args.batch_size + i) % len(windows)] for i in range(args.batch_size)]
         start = time.perf_counter()
         set_learning_rate(optimizer, recipe, spent / args.budget)
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(**batch_of(chunk, tokenizer, recipe.compressed, args.device)).loss
+            batch = batch_of(chunk, tokenizer, collator, args.device)
+            loss = distiller(model, batch)[0] if distiller else model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -185,6 +234,7 @@ def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_ou
         text_bytes += sum(len(decode(w).encode("utf-8")) for w in chunk)
         step += 1
     if recipe.compressed:
+        curve.base_mode_bits_per_byte = base_mode_bits_per_byte(model, args.model, held_out, args.window)
         curve.generation = greedy_steps_per_byte(model, tokenizer, prompt, args.new_tokens)
     return curve
 
@@ -192,7 +242,7 @@ def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_ou
 def training_windows(path: str, window: int, max_chars: int, seed: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from zip2zip_hf.tools.demo import training_texts
+    from zip2zip_hf.tools.corpus import training_texts
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = []
@@ -205,7 +255,7 @@ def training_windows(path: str, window: int, max_chars: int, seed: int) -> list[
 
 def held_out_texts(max_bytes: int) -> list[str]:
     """The same share of each held-out file, ``max_bytes`` in all."""
-    from zip2zip_hf.tools.demo import held_out_files
+    from zip2zip_hf.tools.corpus import held_out_files
 
     files = [text for _, text in held_out_files()]
     share = max_bytes // len(files)
@@ -219,10 +269,23 @@ def report(curves: list[Curve]) -> None:
         for curve in curves:
             bits = curve.bits_per_byte[k]
             ratio = f"{bits / control.bits_per_byte[k]:.3f}" if control else "-"
-            rows.append([curve.name, curve.steps[k], f"{curve.text_bytes[k] / 1e3:.0f}", f"{bits:.4f}", ratio])
+            rows.append(
+                [
+                    curve.name,
+                    curve.steps[k],
+                    f"{curve.text_bytes[k] / 1e3:.0f}",
+                    f"{bits:.4f}",
+                    ratio,
+                    f"{curve.steps_per_byte[k]:.4f}",
+                    ""
+                    if curve.base_mode_bits_per_byte is None or k < len(curve.seconds) - 1
+                    else f"{curve.base_mode_bits_per_byte:.4f}",
+                ]
+            )
         against = control.name if control else "-"
         print(f"\nafter {seconds:.0f} s of training (held-out bits per byte; ratio = arm / {against})")
-        print(markdown_table(["arm", "steps", "kB of text", "bits/byte", "ratio"], rows))
+        headers = ["arm", "steps", "kB of text", "bits/byte", "ratio", "steps/byte", "base-mode bits/byte"]
+        print(markdown_table(headers, rows))
     generated = [c for c in curves if c.generation]
     if generated:
         print("\ngreedy continuation of a held-out file after training")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .distillation import alignment_tensors
 from .hyper_cache import codebook_tensors
 from .lzw import LZWCodec
 
@@ -232,6 +233,8 @@ class Zip2ZipDataCollator:
         max_length: raise if a row is longer (rows must be cut in base space, see `compress_dataset`).
         precompute_codebooks: add ``codebooks`` to each batch (a ValueError names an id that is not
             legal where it stands).
+        distillation: also add ``distillation``, what `zip2zip_hf.distillation` needs to align the
+            teacher's base tokens with the rows (`alignment_tensors`); needs ``precompute_codebooks``.
     """
 
     def __init__(
@@ -241,7 +244,10 @@ class Zip2ZipDataCollator:
         pad_to_multiple_of: int | None = None,
         max_length: int | None = None,
         precompute_codebooks: bool = True,
+        distillation: bool = False,
     ):
+        if distillation and not precompute_codebooks:
+            raise ValueError("distillation=True needs precompute_codebooks=True (the loss reads the codebooks)")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
         self.pad_token_id = int(tokenizer.pad_token_id)
@@ -252,6 +258,7 @@ class Zip2ZipDataCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_length = max_length
         self.codec = tokenizer.codec if precompute_codebooks else None
+        self.distillation = distillation
         self._stats = {"tokens": 0, "hypertokens": 0, "base_tokens": 0}
 
     def __call__(self, features: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -284,6 +291,8 @@ class Zip2ZipDataCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.codec is not None:
             batch["codebooks"] = codebook_tensors(self.codec, input_ids, attention_mask)
+        if self.distillation:
+            batch["distillation"] = alignment_tensors(self.codec, input_ids, attention_mask)
         return batch
 
     def pop_stats(self) -> dict[str, float]:
