@@ -161,6 +161,44 @@ def test_collator_pads_and_labels_only_real_ids(train_tok, side):
         collator([{"input_ids": [5, 6, V + 2]}])
 
 
+@pytest.mark.parametrize(
+    "texts, bad_row",
+    [(["x = 1\n", None], 1), ([3, 4], 0), ([["a"], ["b"]], 0), ([b"x = 1", b"y"], 0)],
+)
+def test_compress_dataset_refuses_what_is_not_text(train_tok, texts, bad_row):
+    raw = datasets.Dataset.from_dict({"text": texts})
+    with pytest.raises(ValueError, match=rf"row {bad_row}: 'text' must be a string, got"):
+        compress_dataset(raw, train_tok, max_length=64, desc=None, load_from_cache_file=False)
+
+
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        ([], "empty batch"),
+        ([{"input_ids": [5, 6]}, {"ids": [5]}], r"row 1 has no 'input_ids'"),
+        ([{"input_ids": [91.7, 277.2]}], r"row 0: input_ids must be ints: got float 91.7 at position 0"),
+        ([{"input_ids": torch.tensor([91.7, 277.2])}], r"row 0: input_ids must be ints: got float"),
+        ([{"input_ids": [5, None]}], r"row 0: input_ids must be ints: got NoneType None at position 1"),
+        ([{"input_ids": [[5, 6], [7, 8]]}], r"row 0: input_ids must be ints: got list"),
+        ([{"input_ids": torch.tensor([[5, 6]])}], r"row 0: input_ids must be ints: got list"),
+        ([{"input_ids": "56"}], r"row 0: input_ids must be a sequence of ints, got str"),
+        ([{"input_ids": [5, 6]}, 7], r"row 1 has no 'input_ids'"),
+    ],
+)
+def test_the_collator_refuses_bad_rows_naming_them(train_tok, features, message):
+    collator = Zip2ZipDataCollator(train_tok)
+    with pytest.raises(ValueError, match=message):
+        collator(features)
+    assert collator.pop_stats() == {}  # a refused batch counts nothing
+
+
+@pytest.mark.parametrize("setting", ["pad_to_multiple_of", "max_length"])
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_the_collator_refuses_bad_settings(train_tok, setting, value):
+    with pytest.raises(ValueError, match=setting):
+        Zip2ZipDataCollator(train_tok, **{setting: value})
+
+
 # ---------------------------------------------------------------------- LoRA config
 
 

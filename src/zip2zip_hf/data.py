@@ -15,14 +15,14 @@ Not part of a checkpoint's remote-code closure; needs ``datasets`` (``pip instal
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .distillation import alignment_tensors
 from .hyper_cache import codebook_tensors
-from .lzw import LZWCodec
+from .lzw import LZWCodec, _as_id_list, setting
 
 
 __all__ = ["Zip2ZipCompressor", "Zip2ZipDataCollator", "compress_dataset", "dataset_stats", "split_windows"]
@@ -107,21 +107,31 @@ class Zip2ZipCompressor:
             self._runtime = (base, codec)
         return self._runtime
 
-    def document_base_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """The base ids of whole documents, the post-processor's specials and the final EOS included."""
+    def document_base_ids(self, texts: Sequence[str], indices: Sequence[int] | None = None) -> list[list[int]]:
+        """The base ids of whole documents, the post-processor's specials and the final EOS included.
+
+        A value that is not a string (None, a number, a list) is refused, naming its row (``indices``:
+        the rows' dataset indices), never turned into text.
+        """
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                row = indices[i] if indices is not None else i
+                raise ValueError(
+                    f"row {row}: {self.text_column!r} must be a string, got {type(text).__name__} {text!r:.40}"
+                )
         base, _ = self._tools()
         rows = []
-        for encoding in base.encode_batch([str(t) for t in texts], add_special_tokens=False):
+        for encoding in base.encode_batch(list(texts), add_special_tokens=False):
             row = self.prefix_ids + list(encoding.ids) + self.suffix_ids
             if self.eos_id is not None and (not row or row[-1] != self.eos_id):
                 row.append(self.eos_id)
             rows.append(row)
         return rows
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
         _, codec = self._tools()
         input_ids, num_base = [], []
-        for row in self.document_base_ids(batch[self.text_column]):
+        for row in self.document_base_ids(batch[self.text_column], indices):
             for codes, n_base in split_windows(codec, row, self.max_length):
                 if len(codes) >= self.min_length:
                     input_ids.append(codes)
@@ -178,6 +188,7 @@ def compress_dataset(
     return dataset.map(
         function,
         batched=True,
+        with_indices=True,  # errors name the dataset's row
         batch_size=batch_size,
         num_proc=num_proc,
         remove_columns=remove,
@@ -255,19 +266,25 @@ class Zip2ZipDataCollator:
         self.padding_side = padding_side or tokenizer.padding_side
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.max_length = max_length
+        self.pad_to_multiple_of = (
+            None if pad_to_multiple_of is None else setting("pad_to_multiple_of", pad_to_multiple_of, 1)
+        )
+        self.max_length = None if max_length is None else setting("max_length", max_length, 1)
         self.codec = tokenizer.codec if precompute_codebooks else None
         self.distillation = distillation
         self._stats = {"tokens": 0, "hypertokens": 0, "base_tokens": 0}
 
     def __call__(self, features: Iterable[dict[str, Any]]) -> dict[str, Any]:
         rows, n_base = [], 0
-        for feature in features:
-            ids = feature["input_ids"]
-            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        for index, feature in enumerate(features):
+            if not isinstance(feature, Mapping) or "input_ids" not in feature:
+                raise ValueError(f"row {index} has no 'input_ids' (got {type(feature).__name__})")
+            try:
+                ids = _as_id_list(feature["input_ids"])  # ints only: a float is refused, never truncated
+            except ValueError as error:
+                raise ValueError(f"row {index}: input_ids {str(error).removeprefix('ids ')}") from None
             if not ids:
-                raise ValueError("a row has no input_ids")
+                raise ValueError(f"row {index} has no input_ids")
             if self.max_length is not None and len(ids) > self.max_length:
                 raise ValueError(
                     f"a row has {len(ids)} ids > max_length={self.max_length}: cut documents in base space "
@@ -275,6 +292,8 @@ class Zip2ZipDataCollator:
                 )
             rows.append(ids)
             n_base += int(feature.get("num_base_tokens") or 0)
+        if not rows:
+            raise ValueError("the collator got an empty batch (no rows)")
         width = max(len(r) for r in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
