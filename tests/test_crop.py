@@ -141,3 +141,21 @@ def test_a_bad_crop_is_an_error_that_changes_nothing(model, bad):
     with pytest.raises(ValueError, match="crop"):
         cache.crop(bad)
     assert (codebook_state(cache.hyper_state), cache.hyper_state.num_positions, int(cache.get_seq_length())) == before
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_reset_empties_the_codebooks_with_the_keys_and_values(model, on_device, static):
+    """`cache.reset()` (transformers' way to reuse a cache for new sequences) forgets the codebooks
+    too: the next sequences read exactly as with a new cache, never against the old entries."""
+    model.codebooks_on_device = on_device
+    first, _ = left_pad([compressed(3, 40), compressed(4, 30)])
+    ids, mask = left_pad([compressed(5, 36), compressed(6, 20)])
+    with torch.no_grad():
+        _, cache = feed(model, first, torch.ones_like(first), new_cache(model, static, 64), 0, [30, 1, 1])
+        cache.reset()
+        assert cache.hyper_state is None and int(cache.get_seq_length()) == 0
+        again, cache = feed(model, ids, mask, cache, 0, [20, 1, 1, 1])
+        fresh, expected = feed(model, ids, mask, new_cache(model, static, 64), 0, [20, 1, 1, 1])
+    assert_same_logits(again, fresh, mask)
+    assert codebook_state(cache.hyper_state) == codebook_state(expected.hyper_state)

@@ -824,6 +824,13 @@ class _CodebookRows:
             state.crop(length)
         truncate_cache(self, length)
 
+    def reset(self) -> None:
+        """Empty the cache for new sequences (as transformers' caches do): the keys and values, and the
+        codebooks with them, so the next forward starts from empty codebooks."""
+        super().reset()
+        truncate_cache(self, 0)  # up to 4.57 a dynamic cache's reset zeroes its keys but keeps their length
+        self.hyper_state = None
+
     @property
     def is_croppable(self) -> bool:
         # transformers 5.24 asks before deferring its stop check by one (cropped) step.
