@@ -192,3 +192,25 @@ def test_bad_draft_settings_are_errors_naming_them_before_any_forward(model, ass
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_a_draft_model_drafts_within_the_budget_and_its_positions(model):
+    """As transformers' assisted decoding: never more drafted ids than the budget has codes left, and
+    never past the draft model's positions (then no draft: plain steps)."""
+    from transformers import AutoModelForCausalLM
+
+    from utils import tiny_causal_lm_config
+
+    ids = torch.tensor([compressed(6, 60)])
+    base_length = len(model.codec.decode(ids[0].tolist())[0])
+    for positions, max_new_tokens in ((512, 3), (base_length + 30, 40)):
+        torch.manual_seed(0)
+        draft = AutoModelForCausalLM.from_config(tiny_causal_lm_config("gpt2", V, positions=positions)).eval()
+        calls, handle = forward_calls(draft)
+        try:
+            got = generate(model, ids, assistant_model=draft, num_assistant_tokens=100, max_new_tokens=max_new_tokens)
+        finally:
+            handle.remove()
+        assert torch.equal(got, generate(model, ids, max_new_tokens=max_new_tokens))
+        if max_new_tokens == 3:
+            assert len(calls) <= 3 + 2 + 1  # at most the codes left, per iteration

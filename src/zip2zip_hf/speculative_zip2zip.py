@@ -106,6 +106,7 @@ class AssistantDrafter:
             )
         self.model = assistant_model
         self.num_tokens = num_tokens
+        self.max_positions = getattr(assistant_model.config, "max_position_embeddings", None)
         self.vocab_size = vocab_size
         self.cache = DynamicCache(config=assistant_model.config)
         self._cache_keyword = cache_keyword(inspect.signature(assistant_model.forward).parameters)
@@ -119,7 +120,10 @@ class AssistantDrafter:
             self.cache.crop(keep - len(self._held))
             self._held = self._held[:keep]
         pending, written = text[keep:], []
-        for _ in range(self.num_tokens):
+        # Never more base ids than codes left in the budget (each code holds at least one), nor more
+        # than the draft model has positions for (the text's last id is read again first).
+        room = self.max_positions - len(text) + 1 if self.max_positions is not None else self.num_tokens
+        for _ in range(max(0, min(self.num_tokens, max_codes, room))):
             ids = torch.tensor([pending], device=self.model.device)
             out = self.model(input_ids=ids, use_cache=True, **{self._cache_keyword: self.cache})
             self._held += pending
