@@ -22,7 +22,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-gpu bench-quality bench-speculative lock clean
+.PHONY: setup demo test bench bench-gpu bench-quality bench-speculative uptrain lock clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,11 @@ bench-gpu: setup
 # 2 CPU cores); on a GPU pass a real budget: make bench-quality QUALITY_ARGS="--budget 600 ...".
 bench-quality: setup
 	$(BIN)/python benchmarks/bench_quality.py $(QUALITY_ARGS)
+
+# Train the shipped SmolLM2 zip2zip adapter again (about 75 minutes on 2 CPU cores; resumes from
+# uptrain-smollm2/ if cut off) and write it into src/zip2zip_hf/embedded/smollm2-zip2zip.
+uptrain: setup
+	$(BIN)/python -m zip2zip_hf uptrain $(UPTRAIN_ARGS)
 
 # Re-resolve the pins in throw-away virtualenvs: the newest releases setup.cfg allows, and the
 # same with the oldest supported transformers. Then run `make test` and `make test TRANSFORMERS=4.57`.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from utils import build_tiny_base_tokenizer, run_without_package, save_tiny_base_model, tiny_causal_lm_config
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer, codebook_tensors
@@ -446,6 +446,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     save_tiny_base_model(tmp_path)
     argv = [
         "demo",
+        "--finetune",
         "--model",
         str(tmp_path),
         "--steps",
@@ -471,3 +472,42 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert heading in out
     assert "zip2zip, after training" in out and "stdlib/textwrap.py" in out
     assert out.rstrip().splitlines()[-1].startswith("demo finished in")
+
+
+# ---------------------------------------------------------------------- uptrain
+
+
+def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, capsys):
+    """`python -m zip2zip_hf uptrain`, shrunk to a tiny base: a run cut off after 2 steps resumes from
+    its checkpoint (the step count and the held-out curve continue), and the exported bf16 adapter
+    loads back into a model that scores the held-out text as the record says."""
+    from safetensors import safe_open
+
+    from zip2zip_hf.tools.cli import main
+    from zip2zip_hf.tools.embedded import _load_zip2zip, shipped_record
+    from zip2zip_hf.tools.uptrain import score_held_out
+
+    base_dir = save_tiny_base_model(tmp_path / "base")
+    recipe = json.dumps(
+        {"max_codebook_size": 64, "max_subtokens": 3, "window": 48, "eval_window": 48, "lora_r": 4, "max_chars": 20000}
+    )
+    common = ["uptrain", "--model", str(base_dir), "--recipe", recipe, "--output-dir", str(tmp_path / "run")]
+    common += ["--save-steps", "2", "--eval-steps", "2", "--logging-steps", "1", "--export", str(tmp_path / "out")]
+    assert main([*common, "--steps", "2"]) == 0
+    first = shipped_record(tmp_path / "out")
+    assert first["steps"] == 2 and [entry["step"] for entry in first["curve"]] == [0, 2]
+    assert main([*common, "--steps", "4"]) == 0
+    record = shipped_record(tmp_path / "out")
+    assert record["steps"] == 4 and [entry["step"] for entry in record["curve"]] == [0, 2, 4]
+    assert record["training_seconds"] > first["training_seconds"]
+
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+        assert {weights.get_tensor(name).dtype for name in names} == {torch.bfloat16}
+    assert any("lora_A" in n for n in names) and any("output_hyper_encoder" in n for n in names)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model, tokenizer = _load_zip2zip(base, AutoTokenizer.from_pretrained(base_dir), tmp_path / "out", None)
+    scores = score_held_out(model, tokenizer, 48)["all"]
+    recorded = record["held_out"]["zip2zip"]["all"]
+    assert scores["steps_per_byte"] == recorded["steps_per_byte"]
+    assert abs(scores["bits_per_byte"] - recorded["bits_per_byte"]) < 0.01 * recorded["bits_per_byte"]  # bf16

@@ -6,9 +6,12 @@
 ``lm-eval`` runs lm-evaluation-harness's own command line with its ``zip2zip`` model registered
 (see `zip2zip_hf.lm_eval_harness`): ``python -m zip2zip_hf lm-eval run --model zip2zip
 --model_args pretrained=PATH --tasks ...``.
-``demo`` (see `zip2zip_hf.tools.demo`) zip2zip-fies SmolLM2-135M, LoRA-finetunes it briefly on CPython
-standard-library sources and shows compression, held-out loss and a generated sample;
-``demo --compression-only`` shows the compression of real text (code and prose) alone.
+``demo`` (see `zip2zip_hf.tools.demo`) shows the shipped zip2zip SmolLM2-135M against its base:
+held-out bits and steps per byte, a generated sample, time per byte; ``demo --finetune`` wraps the
+base afresh and LoRA-finetunes it briefly instead; ``demo --compression-only`` shows the compression
+of real text (code and prose) alone.
+``uptrain`` (see `zip2zip_hf.tools.uptrain`) trains the shipped adapter. ``eval`` takes the embedded
+models by name (``smollm2``, ``smollm2-zip2zip``) as well as checkpoint folders.
 
 The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.tools.smollm2`).
 """
@@ -23,7 +26,9 @@ from collections.abc import Sequence
 
 from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .demo import add_demo_arguments, run_demo
+from .embedded import NAMED_MODELS, load_named_model
 from .report import DEFAULT_MAX_BYTES, CLIError, describe, load_tokenizer, read_text_file, stats_table
+from .uptrain import add_uptrain_arguments, run_uptrain
 
 
 __all__ = ["main"]
@@ -41,9 +46,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation import load_for_evaluation, score_texts
 
     texts = [read_text_file(path, args.max_bytes) for path in args.files]  # all checked first
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise CLIError(f"{args.model}: not a saved model folder (no config.json)")
-    model, tokenizer = load_for_evaluation(args.model, args.device)
+    if args.model in NAMED_MODELS:
+        model, tokenizer = load_named_model(args.model, args.device)
+    elif os.path.isfile(os.path.join(args.model, "config.json")):
+        model, tokenizer = load_for_evaluation(args.model, args.device)
+    else:
+        raise CLIError(
+            f"{args.model}: not a saved model folder (no config.json) "
+            f"nor an embedded model ({', '.join(NAMED_MODELS)})"
+        )
     score = score_texts(model, tokenizer, texts, window=args.window, batch_size=args.batch_size, progress=True)
     if args.json:
         print(json.dumps({"model": args.model, "files": args.files, **score.to_dict()}))
@@ -131,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.set_defaults(run=run_compress)
 
     evaluate = commands.add_parser("eval", help="bits per byte of text files under a saved model, zip2zip or plain")
-    evaluate.add_argument("model", metavar="MODEL_PATH", help="a saved checkpoint folder (model and tokenizer)")
+    evaluate.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a saved checkpoint folder (model and tokenizer), or an embedded model: "
+        + "; ".join(f"{name} ({about})" for name, about in NAMED_MODELS.items()),
+    )
     add_file_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object for all files together")
     evaluate.add_argument(
@@ -160,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_options(demo)
     add_demo_arguments(demo)
     demo.set_defaults(run=run_demo)
+
+    uptrain = commands.add_parser(
+        "uptrain",
+        help="train the shipped SmolLM2-135M zip2zip adapter by self-distillation (offline, resumable)",
+    )
+    add_uptrain_arguments(uptrain)
+    uptrain.set_defaults(run=run_uptrain)
     return parser
 
 
