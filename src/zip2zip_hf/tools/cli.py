@@ -43,11 +43,11 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..evaluation import load_for_evaluation, score_texts
+    from ..evaluation import best_device, load_for_evaluation, score_texts
 
     texts = [read_text_file(path, args.max_bytes) for path in args.files]  # all checked first
     if args.model in NAMED_MODELS:
-        model, tokenizer = load_named_model(args.model, args.device)
+        model, tokenizer = load_named_model(args.model, args.device or best_device())
     elif os.path.isfile(os.path.join(args.model, "config.json")):
         model, tokenizer = load_for_evaluation(args.model, args.device)
     else:
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     uptrain = commands.add_parser(
         "uptrain",
-        help="train the shipped SmolLM2-135M zip2zip adapter by self-distillation (offline, resumable)",
+        help="train the shipped SmolLM2-135M zip2zip adapter (offline, resumable; teacher terms optional)",
     )
     add_uptrain_arguments(uptrain)
     uptrain.set_defaults(run=run_uptrain)
