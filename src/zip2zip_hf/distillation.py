@@ -194,21 +194,25 @@ class Zip2ZipDistiller:
         if isinstance(denominator, torch.Tensor):
             denominator = denominator.to(log_probs.device)
 
+        def total(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+            # where(), not a product: an id that is not legal at a padding position has -inf there
+            return torch.where(where, values, torch.zeros_like(values)).sum() / denominator
+
         terms = {}
         if config.ce:
-            terms["ce"] = -(student_target * counted).sum() / denominator
+            terms["ce"] = total(-student_target, counted)
         if config.needs_teacher:
             teacher = self._teacher_outputs(model, alignment, config.hidden > 0)
             spans = _Spans(lengths, alignment, teacher.logits[..., :V], config.correction)
             if config.span:
                 expected = spans.target_log_probs()
-                terms["span"] = (_surprisal_divergence(expected, student_target) * counted).sum() / denominator
+                terms["span"] = total(_surprisal_divergence(expected, student_target), counted)
             if config.marginal:
                 marginal = spans.marginal_kl(log_probs, codebooks, V)
-                terms["marginal"] = (marginal * counted).sum() / denominator
+                terms["marginal"] = total(marginal, counted)
             if config.hidden:
                 distance = spans.hidden_distance(outputs.hidden_states[-1], teacher.hidden_states[-1])
-                terms["hidden"] = (distance * (lengths > 0)).sum() / denominator
+                terms["hidden"] = total(distance, lengths > 0)
         loss = sum(getattr(config, name) * value for name, value in terms.items())
         return loss, outputs, {name: value.detach() for name, value in terms.items()}
 
