@@ -468,3 +468,36 @@ def test_real_greedy_equals_hand_written_loop(smol_model_and_tok):
     with torch.no_grad():
         by_hand = greedy_by_hand(model, inputs["input_ids"][0].tolist(), 16)
     assert out[0, inputs["input_ids"].shape[1] :].tolist() == by_hand
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_one_model_generates_from_many_threads(model, monkeypatch, num_beams):
+    """A server calls one model from several threads: no call's state may live on the module (nor
+    on its generation config, which a static-cache call must leave as it found it)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [compressed(seed, 12 + 3 * seed) for seed in range(4)]
+    settings = [{}, {"cache_implementation": "static"}]
+    expected = {
+        (i, j): generate(model, torch.tensor([row]), num_beams=num_beams, **setting).tolist()
+        for i, row in enumerate(rows)
+        for j, setting in enumerate(settings)
+    }
+    monkeypatch.setattr(model.generation_config, "cache_implementation", "static")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            calls = [(i, j) for _ in range(5) for i in range(len(rows)) for j in range(len(settings))]
+            futures = {
+                call: pool.submit(
+                    generate, model, torch.tensor([rows[call[0]]]), num_beams=num_beams, **settings[call[1]]
+                )
+                for call in calls
+            }
+            results = {call: future.result().tolist() for call, future in futures.items()}
+    finally:
+        sys.setswitchinterval(interval)
+    assert results == {call: expected[call] for call in results}
+    assert model.generation_config.cache_implementation == "static"

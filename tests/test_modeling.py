@@ -23,6 +23,7 @@ from utils import (
     run_without_package,
     step_by_step_logits,
     tiny_base,
+    tiny_causal_lm_config,
     wrap,
 )
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
@@ -191,6 +192,43 @@ def test_no_hypertokens_gives_base_logits():
         ours = model(input_ids=ids).logits
         theirs = base(input_ids=ids).logits
     torch.testing.assert_close(ours[..., :V], theirs[..., :V], atol=0, rtol=0)
+
+
+def test_head_postprocessing_reaches_hyper_logits_too():
+    """Gemma 2 soft-caps its head's logits: base and hyper logits alike are capped, once, and a
+    prompt without hypertokens gets exactly the base model's logits."""
+    cap = 0.05  # small enough that the tiny model's raw logits exceed it
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(
+        tiny_causal_lm_config("gemma2", V, final_logit_softcapping=cap, pad_token_id=PAD)
+    ).eval()
+    model = Zip2ZipForCausalLM.from_base(base, SimpleTokenizerSettings()).eval()
+    plain = torch.tensor([[5, 9, 17, 33, 2, 250, 48, 77]])
+    ids = torch.tensor([compressed(0, 60)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=plain).logits[..., :V], base(input_ids=plain).logits)
+        logits = model(input_ids=ids).logits
+        base.config.final_logit_softcapping = None
+        uncapped = model(input_ids=ids).logits
+    legal = torch.isfinite(logits[..., V:])
+    assert legal.any() and torch.equal(legal, torch.isfinite(uncapped[..., V:]))
+    assert uncapped[..., V:][legal].abs().max() > cap >= logits[..., V:][legal].abs().max()
+    torch.testing.assert_close(logits[..., V:][legal], torch.tanh(uncapped[..., V:][legal] / cap) * cap)
+    base.config.final_logit_softcapping = cap
+    assert_same_logits(logits, step_by_step_logits(model, ids, torch.ones_like(ids)))
+
+
+def test_a_base_model_with_an_unknown_head_transform_is_refused():
+    class DoubledLogits(type(tiny_base("llama"))):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 2
+            return output
+
+    base = tiny_base("llama")
+    base.__class__ = DoubledLogits
+    with pytest.raises(NotImplementedError, match="DoubledLogits changes its head's logits"):
+        Zip2ZipForCausalLM.from_base(base, SimpleTokenizerSettings())
 
 
 # ---------------------------------------------------------------------- encoders

@@ -37,13 +37,15 @@ def stdlib_text(max_chars: int = 400_000) -> str:
 
 
 def tiny_causal_lm_config(arch: str, vocab_size: int, hidden: int = 32, positions: int = 512, tie: bool = False, **kw):
-    """Config of a tiny random Llama, Qwen2 or GPT-2 (2 layers, 4 heads)."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    """Config of a tiny random Llama, Qwen2, Gemma-2 or GPT-2 (2 layers, 4 heads)."""
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, **kw)
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=positions, **common)
-    decoders = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    if arch == "gemma2":
+        common["head_dim"] = hidden // 4
+    decoders = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config}
     if arch not in decoders:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     return decoders[arch](

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 
 import transformers
 
@@ -167,19 +168,25 @@ def forget_key_mapping(model, key_mapping: dict[str, str]) -> None:
         model._weight_conversions = [c for c in conversions if getattr(c, "source_patterns", None) != patterns]
 
 
+_BEAM_SEARCH_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def beam_search_vocab_size(text_config, width: int):
     """transformers 4.x beam search reshapes scores with the text config's ``vocab_size``, not with
-    the logits' width (5.x reads the width): show it ``width`` for the search only."""
+    the logits' width (5.x reads the width): show it ``width`` for the search only. The config is
+    shared by every thread calling the model, so 4.x beam searches take turns (nothing else reads
+    ``vocab_size`` during a call)."""
     if _MAJOR >= 5:
         yield
         return
-    vocab_size = text_config.vocab_size
-    text_config.vocab_size = width
-    try:
-        yield
-    finally:
-        text_config.vocab_size = vocab_size
+    with _BEAM_SEARCH_LOCK:
+        vocab_size = text_config.vocab_size
+        text_config.vocab_size = width
+        try:
+            yield
+        finally:
+            text_config.vocab_size = vocab_size
 
 
 # What the generation code overrides or calls by name: if a release renames one of these, our

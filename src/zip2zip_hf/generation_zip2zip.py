@@ -15,7 +15,6 @@ What this mixin adds is the boundary with code that only knows base ids:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -83,16 +82,14 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             raise ValueError("Zip2ZipForCausalLM.generate needs input_ids (or inputs): there is no text-free start")
         check_generation_internals()
         config = self._refuse_unsupported_modes(generation_config, kwargs)
-        static = config.cache_implementation == "static"
-        if static:
+        if config.cache_implementation == "static":
             generation_config, kwargs = self._with_static_cache(generation_config, config, input_ids, kwargs)
         if kwargs.get("tokenizer") is not None:
             self._check_tokenizer(kwargs["tokenizer"])
         attention_mask = kwargs.get("attention_mask")
         if streamer is not None:
             streamer = _BaseIdStreamer(streamer, self.codec)
-        with _cache_implementation_hidden(self.generation_config, static):
-            output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
+        output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         prompts = _real_prompts(input_ids, attention_mask)
         after_prompt = PromptStreams(self.codec)
@@ -164,12 +161,23 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         length = max(length, getattr(config, "max_cache_len", None) or 0)
         cache = Zip2ZipStaticCache(config=self.config.get_text_config(), max_cache_len=length)
         # The request is now the cache (generate refuses both): drop it from the call's keywords and
-        # generation config (the model's own is hidden during the call, `_cache_implementation_hidden`).
+        # generation config (the model's own is set aside in `_prepare_generation_config`).
         kwargs = {key: value for key, value in kwargs.items() if key != "cache_implementation"}
         if generation_config is not None and generation_config.cache_implementation is not None:
             generation_config = copy.deepcopy(generation_config)
             generation_config.cache_implementation = None
         return generation_config, {**kwargs, output_cache_field(): cache}
+
+    def _prepare_generation_config(self, *args, **kwargs) -> tuple[GenerationConfig, dict]:
+        """transformers' merge of the call's settings with the model's, less a static request the
+        model's own config makes when `_with_static_cache` has already turned it into our cache (the
+        call's own copy is changed: the model's config is shared by every thread calling it)."""
+        from .hyper_cache import Zip2ZipStaticCache
+
+        generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
+        if any(isinstance(model_kwargs.get(name), Zip2ZipStaticCache) for name in CACHE_NAMES):
+            generation_config.cache_implementation = None
+        return generation_config, model_kwargs
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """Keep the 2-D padding mask: with a static cache, generate would turn it into the base
@@ -239,19 +247,6 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, tokenizer, **kwargs)
         criteria.append(StopStringsOnText(stop_strings, tokenizer, self.codec))
         return criteria
-
-
-@contextlib.contextmanager
-def _cache_implementation_hidden(model_generation_config: GenerationConfig, hide: bool):
-    """Hide the model's own ``cache_implementation`` for one call: generate fills what a call leaves
-    unset from it, and a static request it holds is already our cache."""
-    saved = model_generation_config.cache_implementation
-    if hide:
-        model_generation_config.cache_implementation = None
-    try:
-        yield
-    finally:
-        model_generation_config.cache_implementation = saved
 
 
 @dataclass

@@ -88,8 +88,12 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
         residual = getattr(config, "input_hyper_encoder_residual", "mean")
         self.input_hyper_encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
         self.codec = config.codec()
-        self._base_forward_params = set(inspect.signature(self.language_model.forward).parameters)
+        self._base_forward_params = set(inspect.signature(self._decoder().forward).parameters)
         self._base_cache_keyword = cache_keyword(self._base_forward_params)
+
+    def _decoder(self) -> nn.Module:
+        """The base model's decoder: what turns input embeddings into last hidden states."""
+        return self.language_model
 
     def _init_weights(self, module: nn.Module) -> None:
         # The base model's own modules are initialised by its own `_init_weights` (transformers
@@ -180,8 +184,6 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
             "return_dict": True,
             **kwargs,
         }
-        if "logits_to_keep" in self._base_forward_params:
-            base_kwargs["logits_to_keep"] = len(keep) if keep == list(range(length - len(keep), length)) else 0
         past_length = state.num_positions if state is not None else 0
         if "cache_position" in self._base_forward_params and kwargs.get("cache_position") is None:
             # Up to 4.57 the base model would otherwise ask the cache, which a static cache answers
@@ -337,9 +339,6 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         tied = config.tie_hyper_encoders
         self.output_hyper_encoder = None if tied else build_hyper_encoder(**_encoder_settings(config))
-        self._head_hook: torch.utils.hooks.RemovableHandle | None = None
-        self._head_hook_id: int | None = None
-        self._head_input: torch.Tensor | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -374,6 +373,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         config.check_tokenizer(tokenizer)
         model = cls(config, base_model=base_model)
+        model._check_head_reproduces_base()
         for encoder in model._hyper_encoder_modules():
             encoder.to(device=base_model.device, dtype=base_model.dtype)
         model.generation_config = base_model.generation_config
@@ -413,7 +413,30 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     def get_decoder(self) -> nn.Module:
-        return self.language_model.get_decoder()
+        return self._decoder()
+
+    def _decoder(self) -> nn.Module:
+        return _decoder_of(self.language_model)
+
+    @torch.no_grad()
+    def _check_head_reproduces_base(self) -> None:
+        """Refuse a base model that does to its logits what `_postprocess_logits` does not know:
+        the hyper logits would miss it. Checked on two ids, the base model's forward against ours."""
+        base = self.language_model
+        was_training = base.training
+        base.eval()  # no dropout: both runs must see the same activations
+        try:
+            ids = torch.tensor([[0, 1]], device=base.device)
+            expected = base(input_ids=ids, use_cache=False).logits
+            hidden = self._decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            ours = self._postprocess_logits(self.get_output_embeddings()(hidden))
+        finally:
+            base.train(was_training)
+        if not torch.allclose(ours.float(), expected.float(), rtol=1e-3, atol=1e-3):
+            raise NotImplementedError(
+                f"{type(base).__name__} changes its head's logits in a way zip2zip cannot apply to "
+                "hypertoken logits (known: logit_scale, logits_scaling, final_logit_softcapping)"
+            )
 
     def _output_hyper_encoder(self) -> nn.Module:
         return self.output_hyper_encoder if self.output_hyper_encoder is not None else self.input_hyper_encoder
@@ -476,7 +499,6 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         block = self._plan_block(
             input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
         )
-        self._watch_head()
         with _all_or_nothing(block, input_ids):
             step, logits, outputs = self._run_block(input_ids, block)
             loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
@@ -502,29 +524,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         step, entries = self._consume_block(input_ids, block)
         input_table, output_table, provisional_vectors, unused = self._hyper_vectors(state, entries, step)
         inputs_embeds = self._embed(input_ids, step, input_table)
-        outputs = self.language_model(inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs)
-        length = input_ids.shape[1]
-        hidden, self._head_input = _select(self._head_input, keep, length), None
-        logits = self._widen(_select(outputs.logits, keep, length), hidden, step, output_table, provisional_vectors)
+        outputs = self._decoder()(inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs)
+        hidden = _select(outputs.last_hidden_state, keep, input_ids.shape[1])
+        base_logits = self.get_output_embeddings()(hidden)
+        logits = self._widen(base_logits, hidden, step, output_table, provisional_vectors)
         if unused is not None:  # keep every encoder parameter in the graph (DDP), adding exactly 0
             logits = logits + unused
         return step, logits, outputs
-
-    def _watch_head(self) -> None:
-        """Have the output embeddings record what they are called on in ``_head_input``: the hidden
-        states the base model feeds its head, whatever the architecture (final norm, slicing by
-        ``logits_to_keep`` and all). The hook is registered once, outside any compiled step, and
-        again only if the head module was replaced."""
-        head = self.get_output_embeddings()
-        if self._head_hook_id in head._forward_hooks:  # the handle itself is opaque to torch.compile
-            return
-        if self._head_hook is not None:
-            self._head_hook.remove()
-        self._head_hook = head.register_forward_hook(self._record_head_input)
-        self._head_hook_id = self._head_hook.id
-
-    def _record_head_input(self, module: nn.Module, args: tuple, output) -> None:
-        self._head_input = args[0]
 
     def _hyper_vectors(self, state: HyperState | None, entries: EntryBatch, step: ConsumedBlock):
         """Encode the new entries (both sides) and the provisional contents (output side).
@@ -578,9 +584,25 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         provisional_scores = (hidden * provisional_vectors.to(hidden.dtype)).sum(-1)
         is_provisional = (slot == step.legal[..., None] - 1) & (step.provisional_lengths > 0)[..., None]
         hyper = torch.where(is_provisional, provisional_scores[..., None].to(hyper.dtype), hyper)
-        hyper = hyper.masked_fill(slot >= step.legal[..., None], float("-inf")).to(base_logits.dtype)
+        hyper = self._postprocess_logits(hyper).masked_fill(slot >= step.legal[..., None], float("-inf"))
         tail = base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf"))
-        return torch.cat([base_logits[..., :V], hyper, tail], dim=-1)
+        return torch.cat([self._postprocess_logits(base_logits[..., :V]), hyper.to(base_logits.dtype), tail], dim=-1)
+
+    def _postprocess_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the base causal LM does to its head's output, done to base and hyper logits alike:
+        a scale (Cohere's ``logit_scale``, Granite's ``logits_scaling``) and soft-capping (Gemma 2/3's
+        ``final_logit_softcapping``). `from_base` checks that nothing else is done."""
+        text_config = self.config.get_text_config()
+        scale = getattr(text_config, "logit_scale", None)
+        divisor = getattr(text_config, "logits_scaling", None)
+        cap = getattr(text_config, "final_logit_softcapping", None)
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _loss(self, logits, labels, step: ConsumedBlock, num_items_in_batch=None) -> torch.Tensor:
         """Next-token cross-entropy over ``V + K`` classes; a target illegal at its position raises."""
@@ -630,6 +652,19 @@ class _Block:
     mask: torch.Tensor
     precomputed: tuple[ConsumedBlock, EntryBatch] | None
     base_kwargs: dict
+
+
+def _decoder_of(causal_lm: PreTrainedModel) -> nn.Module:
+    """A causal LM's decoder: the module its head reads the last hidden state of."""
+    decoder = causal_lm.base_model
+    if decoder is causal_lm and hasattr(causal_lm, "get_decoder"):
+        decoder = causal_lm.get_decoder()  # e.g. Gemma 3 in 4.57, whose prefix names no attribute
+    if decoder is causal_lm or decoder is None:
+        raise NotImplementedError(
+            f"{type(causal_lm).__name__} has no separate decoder (base_model / get_decoder()): a zip2zip "
+            "model runs the decoder and the head apart, to score hypertokens with the head's input"
+        )
+    return decoder
 
 
 def _encoder_settings(config: Zip2ZipConfig) -> dict:
