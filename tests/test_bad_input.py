@@ -227,16 +227,16 @@ def test_compress_refuses_a_fifo_instead_of_hanging(tmp_path, capsys):
         with open(fifo, "wb"):
             pass
         pytest.fail("compress blocked on a FIFO")
-    assert result["status"] == 1
+    assert result["status"] == 2
     assert "not a regular file" in capsys.readouterr().err
 
 
 def test_compress_refuses_a_device_and_oversized_files(tmp_path, capsys):
-    assert main(["compress", "/dev/zero"]) == 1
+    assert main(["compress", "/dev/zero"]) == 2
     assert "not a regular file" in capsys.readouterr().err
     big = tmp_path / "big.txt"
     big.write_text("x" * 2000)
-    assert main(["compress", str(big), "--max-bytes", "1000"]) == 1
+    assert main(["compress", str(big), "--max-bytes", "1000"]) == 2
     assert "more than --max-bytes 1000" in capsys.readouterr().err
 
 
@@ -252,7 +252,7 @@ def test_compress_with_a_corrupt_base_tokenizer_is_one_line(tiny_base_tokenizer,
         text=True,
         timeout=120,
     )
-    assert run.returncode == 1
+    assert run.returncode == 2
     assert "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "base_tokenizer.json is not a valid tokenizers JSON file" in lines[0]

@@ -95,17 +95,17 @@ def bad_input_message(capsys) -> str:
 
 def test_compress_bad_paths(base_dir, files, tmp_path, capsys):
     tokenizer = ["--tokenizer", str(base_dir)]
-    assert main(["compress", str(tmp_path / "missing.py"), *tokenizer]) == 1
+    assert main(["compress", str(tmp_path / "missing.py"), *tokenizer]) == 2
     assert "missing.py: no such file" in bad_input_message(capsys)
-    assert main(["compress", str(files[0]), str(tmp_path), *tokenizer]) == 1
+    assert main(["compress", str(files[0]), str(tmp_path), *tokenizer]) == 2
     assert "is a directory" in bad_input_message(capsys)
     binary = tmp_path / "blob.bin"
     binary.write_bytes(b"ok\xff\xfe\x00")
-    assert main(["compress", str(binary), *tokenizer]) == 1
+    assert main(["compress", str(binary), *tokenizer]) == 2
     assert "blob.bin: not UTF-8 text" in bad_input_message(capsys)
-    assert main(["compress", str(files[0]), "--tokenizer", str(tmp_path / "nowhere")]) == 1
+    assert main(["compress", str(files[0]), "--tokenizer", str(tmp_path / "nowhere")]) == 2
     assert "no such tokenizer folder" in bad_input_message(capsys)
-    assert main(["compress", str(files[0]), "--tokenizer", str(tmp_path)]) == 1  # a folder without a tokenizer
+    assert main(["compress", str(files[0]), "--tokenizer", str(tmp_path)]) == 2  # a folder without a tokenizer
     assert "cannot load a tokenizer" in bad_input_message(capsys)
 
 
@@ -119,7 +119,7 @@ def test_compress_unreadable_file(base_dir, files, monkeypatch, capsys):
         return real_open(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", refuse)
-    assert main(["compress", str(files[0]), "--tokenizer", str(base_dir)]) == 1
+    assert main(["compress", str(files[0]), "--tokenizer", str(base_dir)]) == 2
     assert "code.py: cannot read it (Permission denied)" in bad_input_message(capsys)
 
 
@@ -162,5 +162,5 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path):
         cwd=tempfile.gettempdir(),
         timeout=300,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == f"zip2zip_hf compress: error: {tmp_path / 'nope.txt'}: no such file"

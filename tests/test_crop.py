@@ -7,6 +7,7 @@ logits, the same codebooks and the same cache length as feeding them once, in ei
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -127,12 +128,16 @@ def test_crop_arguments_follow_the_installed_release(model):
         assert cache.hyper_state.num_positions == int(cache.get_seq_length()) == n - 2
         cache.crop(n - 5)
         assert cache.hyper_state.num_positions == n - 5
+        for integer_like in (np.int64(n - 6), torch.tensor(n - 7)):  # as transformers' caches take them
+            cache.crop(integer_like)
+            assert cache.hyper_state.num_positions == int(cache.get_seq_length()) == int(integer_like)
+        n = int(cache.get_seq_length()) + 5
         cache.crop(0)
         expected = n - 5 if _compat._CROP_TAKES_REMOVALS else 0
         assert cache.hyper_state.num_positions == int(cache.get_seq_length()) == expected
 
 
-@pytest.mark.parametrize("bad", [-1000, 1.5, True, "2"])
+@pytest.mark.parametrize("bad", [-1000, 1.5, True, "2", torch.tensor(2.0), torch.tensor(True), np.float64(3)])
 def test_a_bad_crop_is_an_error_that_changes_nothing(model, bad):
     ids = torch.tensor([compressed(8, 30)])
     with torch.no_grad():

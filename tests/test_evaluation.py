@@ -101,3 +101,35 @@ def test_eval_command_prints_a_table_without_json(checkpoints, tmp_path, capsys)
     assert main(["eval", str(checkpoints[0]), str(path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "bits per byte" in out and "steps per byte" in out
+
+
+def test_bad_texts_and_windows_are_named(text_model, text_tok):
+    with pytest.raises(TypeError, match="texts\\[1\\] is a NoneType, not a str"):
+        score_texts(text_model, text_tok, ["fine", None])
+    with pytest.raises(TypeError, match="texts\\[0\\] is a bytes, not a str"):
+        score_texts(text_model, text_tok, [b"abc"])
+    positions = text_model.config.get_text_config().max_position_embeddings
+    with pytest.raises(ValueError, match=f"model has {positions}: use window={positions - 1} or less"):
+        score_texts(text_model, text_tok, TEXTS, window=positions)
+    assert score_texts(text_model, text_tok, TEXTS[1:], window=positions - 1).tokens > 0
+
+
+def test_eval_command_errors_are_one_line_and_status_2(checkpoints, tmp_path, capsys):
+    import torch
+
+    text, empty, no_weights = tmp_path / "text.txt", tmp_path / "empty.txt", tmp_path / "no_weights"
+    text.write_text(TEXTS[1], encoding="utf-8")
+    empty.write_text("", encoding="utf-8")
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((checkpoints[0] / "config.json").read_text())
+    cases = [
+        ([str(checkpoints[0]), str(empty)], "empty, there is no text to score"),
+        ([str(checkpoints[0]), str(text), "--device", "nonsense"], "--device nonsense: not a device"),
+        ([str(no_weights), str(text), "--device", "cpu"], f"{no_weights}: cannot load it"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([str(checkpoints[0]), str(text), "--device", "cuda"], "this machine has no CUDA device"))
+    for arguments, message in cases:
+        assert main(["eval", *arguments]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err

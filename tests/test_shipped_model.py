@@ -29,7 +29,7 @@ def test_the_shipped_adapter_is_small_bf16_safetensors_with_its_record():
 def test_an_unknown_model_name_is_a_clear_error(tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("x = 1\n")
-    assert main(["eval", "smollm3", str(text)]) == 1
+    assert main(["eval", "smollm3", str(text)]) == 2
     assert "smollm2-zip2zip" in capsys.readouterr().err
 
 
@@ -92,5 +92,5 @@ def test_the_demo_shows_the_shipped_model_against_its_base(capsys):
 
 
 def test_the_demo_takes_another_base_model_only_to_finetune_it(tmp_path, capsys):
-    assert main(["demo", "--model", str(tmp_path)]) == 1
+    assert main(["demo", "--model", str(tmp_path)]) == 2
     assert "--finetune" in capsys.readouterr().err

@@ -147,10 +147,13 @@ def test_a_draft_model_with_another_tokenizer_is_refused(model, assistant, tiny_
         generate(model, ids, assistant_model=assistant, assistant_tokenizer=tiny_base_tokenizer, tokenizer=None)
 
 
-def test_a_draft_model_with_fewer_ids_is_refused(model):
-    small = tiny_base("llama", rows=V - 10)
-    with pytest.raises(ValueError, match="tokenizer"):  # transformers says so first, we would too
-        generate(model, torch.tensor([compressed(1, 20)]), assistant_model=small)
+def test_a_draft_model_needs_rows_for_the_base_ids_only(model):
+    """Any model over the same tokenizer drafts, whatever rows it has past V; one with fewer rows is
+    refused, naming what is required."""
+    ids = torch.tensor([compressed(1, 20)])
+    with pytest.raises(ValueError, match=f"the assistant model reads {V - 10} ids but the base vocabulary V is {V}"):
+        generate(model, ids, assistant_model=tiny_base("llama", rows=V - 10))
+    assert torch.equal(generate(model, ids, assistant_model=tiny_base("qwen2", rows=V + 100)), generate(model, ids))
 
 
 def test_several_rows_are_refused_as_transformers_does(model):
@@ -214,3 +217,51 @@ def test_a_draft_model_drafts_within_the_budget_and_its_positions(model):
         assert torch.equal(got, generate(model, ids, max_new_tokens=max_new_tokens))
         if max_new_tokens == 3:
             assert len(calls) <= 3 + 2 + 1  # at most the codes left, per iteration
+
+
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "assistant"])
+def test_an_error_while_verifying_drafts_leaves_the_cache_as_it_was(model, assistant, drafter):
+    """Verification is accepted or rolled back, as a forward is: a logits processor that raises
+    leaves the caller's cache without the drafts, and the cache then continues as plain decoding."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from zip2zip_hf._compat import output_cache_field
+
+    class RaiseOnThirdCall(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("processor failed")
+            return scores
+
+    ids = torch.tensor([compressed(6, 80)])
+    drafts = {"prompt_lookup_num_tokens": 5} if drafter == "prompt_lookup" else {"assistant_model": assistant}
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+    held = cache.get_seq_length()
+    with pytest.raises(RuntimeError, match="processor failed"):
+        generate(
+            model,
+            ids,
+            logits_processor=LogitsProcessorList([RaiseOnThirdCall()]),
+            **drafts,
+            **{output_cache_field(): cache},
+        )
+    assert cache.get_seq_length() == cache.hyper_state.num_positions == held
+    assert torch.equal(generate(model, ids, **drafts, **{output_cache_field(): cache}), generate(model, ids))
+
+
+@pytest.mark.parametrize("drafts", [{"prompt_lookup_num_tokens": 4}, {"assistant_model": "tiny"}])
+def test_a_prompt_without_text_is_treated_as_plain_decoding_treats_it(model, assistant, drafts):
+    """No text to draft from: an all-padding prompt is continued as plain decoding continues it, and
+    an empty one is the same clear error."""
+    drafts = {key: assistant if value == "tiny" else value for key, value in drafts.items()}
+    padding = torch.full((1, 4), PAD)
+    plain = generate(model, padding, attention_mask=torch.zeros_like(padding))
+    assert torch.equal(generate(model, padding, attention_mask=torch.zeros_like(padding), **drafts), plain)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    for kwargs in ({}, drafts):
+        with pytest.raises(ValueError, match=r"input_ids must be a non-empty \(batch, length\) tensor"):
+            generate(model, empty, **kwargs)

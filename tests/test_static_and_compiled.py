@@ -143,6 +143,24 @@ def test_a_static_cache_too_small_for_the_call_is_an_error_naming_it(model):
         model(input_ids=torch.tensor([compressed(1, 20)[:12]]), past_key_values=cache, use_cache=True)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_cache_already_holding_the_prompt_is_an_error_naming_it(model, static):
+    """A cache handed to generate continues a prefix of the prompt; one a finished call filled
+    holds the whole prompt and more, which is said as such (not as an empty input)."""
+    from zip2zip_hf import Zip2ZipCache
+    from zip2zip_hf._compat import output_cache_field
+
+    ids = torch.tensor([compressed(1, 20)[:12]])
+    text_config = model.config.get_text_config()
+    cache = Zip2ZipStaticCache(config=text_config, max_cache_len=20) if static else Zip2ZipCache(config=text_config)
+    generate = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD, output_cache_field(): cache}
+    model.generate(input_ids=ids, **generate)
+    held = int(cache.get_seq_length())
+    with pytest.raises(ValueError, match=f"the cache already holds {held} positions and input_ids only 12"):
+        model.generate(input_ids=ids, **generate)
+    assert int(cache.get_seq_length()) == held
+
+
 @pytest.mark.parametrize("mode", [{}, {"num_beams": 2}], ids=["greedy", "beams"])
 def test_generate_compiles_the_static_decoding_steps_and_writes_the_same_tokens(model, mode):
     """transformers compiles the decoding steps of a static-cache generate (on CUDA by default;

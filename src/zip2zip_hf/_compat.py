@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import threading
 
 import transformers
@@ -140,8 +141,12 @@ def crop_length(current: int, argument: int) -> int:
     to keep (up to 5.23; 5.24 refuses it for its own caches, ours keep reading it so). 0 removes
     nothing from 5.24 on (its decoding loops call ``crop(0)`` to mean that) and everything before.
     """
-    if isinstance(argument, bool) or not isinstance(argument, int):
-        raise ValueError(f"crop takes an int, got {argument!r}")
+    try:  # integer-like values (numpy and 0-d tensor ints), as transformers' caches take them
+        if isinstance(argument, bool) or "bool" in str(getattr(argument, "dtype", "")):
+            raise TypeError
+        argument = operator.index(argument)
+    except TypeError:
+        raise ValueError(f"crop takes an int, got {argument!r}") from None
     if argument < 0:
         length = current + argument
     elif argument == 0:
@@ -191,12 +196,13 @@ def beam_search_vocab_size(text_config, width: int):
 
 # What the generation code overrides or calls by name: if a release renames one of these, our
 # version would silently stop being used (beams would lose their codebooks, stop strings would be
-# matched on hyper ids), so it must be an error instead.
+# matched on hyper ids, draft models with more rows than V refused), so it must be an error instead.
 _GENERATION_INTERNALS = {
     "GenerationMixin": {
         "_beam_search": (),
         "_get_stopping_criteria": ("generation_config", "tokenizer"),
         "_assisted_decoding": ("generation_config", "streamer", "assistant_model"),
+        "_validate_generation_mode": ("generation_mode", "generation_config", "generation_mode_kwargs"),
     },
     "DynamicCache": {
         "reorder_cache": ("beam_idx",),

@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["TextScore", "best_device", "load_for_evaluation", "score_texts"]
+__all__ = ["DEFAULT_WINDOW", "TextScore", "best_device", "load_for_evaluation", "score_texts"]
+
+# Base tokens per scored window, unless the model has fewer positions.
+DEFAULT_WINDOW = 1024
 
 
 @dataclass
@@ -82,7 +85,7 @@ def score_texts(
     model,
     tokenizer,
     texts: Sequence[str],
-    window: int = 1024,
+    window: int | None = None,
     batch_size: int = 4,
     progress: bool = False,
 ) -> TextScore:
@@ -91,14 +94,27 @@ def score_texts(
     Args:
         model: a `Zip2ZipForCausalLM` with its `Zip2ZipTokenizer`, or any causal LM with its tokenizer.
         texts: the texts, each split into windows on its own.
-        window: base tokens per window.
+        window: base tokens per window (default `DEFAULT_WINDOW`, or as many as the model has
+            positions for after the prefix token, if fewer).
         batch_size: windows per forward call.
         progress: show a progress bar over the batches.
     """
     if isinstance(texts, str):
         raise TypeError("score_texts takes a list of texts, not a single string")
-    if window < 1 or batch_size < 1:
-        raise ValueError(f"window and batch_size must be at least 1, got {window} and {batch_size}")
+    not_text = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if not_text is not None:
+        raise TypeError(f"texts[{not_text}] is a {type(texts[not_text]).__name__}, not a str")
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if window is None:
+        window = DEFAULT_WINDOW if positions is None else min(DEFAULT_WINDOW, positions - 1)
+    for name, value in (("window", window), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
+    if positions is not None and window + 1 > positions:
+        raise ValueError(
+            f"window={window} needs {window + 1} positions (a prefix token, then the window) but the "
+            f"model has {positions}: use window={positions - 1} or less"
+        )
     rows, base_tokens = _windows(tokenizer, texts, window)
     nats, tokens = _score_rows(model, tokenizer, rows, batch_size, progress)
     n_bytes = sum(len(text.encode("utf-8")) for text in texts)

@@ -82,6 +82,7 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             raise ValueError("Zip2ZipForCausalLM.generate needs input_ids (or inputs): there is no text-free start")
         check_generation_internals()
         config = self._refuse_unsupported_modes(generation_config, kwargs)
+        _check_cache_continues_the_prompt(kwargs, input_ids)
         if config.cache_implementation == "static":
             generation_config, kwargs = self._with_static_cache(generation_config, config, input_ids, kwargs)
         if kwargs.get("tokenizer") is not None:
@@ -234,6 +235,12 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             self, input_ids, drafter, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
         )
 
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        """transformers' checks, less its tokenizer check of a draft model: that compares vocabulary
+        sizes, where ours needs only the base ids (`AssistantDrafter` checks it has rows for them)."""
+        others = {key: value for key, value in generation_mode_kwargs.items() if key != "assistant_model"}
+        return super()._validate_generation_mode(generation_mode, generation_config, others)
+
     def _beam_search(self, *args, **kwargs):
         with beam_search_vocab_size(self.config.get_text_config(), self.codec.total_vocab_size):
             return super()._beam_search(*args, **kwargs)
@@ -247,6 +254,17 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, tokenizer, **kwargs)
         criteria.append(StopStringsOnText(stop_strings, tokenizer, self.codec))
         return criteria
+
+
+def _check_cache_continues_the_prompt(kwargs: dict, input_ids) -> None:
+    """A cache handed to generate holds a prefix of ``input_ids`` (generate feeds the rest)."""
+    cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+    held = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+    if held >= input_ids.shape[1] > 0:
+        raise ValueError(
+            f"the cache already holds {held} positions and input_ids only {input_ids.shape[1]}: a cache "
+            "handed to generate must hold a prefix of them (a new cache, cache.reset(), or cache.crop(n))"
+        )
 
 
 @dataclass

@@ -113,6 +113,8 @@ class AssistantDrafter:
         self._held: list[int] = []  # the base ids whose keys and values its cache holds, in order
 
     def draft(self, stream: LZWStream, text: list[int], max_codes: int) -> list[int]:
+        if not text:  # an all-padding prompt: no id to read the first draft's logits at
+            return []
         # Keep what the cache shares with the accepted text (its own last draft, where accepted);
         # the text's last id is read again, as its logits give the first drafted id.
         keep = min(_common_prefix(self._held, text), len(text) - 1)
@@ -184,14 +186,13 @@ def speculative_decoding(
             # masked iterations of tensor operations per id.
             cache.hyper_state.on_device = False
         logits = out.logits[:, -len(draft) - 1 :].float()
-        picked, processed = _pick(candidate, cur_len, logits, logits_processor, generation_config.do_sample)
-        picked = picked.tolist()  # the iteration's one host sync
-        accepted = picked[: _common_prefix(draft, picked) + 1]
-        for n in range(1, len(accepted) + 1):  # stop exactly where one step at a time would
-            grown = torch.cat([input_ids, input_ids.new_tensor([accepted[:n]])], dim=1)
-            if bool(stopping_criteria(grown, processed[:, n - 1]).all()):
-                accepted, done = accepted[:n], True
-                break
+        try:
+            accepted, processed, done = _verify(
+                input_ids, candidate, draft, logits, logits_processor, stopping_criteria, generation_config.do_sample
+            )
+        except BaseException:
+            cache.crop(cached)  # accepted or rolled back, as a forward is: no draft stays in the cache
+            raise
         input_ids = torch.cat([input_ids, input_ids.new_tensor([accepted])], dim=1)
         mask = torch.cat([mask, mask.new_ones(1, len(accepted))], dim=1)
         cached = input_ids.shape[1] - 1  # the last accepted id is fed with the next draft
@@ -209,6 +210,19 @@ def speculative_decoding(
         return input_ids
     output = {"sequences": input_ids, "scores": scores, "logits": raw_logits}
     return GenerateDecoderOnlyOutput(**output, **{output_cache_field(GenerateDecoderOnlyOutput): cache})
+
+
+def _verify(input_ids, candidate, draft: list[int], logits, logits_processor, stopping_criteria, do_sample: bool):
+    """The ids of the draft the model accepts, then its own next id; the processed scores; and
+    whether a stopping criterion ended the text among them (cut right where it did)."""
+    picked, processed = _pick(candidate, input_ids.shape[1], logits, logits_processor, do_sample)
+    picked = picked.tolist()  # the iteration's one host sync
+    accepted = picked[: _common_prefix(draft, picked) + 1]
+    for n in range(1, len(accepted) + 1):  # stop exactly where one step at a time would
+        grown = torch.cat([input_ids, input_ids.new_tensor([accepted[:n]])], dim=1)
+        if bool(stopping_criteria(grown, processed[:, n - 1]).all()):
+            return accepted[:n], processed, True
+    return accepted, processed, False
 
 
 def _pick(candidate, cur_len: int, logits, logits_processor, do_sample: bool):

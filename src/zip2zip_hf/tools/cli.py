@@ -43,13 +43,19 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..evaluation import best_device, load_for_evaluation, score_texts
+    from ..evaluation import DEFAULT_WINDOW, best_device, load_for_evaluation, score_texts
 
     texts = [read_text_file(path, args.max_bytes) for path in args.files]  # all checked first
+    if not any(texts):
+        raise CLIError(f"{', '.join(args.files)}: empty, there is no text to score")
+    device = checked_device(args.device) if args.device else best_device()
     if args.model in NAMED_MODELS:
-        model, tokenizer = load_named_model(args.model, args.device or best_device())
+        model, tokenizer = load_named_model(args.model, device)
     elif os.path.isfile(os.path.join(args.model, "config.json")):
-        model, tokenizer = load_for_evaluation(args.model, args.device)
+        try:
+            model, tokenizer = load_for_evaluation(args.model, device)
+        except (OSError, ValueError) as error:  # no weights, mis-shaped weights, no tokenizer, ...
+            raise CLIError(f"{args.model}: cannot load it ({str(error).strip().splitlines()[0]})") from None
     else:
         raise CLIError(
             f"{args.model}: not a saved model folder (no config.json) "
@@ -60,10 +66,27 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"model": args.model, "files": args.files, **score.to_dict()}))
         return 0
     kind = "zip2zip" if hasattr(tokenizer, "codec") else "plain"
-    print(f"{args.model} ({kind}), {len(texts)} files, windows of {args.window} base tokens")
+    window = args.window or f"up to {DEFAULT_WINDOW}"
+    print(f"{args.model} ({kind}), {len(texts)} files, windows of {window} base tokens")
     print(f"bytes {score.bytes}, base tokens {score.base_tokens}, model steps {score.tokens}")
     print(f"bits per byte {score.bits_per_byte:.4f}, steps per byte {score.steps_per_byte:.4f}")
     return 0
+
+
+def checked_device(name: str):
+    """The torch device ``--device`` names, if this machine has it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise CLIError(f"--device {name}: this machine has no {device.type.upper()} device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def run_lm_eval(args: argparse.Namespace) -> int:
@@ -151,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_file_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object for all files together")
     evaluate.add_argument(
-        "--window", type=at_least(1), default=1024, metavar="N", help="base tokens per window (default 1024)"
+        "--window",
+        type=at_least(1),
+        metavar="N",
+        help="base tokens per window (default 1024, fewer if the model has fewer positions)",
     )
     evaluate.add_argument(
         "--batch-size", type=at_least(1), default=4, metavar="N", help="windows per forward (default 4)"
@@ -187,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 on success, 1 on a reported error)."""
+    """Run the command line; return the exit status (0 on success, 2 on a reported error, as for
+    bad arguments)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except CLIError as error:
         print(f"zip2zip_hf {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return 2
