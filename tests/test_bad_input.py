@@ -13,10 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils import K, M, V, compressed, tiny_base, wrap
+from utils import K, M, V, compressed, tiny_base, tiny_causal_lm_config, wrap
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipStaticCache, Zip2ZipTokenizer
 from zip2zip_hf.lzw import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
 from zip2zip_hf.tools.cli import main
+
+
+TEXT_CONFIG = tiny_causal_lm_config("llama", V)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,7 @@ def test_non_integer_codebook_size_is_rejected_everywhere(tiny_base_tokenizer, v
     with pytest.raises(ValueError, match="max_codebook_size must be an int"):
         Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=value)
     with pytest.raises(ValueError, match="max_codebook_size must be an int"):
-        Zip2ZipConfig(initial_vocab_size=V, max_codebook_size=value)
+        Zip2ZipConfig(text_config=TEXT_CONFIG, initial_vocab_size=V, max_codebook_size=value)
     with pytest.raises(ValueError, match="max_codebook_size must be an int"):
         LZWCodec(V, value, M)
 
@@ -152,7 +155,7 @@ def test_non_integer_subtokens_are_rejected(tiny_base_tokenizer, value):
     with pytest.raises(ValueError, match="max_subtokens must be an int"):
         Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_subtokens=value)
     with pytest.raises(ValueError, match="max_subtokens must be an int"):
-        Zip2ZipConfig(initial_vocab_size=V, max_subtokens=value)
+        Zip2ZipConfig(text_config=TEXT_CONFIG, initial_vocab_size=V, max_subtokens=value)
 
 
 @pytest.mark.parametrize("key, value", [("max_codebook_size", 1.9), ("max_subtokens", True), ("disabled_ids", [0.5])])
@@ -181,14 +184,16 @@ def test_saved_tokenizer_config_without_a_setting_is_rejected(tiny_base_tokenize
 
 def test_saved_model_config_with_float_settings_is_rejected():
     with pytest.raises(ValueError, match="max_codebook_size must be an int"):
-        Zip2ZipConfig.from_dict({"initial_vocab_size": V, "max_codebook_size": 64.0})
+        Zip2ZipConfig.from_dict(
+            {"text_config": TEXT_CONFIG.to_dict(), "initial_vocab_size": V, "max_codebook_size": 64.0}
+        )
 
 
 def test_absurd_settings_are_refused_up_front(tiny_base_tokenizer):
     with pytest.raises(ValueError, match=f"max_codebook_size must be <= {MAX_CODEBOOK_SIZE}"):
         Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=10**9)
     with pytest.raises(ValueError, match=f"max_codebook_size must be <= {MAX_CODEBOOK_SIZE}"):
-        Zip2ZipConfig(initial_vocab_size=V, max_codebook_size=10**9)
+        Zip2ZipConfig(text_config=TEXT_CONFIG, initial_vocab_size=V, max_codebook_size=10**9)
     with pytest.raises(ValueError, match=f"max_subtokens must be <= {MAX_SUBTOKENS}"):
         LZWCodec(V, K, 10**6)
     assert LZWCodec(V, MAX_CODEBOOK_SIZE, MAX_SUBTOKENS).total_vocab_size == V + MAX_CODEBOOK_SIZE

@@ -439,7 +439,8 @@ def test_remote_code_load_in_fresh_process(tmp_path):
 def test_auto_class_registration():
     from transformers import AutoConfig
 
-    assert AutoConfig.for_model("zip2zip").__class__ is Zip2ZipConfig
+    text_config = tiny_causal_lm_config("llama", V).to_dict()
+    assert AutoConfig.for_model("zip2zip", text_config=text_config).__class__ is Zip2ZipConfig
     assert zip2zip_hf.Zip2ZipForCausalLM is Zip2ZipForCausalLM
 
 

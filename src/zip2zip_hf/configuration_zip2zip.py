@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import transformers
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -52,6 +53,8 @@ class Zip2ZipConfig(PretrainedConfig):
 
     model_type = "zip2zip"
     sub_configs = {"text_config": AutoConfig}
+    # There is no default base model (4.57's to_diff_dict would otherwise build a config without one).
+    has_no_defaults_at_init = True
 
     def __init__(
         self,
@@ -71,9 +74,7 @@ class Zip2ZipConfig(PretrainedConfig):
         zip2zip_format_version: int = ZIP2ZIP_FORMAT_VERSION,
         **kwargs,
     ):
-        if isinstance(text_config, dict):
-            text_config = CONFIG_MAPPING[text_config.get("model_type", "llama")](**text_config)
-        self.text_config = text_config if text_config is not None else CONFIG_MAPPING["llama"]()
+        self.text_config = _base_model_config(text_config)
         if initial_vocab_size is None:
             initial_vocab_size = self.text_config.vocab_size
         if hyper_encoder not in HYPER_ENCODERS:
@@ -151,3 +152,24 @@ class Zip2ZipConfig(PretrainedConfig):
         ]
         if diff:
             raise ValueError("the tokenizer and the model disagree on compression settings: " + "; ".join(diff))
+
+
+def _base_model_config(text_config: PretrainedConfig | dict | None) -> PretrainedConfig:
+    """The wrapped model's config, from a config or its dict; a missing or unknown one is an error
+    here, before anything is allocated (there is no default base model to fall back to)."""
+    if isinstance(text_config, PretrainedConfig):
+        return text_config
+    if text_config is None:
+        raise ValueError(
+            "a zip2zip config needs text_config, the config of the base model it wraps (a config.json "
+            "without a text_config was not saved by zip2zip_hf)"
+        )
+    if not isinstance(text_config, dict):
+        raise ValueError(f"text_config must be a config or a dict, got {type(text_config).__name__}")
+    model_type = text_config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"text_config.model_type is {model_type!r}, which transformers {transformers.__version__} does not "
+            "know: the base model's config must name its model type"
+        )
+    return CONFIG_MAPPING[model_type](**text_config)

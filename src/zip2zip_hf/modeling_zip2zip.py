@@ -107,8 +107,9 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but loud: missing or mis-shaped weights raise, and so do
-        weights of the hyper-encoders the model does not have (e.g. after editing ``hyper_encoder`` or
-        ``tie_hyper_encoders`` in config.json): trained weights are never silently dropped."""
+        weights the model has no place for (e.g. after editing ``hyper_encoder``,
+        ``tie_hyper_encoders`` or the base model's ``num_hidden_layers`` in config.json): trained
+        weights are never silently dropped."""
         want_info = kwargs.pop("output_loading_info", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         mapping = {**FORMAT_1_KEY_MAPPING, **cls._checkpoint_key_mapping(path, kwargs)}
@@ -119,8 +120,13 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
         model.config.zip2zip_format_version = ZIP2ZIP_FORMAT_VERSION
         problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
         problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
-        unexpected = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] in HYPER_ENCODER_NAMES]
-        problems += [f"unexpected: {k}" for k in unexpected]  # less `_keys_to_ignore_on_load_unexpected`
+        # transformers has already left out what the class ignores (`_keys_to_ignore_on_load_unexpected`);
+        # 4.57 does not apply the base model's own list, so it is applied here too.
+        ignored = [
+            re.compile(p) for p in getattr(model.language_model, "_keys_to_ignore_on_load_unexpected", None) or ()
+        ]
+        unexpected = [k for k in info.get("unexpected_keys", ()) if not any(p.search(k) for p in ignored)]
+        problems += [f"unexpected: {k}" for k in unexpected]
         if problems:
             raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
         _check_saved_tokenizer(model.config, path)
