@@ -19,6 +19,7 @@ CORE = {
     "generation_zip2zip.py",
     "speculative_zip2zip.py",
     "hyper_cache.py",
+    "precomputed_codebooks.py",
     "hyper_encoder.py",
     "lzw.py",
     "modeling_zip2zip.py",

@@ -12,9 +12,10 @@ import warnings
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_zip2zip import Zip2ZipConfig
-from .hyper_cache import Zip2ZipCache, Zip2ZipStaticCache, codebook_tensors
+from .hyper_cache import Zip2ZipCache, Zip2ZipStaticCache
 from .lzw import Codebook, LZWCodec, LZWStream
 from .modeling_zip2zip import Zip2ZipForCausalLM, Zip2ZipModel
+from .precomputed_codebooks import codebook_tensors
 from .tokenization_zip2zip import Zip2ZipTokenizer
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from .distillation import alignment_tensors
-from .hyper_cache import codebook_tensors
 from .lzw import LZWCodec, _as_id_list, setting
+from .precomputed_codebooks import codebook_tensors
 
 
 __all__ = ["Zip2ZipCompressor", "Zip2ZipDataCollator", "compress_dataset", "dataset_stats", "split_windows"]

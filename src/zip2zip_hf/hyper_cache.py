@@ -29,18 +29,13 @@ from .lzw import LZWCodec
 
 
 __all__ = [
-    "CODEBOOK_TENSOR_KEYS",
     "ConsumedBlock",
     "DeviceCodebooks",
     "EntryBatch",
     "HyperState",
     "Zip2ZipCache",
     "Zip2ZipStaticCache",
-    "codebook_tensors",
 ]
-
-# What `codebook_tensors` returns (and ``forward(codebooks=...)`` reads).
-CODEBOOK_TENSOR_KEYS = ("lengths", "legal", "provisional", "provisional_lengths", "entries", "entry_lengths")
 
 
 @dataclass
@@ -100,42 +95,6 @@ class EntryBatch:
     slots: torch.LongTensor | None  # (N,)
     subtokens: torch.LongTensor  # (N, M), 0-padded
     lengths: torch.LongTensor  # (N,)
-
-
-def codebook_tensors(
-    codec: LZWCodec, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
-) -> dict[str, torch.LongTensor]:
-    """What a forward over whole sequences needs to know about their codebooks, as tensors.
-
-    Made where batches are made (`Zip2ZipDataCollator`, in DataLoader workers, in parallel with the
-    device) and passed as ``forward(input_ids, ..., codebooks=...)``, so the step has no Python pass
-    over the ids. Keys (`CODEBOOK_TENSOR_KEYS`): ``lengths``, ``legal``, ``provisional`` and
-    ``provisional_lengths`` as in `ConsumedBlock` with every position kept; ``entries`` ``(B, E, M)``
-    the base ids of each row's installed entries, entry k at index k, 0-padded (E: the most any row
-    installs), and ``entry_lengths`` ``(B, E)`` (0 where a row has no entry k).
-
-    Raises:
-        ValueError: naming the first id outside the id space or not legal at its position.
-    """
-    ids = input_ids.tolist()
-    real = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool().tolist()
-    _check_id_range(ids, codec.total_vocab_size)
-    streams = [codec.stream() for _ in ids]
-    lengths, legal, provisional, provisional_lengths = _consume_rows(
-        streams, ids, real, range(input_ids.shape[1]), codec.max_subtokens
-    )
-    contents = [stream.codebook.to_list() for stream in streams]
-    width, M = max(map(len, contents), default=0), codec.max_subtokens
-    entries = [[_padded(c, M) for c in row] + [[0] * M] * (width - len(row)) for row in contents]
-    entry_lengths = [[len(c) for c in row] + [0] * (width - len(row)) for row in contents]
-    return {
-        "lengths": lengths,
-        "legal": legal,
-        "provisional": provisional,
-        "provisional_lengths": provisional_lengths,
-        "entries": torch.tensor(entries, dtype=torch.long).reshape(len(ids), width, M),
-        "entry_lengths": torch.tensor(entry_lengths, dtype=torch.long).reshape(len(ids), width),
-    }
 
 
 class HyperState:

@@ -23,7 +23,6 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -38,7 +37,6 @@ from ._compat import cache_keyword, forget_key_mapping, output_cache_field, pop_
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_cache import (
-    CODEBOOK_TENSOR_KEYS,
     ConsumedBlock,
     EntryBatch,
     HyperState,
@@ -47,6 +45,7 @@ from .hyper_cache import (
 )
 from .hyper_encoder import build_hyper_encoder
 from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
+from .precomputed_codebooks import precomputed_block
 
 # transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
 # imports, not theirs), so every core file the model needs is imported here by name.
@@ -153,9 +152,11 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
 
     @torch.compiler.disable  # checks and Python bookkeeping: never part of a compiled step
     def _plan_block(
-        self, input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
+        self, input_ids, attention_mask, cache, use_cache, kwargs: dict, *, inputs_embeds, codebooks, **head
     ) -> _Block:
-        """Check the inputs and settle everything a block needs before it runs (see `_Block`)."""
+        """Check the inputs and settle everything a block needs before it runs (see `_Block`).
+        ``head``: the LM's ``labels`` and ``logits_to_keep``; ``validate_codebooks``."""
+        labels, logits_to_keep = head.get("labels"), head.get("logits_to_keep", 0)
         cache = pop_cache(kwargs, cache)
         _check_input_ids(input_ids, inputs_embeds)
         batch_size, length = input_ids.shape
@@ -166,7 +167,15 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
             if use_cache or (cache is not None and cache.get_seq_length()):
                 raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
             attention_mask = _checked_attention_mask(attention_mask, input_ids, 0)
-            precomputed = _precomputed(codebooks, input_ids, attention_mask, keep, self.codec, self.config)
+            precomputed = precomputed_block(
+                codebooks,
+                input_ids,
+                attention_mask,
+                keep,
+                self.codec,
+                self.config.position_mode,
+                validate=head.get("validate_codebooks", False),
+            )
             cache = state = None
         else:
             use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
@@ -292,6 +301,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         codebooks: dict[str, torch.Tensor] | None = None,
+        validate_codebooks: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""Run the base model's decoder on compressed ids.
@@ -304,7 +314,14 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         """
         kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         block = self._plan_block(
-            input_ids, inputs_embeds, attention_mask, cache, None, use_cache, 0, codebooks, kwargs
+            input_ids,
+            attention_mask,
+            cache,
+            use_cache,
+            kwargs,
+            inputs_embeds=inputs_embeds,
+            codebooks=codebooks,
+            validate_codebooks=validate_codebooks,
         )
         with _all_or_nothing(block, input_ids):
             step, entries = self._consume_block(input_ids, block)
@@ -468,6 +485,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         codebooks: dict[str, torch.Tensor] | None = None,
+        validate_codebooks: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Run the base model on compressed ids.
@@ -487,7 +505,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             codebooks: the codebooks of these whole sequences, precomputed as tensors by
                 `codebook_tensors` (as `Zip2ZipDataCollator` does, off the critical path), so the
                 forward runs no Python over the ids. Only without a cache (``use_cache=False``). The
-                same logits and loss as without them.
+                same logits and loss as without them. They are checked against the ids and the
+                settings (one host sync); ``validate_codebooks=True`` also compares them with what
+                the codec makes of the ids (a Python pass: for checking a custom collator).
             num_items_in_batch (in ``kwargs``): the Trainer's token count for gradient accumulation.
 
         Returns:
@@ -503,7 +523,16 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         block = self._plan_block(
-            input_ids, inputs_embeds, attention_mask, cache, labels, use_cache, logits_to_keep, codebooks, kwargs
+            input_ids,
+            attention_mask,
+            cache,
+            use_cache,
+            kwargs,
+            inputs_embeds=inputs_embeds,
+            codebooks=codebooks,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            validate_codebooks=validate_codebooks,
         )
         with _all_or_nothing(block, input_ids):
             step, logits, outputs = self._run_block(input_ids, block)
@@ -777,57 +806,6 @@ def _all_or_nothing(block: _Block, input_ids: torch.LongTensor):
         raise
     if state is not None:
         state.record(snapshot, input_ids, block.mask)
-
-
-def _precomputed(codebooks, input_ids, attention_mask, keep, codec, config) -> tuple[ConsumedBlock, EntryBatch]:
-    """The block and entries of ``codebooks`` (`codebook_tensors`), checked against the batch.
-
-    Shapes, padding and the legality of every id are checked with tensor operations and one host
-    sync; the entries themselves are trusted to be what `codebook_tensors` made of these ids.
-    """
-    if not isinstance(codebooks, Mapping) or set(codebooks) != set(CODEBOOK_TENSOR_KEYS):
-        keys = sorted(codebooks) if isinstance(codebooks, Mapping) else type(codebooks).__name__
-        raise ValueError(f"codebooks must be what codebook_tensors() returns ({CODEBOOK_TENSOR_KEYS}), got {keys}")
-    B, T = input_ids.shape
-    M, width = codec.max_subtokens, codebooks["entries"].shape[1]
-    expected = {
-        "lengths": (B, T),
-        "legal": (B, T),
-        "provisional": (B, T, M),
-        "provisional_lengths": (B, T),
-        "entries": (B, width, M),
-        "entry_lengths": (B, width),
-    }
-    for key, shape in expected.items():
-        if tuple(codebooks[key].shape) != shape:
-            raise ValueError(f"codebooks[{key!r}] has shape {tuple(codebooks[key].shape)}, expected {shape}")
-    device = input_ids.device
-    lengths, legal = codebooks["lengths"].to(device), codebooks["legal"].to(device)
-    # A hyper id is legal where the position before it allowed it (nothing is legal at the start).
-    allowed = F.pad(legal[:, :-1], (1, 0))
-    hyper = input_ids - codec.initial_vocab_size
-    outside = (input_ids < 0) | (hyper >= codec.max_codebook_size)
-    illegal = (lengths > 0) & (hyper >= 0) & (hyper >= allowed)
-    mismatch = (lengths > 0) != attention_mask[:, -T:].to(device).bool()
-    problems = torch.stack([outside, illegal, mismatch])
-    if problems.any():
-        kind, b, t = (int(i) for i in torch.nonzero(problems)[0])
-        raise ValueError(
-            [
-                f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is outside the id space [0, {codec.total_vocab_size})",
-                f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is not a legal id there "
-                f"({int(allowed[b, t])} hyper ids are installed): the codebooks are not these ids'",
-                f"codebooks do not match the attention mask at [{b}, {t}]: they were made for other rows",
-            ][kind]
-        )
-    block = ConsumedBlock.from_codebook_tensors(codebooks, config.position_mode, keep)
-    entries = EntryBatch(
-        rows=None,
-        slots=None,
-        subtokens=codebooks["entries"].reshape(B * width, M),
-        lengths=codebooks["entry_lengths"].reshape(B * width).clamp(min=1),  # absent entries: never read
-    )
-    return block, entries
 
 
 def _select(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
