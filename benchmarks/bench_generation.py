@@ -116,7 +116,7 @@ def breakdown(model, prompt, forced) -> str:
     """Wall ms per decoding step inside the zip2zip forward, by part (timers around each piece)."""
     import torch
 
-    from zip2zip_hf.hyper_cache import HyperState
+    from zip2zip_hf.hyper_state import HyperState
 
     totals: dict[str, float] = {}
 

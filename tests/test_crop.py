@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from utils import assert_same_logits, compressed, left_pad, tiny_base, wrap
 from zip2zip_hf import _compat
-from zip2zip_hf.hyper_cache import HyperState, Zip2ZipCache, Zip2ZipStaticCache
+from zip2zip_hf.cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
+from zip2zip_hf.hyper_state import HyperState
 
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

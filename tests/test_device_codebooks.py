@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zip2zip_hf.hyper_cache import DeviceCodebooks
 from zip2zip_hf.lzw import LZWCodec
+from zip2zip_hf.lzw_tensors import DeviceCodebooks
 
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,8 +11,8 @@ import warnings
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
 from .configuration_zip2zip import Zip2ZipConfig
-from .hyper_cache import Zip2ZipCache, Zip2ZipStaticCache
 from .lzw import Codebook, LZWCodec, LZWStream
 from .modeling_zip2zip import Zip2ZipForCausalLM, Zip2ZipModel
 from .precomputed_codebooks import codebook_tensors

@@ -154,7 +154,7 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         the caller's own cache, which generate then uses as it would its own (``torch.compile`` of
         the decoding steps on CUDA included).
         """
-        from .hyper_cache import Zip2ZipStaticCache
+        from .cache_zip2zip import Zip2ZipStaticCache
 
         if any(kwargs.get(name) is not None for name in CACHE_NAMES):
             raise ValueError("pass either a cache or cache_implementation='static', not both")
@@ -173,7 +173,7 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         """transformers' merge of the call's settings with the model's, less a static request the
         model's own config makes when `_with_static_cache` has already turned it into our cache (the
         call's own copy is changed: the model's config is shared by every thread calling it)."""
-        from .hyper_cache import Zip2ZipStaticCache
+        from .cache_zip2zip import Zip2ZipStaticCache
 
         generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
         if any(isinstance(model_kwargs.get(name), Zip2ZipStaticCache) for name in CACHE_NAMES):

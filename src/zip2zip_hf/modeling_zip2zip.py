@@ -34,17 +34,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ._compat import cache_keyword, forget_key_mapping, output_cache_field, pop_cache, truncate_cache
+from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
+from .codebook_blocks import ConsumedBlock, EntryBatch
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
-from .hyper_cache import (
-    ConsumedBlock,
-    EntryBatch,
-    HyperState,
-    Zip2ZipCache,
-    Zip2ZipStaticCache,
-)
 from .hyper_encoder import build_hyper_encoder
+from .hyper_state import HyperState
 from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
+from .lzw_tensors import DeviceCodebooks  # noqa: F401  (a core file: see below)
 from .precomputed_codebooks import precomputed_block
 
 # transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module

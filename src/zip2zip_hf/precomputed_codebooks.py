@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .hyper_cache import ConsumedBlock, EntryBatch, _check_id_range, _consume_rows, _padded
+from .codebook_blocks import ConsumedBlock, EntryBatch
+from .hyper_state import check_id_range, consume_rows
 from .lzw import LZWCodec
+from .lzw_tensors import padded
 
 
 __all__ = ["CODEBOOK_TENSOR_KEYS", "codebook_tensors", "precomputed_block"]
@@ -41,14 +43,14 @@ def codebook_tensors(
     """
     ids = input_ids.tolist()
     real = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool().tolist()
-    _check_id_range(ids, codec.total_vocab_size)
+    check_id_range(ids, codec.total_vocab_size)
     streams = [codec.stream() for _ in ids]
-    lengths, legal, provisional, provisional_lengths = _consume_rows(
+    lengths, legal, provisional, provisional_lengths = consume_rows(
         streams, ids, real, range(input_ids.shape[1]), codec.max_subtokens
     )
     contents = [stream.codebook.to_list() for stream in streams]
     width, M = max(map(len, contents), default=0), codec.max_subtokens
-    entries = [[_padded(c, M) for c in row] + [[0] * M] * (width - len(row)) for row in contents]
+    entries = [[padded(c, M) for c in row] + [[0] * M] * (width - len(row)) for row in contents]
     entry_lengths = [[len(c) for c in row] + [0] * (width - len(row)) for row in contents]
     return {
         "lengths": lengths,
