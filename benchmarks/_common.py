@@ -64,10 +64,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], num
     return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
 
 
-def wrapper_cost(timed_call: Callable[[], object], counted_call: Callable[[], object], inner) -> dict[str, float]:
-    """What a call spends outside ``inner`` (a module it calls, e.g. the wrapped base model): the CPU
-    proxies of GPU overhead. Two calls of the same kind (e.g. two decoding steps), as a call may
-    change state: ``timed_call`` is timed bare, ``counted_call`` runs instrumented.
+def wrapper_cost(
+    timed_call: Callable[[], object], counted_call: Callable[[], object], inner: list
+) -> dict[str, float]:
+    """What a call spends outside the ``inner`` modules it calls (e.g. the wrapped base model's
+    decoder and head): the CPU proxies of GPU overhead. Two calls of the same kind (e.g. two
+    decoding steps), as a call may change state: ``timed_call`` is timed bare, ``counted_call``
+    runs instrumented.
 
     * ``host_syncs``: calls that make the host wait for the device (``.item()``, ``bool(t)``,
       ``int(t)``, ``nonzero``, ``.tolist()``) outside ``inner``;
@@ -102,7 +105,11 @@ def wrapper_cost(timed_call: Callable[[], object], counted_call: Callable[[], ob
         counts["host_syncs"] += depth[0] == 0
         return tolist(self)
 
-    handles = [inner.register_forward_pre_hook(enter), inner.register_forward_hook(leave)]
+    handles = [
+        hook
+        for module in inner
+        for hook in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))
+    ]
     try:
         start = time.perf_counter()
         timed_call()

@@ -61,7 +61,8 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
     continuation = continuation[:steps]
 
     prefill_times, step_times, costs = [], [], []
-    inner = model if variant == "base" else model.language_model
+    # What the base model runs: all of it, or (zip2zip) its decoder and its head.
+    inner = [model] if variant == "base" else [model.get_decoder(), model.get_output_embeddings()]
     with torch.inference_mode():
         for _ in range(repeats):
             seconds, out = timed(model, input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)

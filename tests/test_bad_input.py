@@ -29,9 +29,9 @@ def model():
 
 def state_of(cache) -> tuple:
     """Everything a later call reads: codebooks, pending phrases, counters and the KV length."""
-    state = cache.hyper_state
-    streams = [(s.codebook.to_dict(), s.mark()) for s in state.streams]
-    return streams, list(state.num_encoded), list(state.num_real_tokens), cache.get_seq_length()
+    rows = cache.hyper_state.rows
+    streams = [(s.codebook.to_dict(), s.mark()) for s in rows.streams]
+    return streams, list(rows.num_encoded), list(rows.num_real_tokens), cache.get_seq_length()
 
 
 # ---------------------------------------------------------------------- 1. a failed forward changes nothing

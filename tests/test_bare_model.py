@@ -134,3 +134,28 @@ def test_auto_model_and_feature_extraction_without_the_package(text_model, text_
     # and in-process: one vector per compressed position
     features = pipeline("feature-extraction", model=str(checkpoint))(text)
     assert len(features[0]) == ids.shape[1] < len(text_tok.base_ids([text])[0])
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["python-streams", "device-codebooks"])
+def test_the_bare_models_cache_moves_its_rows_like_the_lms(on_device):
+    """Beam search and num_return_sequences select cache rows; the bare model's state has no output
+    table to move (and allocates none on the device). Prompt, one step, rows swapped, one more
+    step: the same as running the swapped rows from the start."""
+    lm = wrap(tiny_base("llama"))
+    bare = Zip2ZipModel(lm.config, base_model=lm.language_model.base_model).eval()
+    bare.codebooks_on_device = on_device
+    ids, mask = left_pad([compressed(3, 40), compressed(4, 30)])
+
+    def run(order, swap_before_last=False):
+        with torch.no_grad():
+            out = bare(input_ids=ids[order, :-2], attention_mask=mask[order, :-2], use_cache=True)
+            cache = getattr(out, output_cache_field(type(out)))
+            bare(input_ids=ids[order, -2:-1], attention_mask=mask[order, :-1], **{output_cache_field(): cache})
+            if swap_before_last:
+                cache.reorder_cache(torch.tensor([1, 0]))
+                order = order[::-1]
+            last = bare(input_ids=ids[order, -1:], attention_mask=mask[order], **{output_cache_field(): cache})
+        assert cache.hyper_state.output_table is None
+        return last.last_hidden_state
+
+    torch.testing.assert_close(run([0, 1], swap_before_last=True), run([1, 0]))

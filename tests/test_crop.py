@@ -29,12 +29,12 @@ def model():
 
 def codebook_state(state) -> list[tuple]:
     """Per row: entry contents, pending phrase code, base ids and real ids consumed."""
-    if state.device_codebooks is None:
+    if hasattr(state.rows, "streams"):
         return [
             (s.codebook.to_list(), s._w, s.num_base_ids, n)
-            for s, n in zip(state.streams, state.num_real_tokens, strict=True)
+            for s, n in zip(state.rows.streams, state.rows.num_real_tokens, strict=True)
         ]
-    c = state.device_codebooks
+    c = state.rows.codebooks
     return [
         (
             [c.content[b, k, : int(c.length[b, k])].tolist() for k in range(int(c.num_installed[b]))],

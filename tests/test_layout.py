@@ -20,6 +20,7 @@ CORE = {
     "speculative_zip2zip.py",
     "cache_zip2zip.py",
     "codebook_blocks.py",
+    "codebook_rows.py",
     "hyper_state.py",
     "lzw_tensors.py",
     "precomputed_codebooks.py",

@@ -33,19 +33,19 @@ from transformers import AutoModel, AutoModelForCausalLM, Cache, DynamicCache, P
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+# transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
+# imports, not theirs), so every core file the model needs is imported here by name (the F401s).
 from ._compat import cache_keyword, forget_key_mapping, output_cache_field, pop_cache, truncate_cache
 from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
 from .codebook_blocks import ConsumedBlock, EntryBatch
+from .codebook_rows import StreamRows  # noqa: F401
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_encoder import build_hyper_encoder
 from .hyper_state import HyperState
 from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
-from .lzw_tensors import DeviceCodebooks  # noqa: F401  (a core file: see below)
+from .lzw_tensors import DeviceCodebooks  # noqa: F401
 from .precomputed_codebooks import precomputed_block
-
-# transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
-# imports, not theirs), so every core file the model needs is imported here by name.
 from .speculative_zip2zip import speculative_decoding  # noqa: F401
 
 
@@ -77,6 +77,7 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     codebooks_on_device: bool | None = None
+    _has_head = False  # whether the codebook state keeps output vectors (an output table)
 
     def _build_input_side(self, config: Zip2ZipConfig, language_model: PreTrainedModel) -> None:
         """What both the bare model and the LM own: the base model, the input hyper-encoder, the codec."""
@@ -221,7 +222,7 @@ class Zip2ZipPreTrainedModel(PreTrainedModel):
                 "cache classes, Zip2ZipCache (dynamic) and Zip2ZipStaticCache (static); offloaded and "
                 "quantized caches are not supported yet"
             )
-        state = HyperState(self.codec, batch_size, on_device=self.codebooks_on_device)
+        state = HyperState(self.codec, batch_size, self.codebooks_on_device, has_head=self._has_head)
         if not use_cache:
             return None, state
         # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
@@ -329,7 +330,6 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
             outputs = self.language_model(
                 inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs
             )
-            _count_block(block, input_ids)
         output = BaseModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
@@ -351,6 +351,8 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             default) on the model's device when it is an accelerator, in Python streams on a CPU;
             True or False to choose. The logits are the same either way.
     """
+
+    _has_head = True
 
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
@@ -534,7 +536,6 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         with _all_or_nothing(block, input_ids):
             step, logits, outputs = self._run_block(input_ids, block)
             loss = self._loss(logits, labels, step, num_items_in_batch) if labels is not None else None
-            _count_block(block, input_ids)
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -725,14 +726,6 @@ def _tables(state, entries, batch_size: int, input_vectors, output_vectors=None)
     return per_row(input_vectors), per_row(output_vectors)
 
 
-def _count_block(block: _Block, input_ids: torch.Tensor) -> None:
-    """After a block ran: count its positions (here, not in the compiled step: it changes at every
-    step) and raise for an illegal id (the one sync of a step)."""
-    if block.state is not None:
-        block.state.num_positions += input_ids.shape[1]
-        block.state.raise_if_illegal()
-
-
 def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
     """A tokenizer saved beside the weights must compress exactly as the config says."""
     tokenizer_config = os.path.join(str(path), "tokenizer_config.json")
@@ -788,21 +781,17 @@ def _kept_positions(length: int, logits_to_keep) -> list[int]:
 
 @contextlib.contextmanager
 def _all_or_nothing(block: _Block, input_ids: torch.LongTensor):
-    """Undo what a failed forward changed: the codebooks and tables, and positions the base model
-    may already have written into the cache, so a caller that catches the error keeps its cache.
-    A block that succeeds is recorded by the state (what `HyperState.crop` rewinds to)."""
-    state = block.state
-    snapshot = state.snapshot() if state is not None else None
+    """The block as one transaction of its state (`HyperState.block`: snapshot, count, legality
+    check, record or roll back), plus the positions the base model may already have written into
+    the cache, cut back on failure, so a caller that catches the error keeps its cache."""
+    transaction = block.state.block(input_ids, block.mask) if block.state is not None else contextlib.nullcontext()
     try:
-        yield
+        with transaction:
+            yield
     except BaseException:
-        if state is not None:
-            state.restore(snapshot)
         if block.cache is not None:
             truncate_cache(block.cache, block.past_length)
         raise
-    if state is not None:
-        state.record(snapshot, input_ids, block.mask)
 
 
 def _select(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .codebook_blocks import ConsumedBlock, EntryBatch
-from .hyper_state import check_id_range, consume_rows
+from .codebook_rows import check_id_range, consume_rows
 from .lzw import LZWCodec
 from .lzw_tensors import padded
 
