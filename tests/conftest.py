@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from utils import build_tiny_base_tokenizer, perturb_hyper_encoders, tiny_causal_lm_config
+from utils import build_tiny_base_tokenizer, perturb_hyper_encoders, tiny_base, tiny_causal_lm_config, wrap
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +16,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Remote-code loads must never pick up a stale copy of our modules from the user's cache.
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="zip2zip-hf-modules-")
+
+
+def pytest_collection_modifyitems(items):
+    """A test of the real model is a slow one: ``pytest -m "not slow"`` is the quick loop."""
+    for item in items:
+        if item.get_closest_marker("real_model") is not None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +85,10 @@ def text_tok(tiny_base_tokenizer):
 @pytest.fixture(scope="module")
 def text_model(text_tok):
     return _build_text_model(text_tok)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random Llama (V=300, K=64, M=3) wrapped with the tests' settings (`utils.wrap`), one
+    per test module. A test that changes one of its settings does so with ``monkeypatch``."""
+    return wrap(tiny_base("llama"))

@@ -22,11 +22,6 @@ from zip2zip_hf.tools.cli import main
 TEXT_CONFIG = tiny_causal_lm_config("llama", V)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return wrap(tiny_base("llama"))
-
-
 def state_of(cache) -> tuple:
     """Everything a later call reads: codebooks, pending phrases, counters and the KV length."""
     rows = cache.hyper_state.rows
@@ -245,6 +240,7 @@ def test_compress_refuses_a_device_and_oversized_files(tmp_path, capsys):
     assert "more than --max-bytes 1000" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compress_with_a_corrupt_base_tokenizer_is_one_line(tiny_base_tokenizer, tmp_path):
     folder = tmp_path / "tok"
     Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=64).save_pretrained(folder)

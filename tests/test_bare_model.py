@@ -108,6 +108,7 @@ def test_a_checkpoint_saved_before_the_bare_model_still_loads(saved_lm, tmp_path
     assert type(AutoModel.from_pretrained(tmp_path)) is Zip2ZipModel
 
 
+@pytest.mark.slow
 def test_auto_model_and_feature_extraction_without_the_package(text_model, text_tok, tmp_path):
     checkpoint = tmp_path / "checkpoint"
     text_model.save_pretrained(checkpoint)

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 
+pytestmark = pytest.mark.slow  # each test starts processes
+
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

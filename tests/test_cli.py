@@ -152,6 +152,7 @@ def test_demo_default_tokenizer(capsys):
     assert float(table_rows(out)["total"][3]) < 0.9
 
 
+@pytest.mark.slow
 def test_python_dash_m_reports_errors_without_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(

@@ -7,14 +7,9 @@ import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
 
-from utils import V, assert_same_logits, compressed, left_pad, tiny_base, wrap
+from utils import V, assert_same_logits, compressed, left_pad
 from zip2zip_hf import Zip2ZipCache, Zip2ZipTokenizer
 from zip2zip_hf._compat import TRANSFORMERS_VERSION, check_generation_internals, output_cache_field
-
-
-@pytest.fixture(scope="module")
-def model():
-    return wrap(tiny_base("llama"))
 
 
 def step_by_step(model, ids, mask, cache_name: str):

@@ -13,18 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils import assert_same_logits, compressed, left_pad, tiny_base, wrap
+from utils import assert_same_logits, codebooks_on_device, compressed, left_pad
 from zip2zip_hf import _compat
 from zip2zip_hf.cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
 from zip2zip_hf.hyper_state import HyperState
 
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def model():
-    return wrap(tiny_base("llama"))
 
 
 def codebook_state(state) -> list[tuple]:
@@ -79,8 +74,7 @@ def test_crop_then_feeding_again_equals_never_cropping(model, on_device, static,
     rows = [compressed(seed, 40), compressed(seed + 1, 28)]
     ids, mask = left_pad(rows)
     total = ids.shape[1]
-    model.codebooks_on_device = on_device
-    with torch.no_grad():
+    with codebooks_on_device(model, on_device), torch.no_grad():
         whole = model(input_ids=ids, attention_mask=mask).logits
         _, once = feed(model, ids, mask, new_cache(model, static, total), 0, [prompt, *sizes])
         fed_upto = min(total, prompt + sum(sizes))
@@ -103,7 +97,7 @@ def test_crop_within_the_last_block_restores_its_snapshot_and_further_back_rebui
     """Both ways to rewind are exercised and give the same state as feeding the kept ids alone."""
     ids = torch.tensor([compressed(5, 60)])
     mask = torch.ones_like(ids)
-    model.codebooks_on_device = on_device
+    monkeypatch.setattr(model, "codebooks_on_device", on_device)
     rebuilt = []
     real_rebuild = HyperState._rebuild
     monkeypatch.setattr(
@@ -151,10 +145,10 @@ def test_a_bad_crop_is_an_error_that_changes_nothing(model, bad):
 
 @pytest.mark.parametrize("on_device", [False, True])
 @pytest.mark.parametrize("static", [False, True])
-def test_reset_empties_the_codebooks_with_the_keys_and_values(model, on_device, static):
+def test_reset_empties_the_codebooks_with_the_keys_and_values(model, on_device, static, monkeypatch):
     """`cache.reset()` (transformers' way to reuse a cache for new sequences) forgets the codebooks
     too: the next sequences read exactly as with a new cache, never against the old entries."""
-    model.codebooks_on_device = on_device
+    monkeypatch.setattr(model, "codebooks_on_device", on_device)
     first, _ = left_pad([compressed(3, 40), compressed(4, 30)])
     ids, mask = left_pad([compressed(5, 36), compressed(6, 20)])
     with torch.no_grad():

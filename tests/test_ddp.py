@@ -21,6 +21,9 @@ import pytest
 from utils import save_tiny_base_model
 
 
+pytestmark = pytest.mark.slow  # each test starts processes
+
+
 pytest.importorskip("datasets")
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,6 @@ from utils import (
     compressed,
     forced_text_generation,
     left_pad,
-    tiny_base,
-    wrap,
 )
 from zip2zip_hf import LZWCodec
 from zip2zip_hf.generation_zip2zip import Zip2ZipGenerateBeamOutput, Zip2ZipGenerateOutput
@@ -32,11 +30,6 @@ def generate(model, ids, mask=None, **kwargs):
     kwargs.setdefault("max_new_tokens", 12)
     kwargs.setdefault("do_sample", False)
     return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=None, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return wrap(tiny_base("llama"))
 
 
 def greedy_by_hand(model, row: list[int], steps: int) -> list[int]:
@@ -470,6 +463,7 @@ def test_real_greedy_equals_hand_written_loop(smol_model_and_tok):
     assert out[0, inputs["input_ids"].shape[1] :].tolist() == by_hand
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_one_model_generates_from_many_threads(model, monkeypatch, num_beams):
     """A server calls one model from several threads: no call's state may live on the module (nor
@@ -489,7 +483,7 @@ def test_one_model_generates_from_many_threads(model, monkeypatch, num_beams):
     sys.setswitchinterval(1e-6)  # switch threads as often as possible
     try:
         with ThreadPoolExecutor(4) as pool:
-            calls = [(i, j) for _ in range(5) for i in range(len(rows)) for j in range(len(settings))]
+            calls = [(i, j) for _ in range(3) for i in range(len(rows)) for j in range(len(settings))]
             futures = {
                 call: pool.submit(
                     generate, model, torch.tensor([rows[call[0]]]), num_beams=num_beams, **settings[call[1]]

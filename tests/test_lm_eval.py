@@ -111,6 +111,7 @@ def assert_same_responses(mine, theirs) -> None:
         assert mine == theirs
 
 
+@pytest.mark.slow
 def test_importing_the_package_registers_the_model_and_keeps_lm_evals_own():
     script = (
         "import zip2zip_hf\n"
@@ -122,6 +123,7 @@ def test_importing_the_package_registers_the_model_and_keeps_lm_evals_own():
     assert get_model("zip2zip") is Zip2ZipLM
 
 
+@pytest.mark.slow
 def test_an_lm_eval_without_the_registry_is_a_warning_not_a_failed_import(tmp_path):
     (tmp_path / "lm_eval").mkdir()
     (tmp_path / "lm_eval" / "__init__.py").write_text("")  # an lm-eval with no models or registry
@@ -183,6 +185,7 @@ def test_generate_until_writes_what_generate_writes(text_model, text_tok):
         assert text == expected
 
 
+@pytest.mark.slow
 def test_with_an_empty_codebook_every_number_equals_the_hf_model(text_model, tiny_base_tokenizer):
     base = text_model.language_model
     uncompressed = Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=0, max_subtokens=4)
@@ -208,6 +211,7 @@ def test_a_plain_tokenizer_is_refused(text_model, tiny_base_tokenizer):
         Zip2ZipLM(pretrained=text_model, tokenizer=tiny_base_tokenizer, backend="seq2seq")
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_lm_eval_on_a_saved_checkpoint(text_model, text_tok, tmp_path):
     """A bits-per-byte task from a saved checkpoint: one window per document, so lm-eval's number is
     `score_texts`'s."""

@@ -411,6 +411,7 @@ def test_missing_or_misshaped_encoder_weights_raise(tmp_path):
         Zip2ZipForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_remote_code_load_in_fresh_process(tmp_path):
     model = wrap(tiny_base("gpt2"))
     checkpoint = tmp_path / "checkpoint"

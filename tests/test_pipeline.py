@@ -78,6 +78,7 @@ REMOTE_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_pipeline_from_a_saved_checkpoint_without_the_package(pipe, text_model, text_tok, tmp_path):
     checkpoint = tmp_path / "checkpoint"
     text_model.save_pretrained(checkpoint)

@@ -10,16 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils import DISABLED, K, M, V, compressed, left_pad, tiny_base, wrap
+from utils import DISABLED, K, M, V, compressed, left_pad
 from zip2zip_hf import LZWCodec, codebook_tensors
 
 
 CODEC = LZWCodec(V, K, M, DISABLED)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return wrap(tiny_base("llama"))
 
 
 def batch(lengths=(90, 50)):

@@ -10,17 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils import CODE_CONTINUATION, CODE_PROMPT, PAD, V, compressed, forced_text_generation, tiny_base, wrap
+from utils import CODE_CONTINUATION, CODE_PROMPT, PAD, V, compressed, forced_text_generation, tiny_base
 
 
 # The continuation copies most of its prompt, with a change in the middle: what editing a file is.
 PROMPT = CODE_PROMPT + CODE_CONTINUATION
 EDIT = CODE_PROMPT + CODE_CONTINUATION.replace("volume", "cuboid_volume")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return wrap(tiny_base("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +38,8 @@ def generate(model, ids, **kwargs):
 @pytest.mark.parametrize("on_device", [False, True])
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 @pytest.mark.parametrize("seed", [3, 4])
-def test_prompt_lookup_writes_what_greedy_writes(model, on_device, cache_implementation, seed):
-    model.codebooks_on_device = on_device
+def test_prompt_lookup_writes_what_greedy_writes(model, on_device, cache_implementation, seed, monkeypatch):
+    monkeypatch.setattr(model, "codebooks_on_device", on_device)
     ids = torch.tensor([compressed(seed, 90)])
     expected = generate(model, ids, cache_implementation=cache_implementation)
     got = generate(model, ids, cache_implementation=cache_implementation, prompt_lookup_num_tokens=5)

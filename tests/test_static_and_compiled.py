@@ -11,11 +11,6 @@ from utils import PAD, V, assert_same_logits, compressed, left_pad, step_by_step
 from zip2zip_hf import Zip2ZipStaticCache
 
 
-@pytest.fixture(scope="module")
-def model():
-    return wrap(tiny_base("llama"))
-
-
 def generate(model, ids, mask, **kwargs):
     kwargs.setdefault("do_sample", False)
     return model.generate(
@@ -114,6 +109,7 @@ def test_a_plain_static_cache_is_refused_by_name(model):
 # ---------------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
 def test_a_compiled_decoding_step_is_one_graph_and_never_recompiles(model, static, monkeypatch):
     """With the codebooks on the device, each decoding step's tensor work (`_run_block`) compiles
@@ -161,6 +157,7 @@ def test_a_cache_already_holding_the_prompt_is_an_error_naming_it(model, static)
     assert int(cache.get_seq_length()) == held
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [{}, {"num_beams": 2}], ids=["greedy", "beams"])
 def test_generate_compiles_the_static_decoding_steps_and_writes_the_same_tokens(model, mode):
     """transformers compiles the decoding steps of a static-cache generate (on CUDA by default;

@@ -454,6 +454,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_the_package(affix_base, tmp_path):
     tok = Zip2ZipTokenizer.from_base(affix_base, max_codebook_size=128, max_subtokens=3, padding_side="right")
     tok.save_pretrained(tmp_path)

@@ -253,6 +253,7 @@ def test_optimizer_gives_the_encoders_their_own_rate(train_tok, lora):
 # ---------------------------------------------------------------------- Trainer
 
 
+@pytest.mark.slow
 def test_trainer_learns_and_model_emits_hypertokens(train_tok, rows, tmp_path):
     """Full finetune of a tiny random model on a repetitive corpus: loss falls far, greedy output compresses."""
     model = prepare_model_for_training(tiny_model(train_tok))
@@ -307,6 +308,7 @@ def lora_trainer(train_tok, rows, output_dir, max_steps, tie_encoders=False):
     return Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=Zip2ZipDataCollator(train_tok))
 
 
+@pytest.mark.slow
 def test_lora_training_resume_merge_save_and_remote_code_reload(train_tok, rows, tmp_path):
     trainer = lora_trainer(train_tok, rows, tmp_path / "run", max_steps=6)
     peft_model = trainer.model
@@ -439,6 +441,7 @@ def test_trl_sft_trainer_with_our_tokenizer(train_tok, tmp_path):
 # ---------------------------------------------------------------------- the demo
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """`python -m zip2zip_hf demo` with every stage, shrunk: a tiny base model folder and a few steps."""
     from zip2zip_hf.tools.cli import main
@@ -477,6 +480,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
 # ---------------------------------------------------------------------- uptrain
 
 
+@pytest.mark.slow
 def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, capsys):
     """`python -m zip2zip_hf uptrain`, shrunk to a tiny base: a run cut off after 2 steps resumes from
     its checkpoint (the step count and the held-out curve continue), and the exported bf16 adapter

@@ -3,6 +3,7 @@ logits comparison, and running a script where zip2zip_hf cannot be imported."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -128,6 +129,18 @@ def wrap(
     model = Zip2ZipForCausalLM(config, base_model=base).eval()
     model.codebooks_on_device = on_device
     return perturb_hyper_encoders(model, seed=1)
+
+
+@contextlib.contextmanager
+def codebooks_on_device(model, on_device: bool | None):
+    """Where ``model`` keeps its decoding codebooks, for a block of a test (``monkeypatch`` where
+    a test can take it; hypothesis tests cannot)."""
+    saved = model.codebooks_on_device
+    model.codebooks_on_device = on_device
+    try:
+        yield model
+    finally:
+        model.codebooks_on_device = saved
 
 
 def perturb_hyper_encoders(model, seed: int | None = None, scale: float = 0.2):

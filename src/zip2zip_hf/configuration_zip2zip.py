@@ -13,7 +13,8 @@ __all__ = ["Zip2ZipConfig"]
 
 # Bump when the meaning of saved weights or settings changes; loading refuses newer formats and
 # `Zip2ZipForCausalLM.from_pretrained` reads older ones. 2: the wrapped model's weights are named
-# ``language_model.*`` (``model.*`` in 1).
+# ``language_model.*`` (``model.*`` in 1). 3: ``input_hyper_encoder_residual`` is saved (a config
+# without it, formats 1 and 2, means ``"mean"``, what those checkpoints were trained with).
 ZIP2ZIP_FORMAT_VERSION = 3
 HYPER_ENCODERS = ("mean", "attention")
 # What an attention encoder outputs before training (its residual): the masked mean of the

@@ -80,6 +80,11 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("Zip2ZipForCausalLM.generate needs input_ids (or inputs): there is no text-free start")
+        if isinstance(input_ids, torch.Tensor) and (input_ids.dim() != 2 or input_ids.numel() == 0):
+            # The forward says the same, but transformers 4.57 fails on an empty prompt before it.
+            raise ValueError(
+                f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}"
+            )
         check_generation_internals()
         config = self._refuse_unsupported_modes(generation_config, kwargs)
         _check_cache_continues_the_prompt(kwargs, input_ids)
