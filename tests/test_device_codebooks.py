@@ -10,25 +10,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from utils import codecs, legal_ids
 from zip2zip_hf.lzw import LZWCodec
 from zip2zip_hf.lzw_tensors import DeviceCodebooks
 
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def codecs(draw) -> LZWCodec:
-    V = draw(st.integers(2, 8))
-    K = draw(st.sampled_from([0, 1, 3, 6, 40]))
-    M = draw(st.sampled_from([1, 2, 3, 4]))
-    disabled = draw(st.sets(st.integers(0, V - 1), max_size=min(2, V - 1)))
-    return LZWCodec(V, K, M, disabled)
-
-
-def legal_ids(stream) -> list[int]:
-    V = stream.codec.initial_vocab_size
-    return list(range(V + stream.num_legal_hyper))
 
 
 def assert_matches(state: DeviceCodebooks, streams, num_real) -> None:

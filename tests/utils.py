@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
@@ -241,3 +242,20 @@ def run_without_package(script: str, *args: str, timeout: int = 300) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     return done.stdout.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- hypothesis strategies
+
+
+@st.composite
+def codecs(draw) -> LZWCodec:
+    V = draw(st.integers(2, 8))
+    K = draw(st.sampled_from([0, 1, 3, 6, 40]))
+    M = draw(st.sampled_from([1, 2, 3, 4]))
+    disabled = draw(st.sets(st.integers(0, V - 1), max_size=min(2, V - 1)))
+    return LZWCodec(V, K, M, disabled)
+
+
+def legal_ids(stream) -> list[int]:
+    V = stream.codec.initial_vocab_size
+    return list(range(V + stream.num_legal_hyper))

@@ -28,7 +28,8 @@ class ConsumedBlock:
         legal: ``(B, kept)`` how many hyper ids are legal next, after each kept position (ids
             ``V .. V + legal - 1``; the last is the provisional one where ``provisional_lengths > 0``).
             On padding it repeats the count of the real position before it.
-        provisional: ``(B, kept, M)`` the base ids of that provisional slot, 0-padded.
+        provisional: ``(B, kept, M)`` the base ids of that provisional slot (what lies past
+            ``provisional_lengths`` is never read).
         provisional_lengths: ``(B, kept)`` how many; 0 where no provisional slot is legal.
     """
 
