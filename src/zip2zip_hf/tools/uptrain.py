@@ -180,7 +180,7 @@ def run_uptrain(args) -> int:
         "recipe": asdict(recipe),
         "data": data,
         "steps": trainer.state.global_step,
-        "training_seconds": round(held_out.seconds, 1),
+        "training_seconds": round(held_out.seconds, 3),
         "hardware": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"{torch.get_num_threads()} CPU threads",
@@ -233,7 +233,8 @@ class HeldOutLogger(TrainerCallback):
         self._last, scores = (state.global_step, every), every["all"]
         entry = {
             "step": state.global_step,
-            "training_seconds": round(self.seconds, 1),
+            # Milliseconds: the log carries it over a resume, and tiny steps must still add up.
+            "training_seconds": round(self.seconds, 3),
             "held_out_bits_per_byte": scores["bits_per_byte"],
             "held_out_steps_per_byte": scores["steps_per_byte"],
         }
