@@ -48,7 +48,7 @@ def texts() -> dict[str, str]:
 
 def make_cases(tok, prompt_tokens: int = PROMPT_TOKENS, continuation_tokens: int = CONTINUATION_TOKENS):
     """Per text: prompt and forced ids for each model, and the continuation's size in bytes."""
-    from zip2zip_hf.tools.forced_decoding import canonical_continuation
+    from zip2zip_hf.evaluation.forced_decoding import canonical_continuation
 
     cases = {}
     for name, text in texts().items():
@@ -116,6 +116,7 @@ def breakdown(model, prompt, forced) -> str:
     """Wall ms per decoding step inside the zip2zip forward, by part (timers around each piece)."""
     import torch
 
+    from zip2zip_hf import modeling_zip2zip
     from zip2zip_hf.hyper_state import HyperState
 
     totals: dict[str, float] = {}
@@ -132,13 +133,13 @@ def breakdown(model, prompt, forced) -> str:
 
     patches = [
         (model, "forward", "Zip2ZipForCausalLM.forward (all)"),
-        (model.language_model, "forward", "  base model forward (lm_head included)"),
-        (HyperState, "consume", "  HyperState.consume (codebooks, legal sets, positions)"),
-        (model, "_hyper_vectors", "  _hyper_vectors (new entries and provisional contents)"),
+        (model, "_embed_block", "  _embed_block (consume, input side, embeddings)"),
+        (HyperState, "consume", "    HyperState.consume (codebooks, legal sets, positions)"),
         (model.input_hyper_encoder, "forward", "    input hyper-encoder"),
+        (model._decoder(), "forward", "  base model's decoder"),
+        (model, "_output_vectors", "  _output_vectors (new entries and provisional contents)"),
         (model._output_hyper_encoder(), "forward", "    output hyper-encoder"),
-        (model, "_embed", "  _embed (base rows and table vectors)"),
-        (model, "_widen", "  _widen (hyper logits, masks, concat to V+K)"),
+        (modeling_zip2zip, "widen_logits", "  widen_logits (hyper logits, masks, concat to V+K)"),
     ]
     saved = [(owner, attr, owner.__dict__.get(attr)) for owner, attr, _ in patches]
     for owner, attr, name in patches:

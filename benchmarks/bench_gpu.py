@@ -94,7 +94,7 @@ class Text:
     """The benchmark text as base ids, and per model the ids that write a span of it."""
 
     def __init__(self, tokenizer, sizes: dict):
-        from zip2zip_hf.tools.forced_decoding import canonical_continuation
+        from zip2zip_hf.evaluation.forced_decoding import canonical_continuation
 
         code = (STDLIB / "argparse.py").read_text(encoding="utf-8")
         self.tokenizer, self.codec = tokenizer, tokenizer.codec
@@ -220,7 +220,7 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
 
         from peft import get_peft_model
 
-        from zip2zip_hf.training import default_lora_config
+        from zip2zip_hf.finetuning.training import default_lora_config
 
         trainee = get_peft_model(copy.deepcopy(model), default_lora_config(model)).train()
         optimizer = torch.optim.AdamW([p for p in trainee.parameters() if p.requires_grad], lr=1e-5)

@@ -60,7 +60,7 @@ RECIPES = {
     "zip2zip-r64-encoder-lr0.2x": Recipe(compressed=True, lora_r=64, encoder_lr=1e-4),
     "zip2zip-full": Recipe(compressed=True, lr=5e-5, encoder_lr=5e-4, lora_r=None),
     "zip2zip-mean-start": Recipe(compressed=True, input_residual="mean"),
-    # Self-distillation (zip2zip_hf.distillation): the LoRA-free base model reads the base ids.
+    # Self-distillation (zip2zip_hf.finetuning.distillation): the LoRA-free base model reads the base ids.
     "distill-span": Recipe(compressed=True, encoder_lr=1e-4, distillation={"span": 1.0}),
     "distill-span-naive": Recipe(compressed=True, encoder_lr=1e-4, distillation={"span": 1.0, "correction": False}),
     "distill-span-marginal": Recipe(compressed=True, encoder_lr=1e-4, distillation={"span": 1.0, "marginal": 1.0}),
@@ -96,7 +96,7 @@ def load_arm(path: str, recipe: Recipe, device: torch.device, max_codebook_size:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
-    from zip2zip_hf.training import default_lora_config, prepare_model_for_training
+    from zip2zip_hf.finetuning.training import default_lora_config, prepare_model_for_training
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -116,7 +116,7 @@ def load_arm(path: str, recipe: Recipe, device: torch.device, max_codebook_size:
 
 
 def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
-    from zip2zip_hf.training import zip2zip_optimizer
+    from zip2zip_hf.finetuning.training import zip2zip_optimizer
 
     encoder_lr = recipe.encoder_lr if recipe.encoder_lr is not None else recipe.lr
     optimizer = zip2zip_optimizer(model, recipe.lr, encoder_lr, weight_decay=0.0)
@@ -191,8 +191,8 @@ def greedy_steps_per_byte(model, tokenizer, prompt: str, new_tokens: int) -> dic
 
 
 def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_out: list[str], prompt: str) -> Curve:
-    from zip2zip_hf.data import Zip2ZipDataCollator
-    from zip2zip_hf.distillation import DistillationConfig, Zip2ZipDistiller
+    from zip2zip_hf.finetuning.data import Zip2ZipDataCollator
+    from zip2zip_hf.finetuning.distillation import DistillationConfig, Zip2ZipDistiller
 
     model, tokenizer = load_arm(args.model, recipe, args.device, args.max_codebook_size, args.max_subtokens)
     optimizer = optimizer_for(model, recipe)

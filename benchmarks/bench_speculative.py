@@ -51,7 +51,7 @@ def arms(model, tok, prompt: str, continuation: str, lookup: int) -> dict[str, d
     """Per arm: the model, its prompt ids, the ids it is forced to write, and generate's extra keywords."""
     from transformers import GenerationConfig
 
-    from zip2zip_hf.tools.forced_decoding import canonical_continuation
+    from zip2zip_hf.evaluation.forced_decoding import canonical_continuation
 
     base_prompt = tok.base_ids([prompt])[0]
     base_text = tok.base_ids([continuation], add_special_tokens=False)[0]

@@ -2,7 +2,7 @@
 
 Both runs see the same texts (CPython standard-library sources) and the same batch shape:
 ``--batch-size`` rows of exactly ``--max-length`` tokens -- compressed ids for zip2zip (windows cut in
-base space by `zip2zip_hf.data.compress_dataset`), base ids for plain LoRA (consecutive base-id
+base space by `zip2zip_hf.finetuning.data.compress_dataset`), base ids for plain LoRA (consecutive base-id
 windows). A zip2zip row therefore covers more text. Both use the same LoRA config (every linear
 layer of the base, r=16); zip2zip also trains its two hyper-encoders fully. One timed step is
 forward + backward + AdamW step; throughput is UTF-8 bytes of the rows' text per second. The two
@@ -43,7 +43,7 @@ def zip2zip_rows(tokenizer, texts: list[str], length: int) -> list[tuple[list[in
     """Full compressed rows of exactly ``length`` ids (windows cut in base space) and their bytes."""
     import datasets
 
-    from zip2zip_hf.data import compress_dataset
+    from zip2zip_hf.finetuning.data import compress_dataset
 
     data = compress_dataset(datasets.Dataset.from_dict({"text": texts}), tokenizer, max_length=length, add_eos=False)
     rows = []
@@ -56,7 +56,7 @@ def zip2zip_rows(tokenizer, texts: list[str], length: int) -> list[tuple[list[in
 def lora_model(model, r: int):
     from peft import get_peft_model
 
-    from zip2zip_hf.training import default_lora_config
+    from zip2zip_hf.finetuning.training import default_lora_config
 
     return get_peft_model(model, default_lora_config(model, r=r)).train()
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
-    from zip2zip_hf.data import Zip2ZipDataCollator
+    from zip2zip_hf.finetuning.data import Zip2ZipDataCollator
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,8 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer
 
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
-from zip2zip_hf.data import Zip2ZipDataCollator, compress_dataset, dataset_stats
-from zip2zip_hf.training import (
+from zip2zip_hf.finetuning.data import Zip2ZipDataCollator, compress_dataset, dataset_stats
+from zip2zip_hf.finetuning.training import (
     CompressionLoggingCallback,
     default_lora_config,
     prepare_model_for_training,
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         model.print_trainable_parameters()
 
     collator = Zip2ZipDataCollator(tokenizer, max_length=args.max_length)
-    # The hyper-encoders learn at their own, lower rate (zip2zip_hf.training.ENCODER_LEARNING_RATE_SCALE).
+    # The hyper-encoders learn at their own, lower rate (zip2zip_hf.finetuning.training.ENCODER_LEARNING_RATE_SCALE).
     optimizer = zip2zip_optimizer(model, args.learning_rate, args.encoder_learning_rate)
     trainer = Trainer(
         model=model, args=targs, train_dataset=rows, data_collator=collator, optimizers=(optimizer, None)

@@ -50,8 +50,8 @@ DDP_SCRIPT = textwrap.dedent(
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, Trainer
     from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
-    from zip2zip_hf.data import Zip2ZipDataCollator, compress_dataset
-    from zip2zip_hf.training import default_lora_config, prepare_model_for_training, training_arguments
+    from zip2zip_hf.finetuning.data import Zip2ZipDataCollator, compress_dataset
+    from zip2zip_hf.finetuning.training import default_lora_config, prepare_model_for_training, training_arguments
 
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)

@@ -23,8 +23,8 @@ from utils import (
     wrap,
 )
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer, codebook_tensors
-from zip2zip_hf.data import Zip2ZipDataCollator
-from zip2zip_hf.distillation import (
+from zip2zip_hf.finetuning.data import Zip2ZipDataCollator
+from zip2zip_hf.finetuning.distillation import (
     DistillationConfig,
     Zip2ZipDistillationTrainer,
     Zip2ZipDistiller,
@@ -139,7 +139,7 @@ def test_the_ce_term_is_the_models_own_loss():
 def lora_student(max_codebook_size: int):
     from peft import get_peft_model
 
-    from zip2zip_hf.training import default_lora_config
+    from zip2zip_hf.finetuning.training import default_lora_config
 
     model = wrap(tiny_base("llama"), max_codebook_size=max_codebook_size)
     return get_peft_model(model, default_lora_config(model, r=4))
@@ -194,7 +194,7 @@ def test_batches_without_alignment_are_refused():
 def test_the_trainer_distils_with_lora_and_leaves_the_teacher_untouched(tmp_path):
     from peft import get_peft_model
 
-    from zip2zip_hf.training import default_lora_config, training_arguments, zip2zip_optimizer
+    from zip2zip_hf.finetuning.training import default_lora_config, training_arguments, zip2zip_optimizer
 
     torch.manual_seed(0)
     tokenizer = Zip2ZipTokenizer.from_base(
@@ -232,7 +232,7 @@ def test_the_trainer_distils_with_lora_and_leaves_the_teacher_untouched(tmp_path
 
 
 def test_the_first_id_marginal_sums_each_legal_ids_probability_onto_its_first_base_id():
-    from zip2zip_hf.distillation import _first_id_marginal
+    from zip2zip_hf.finetuning.distillation import _first_id_marginal
 
     model = wrap(tiny_base("llama"))
     rows = [CODEC.encode([2, *repetitive_ids(seed, n)])[0] for seed, n in ((9, 60), (10, 35))]

@@ -18,8 +18,8 @@ from utils import (
     left_pad,
 )
 from zip2zip_hf import LZWCodec
+from zip2zip_hf.evaluation.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
 from zip2zip_hf.generation_zip2zip import Zip2ZipGenerateBeamOutput, Zip2ZipGenerateOutput
-from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
 
 
 CODEC = LZWCodec(V, K, M, DISABLED)

@@ -7,6 +7,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 import zip2zip_hf
 from utils import tiny_base, wrap
 
@@ -24,8 +26,12 @@ CORE = {
     "hyper_state.py",
     "lzw_tensors.py",
     "precomputed_codebooks.py",
+    "input_pipeline.py",
+    "hyper_logits.py",
     "hyper_encoder.py",
     "lzw.py",
+    "lzw_codebook.py",
+    "base_tokenizer.py",
     "modeling_zip2zip.py",
     "tokenization_zip2zip.py",
 }
@@ -61,19 +67,40 @@ def test_the_core_imports_only_what_a_checkpoint_reader_has():
                 assert level == 1 and f"{module}.py" in CORE, f"{name} imports {'.' * level}{module}"
 
 
-def test_the_model_module_imports_every_core_file_it_needs_by_name():
-    """transformers 4.57 copies a local checkpoint's remote code one import deep: a core file that
-    only a sibling imports is missing from its module cache, and loading fails."""
+@pytest.mark.parametrize("entry_point", ["modeling_zip2zip.py", "tokenization_zip2zip.py", "configuration_zip2zip.py"])
+def test_each_auto_class_module_imports_every_core_file_it_needs_by_name(entry_point):
+    """transformers 4.57 copies a local checkpoint's remote code one import deep from the module an
+    auto_map names: a core file that only a sibling imports is missing from its module cache, and
+    loading fails."""
 
     def siblings(name):
         return {f"{module}.py" for level, module in imports_of(PACKAGE / name) if level == 1}
 
-    needed, todo = set(), ["modeling_zip2zip.py"]
+    needed, todo = set(), [entry_point]
     while todo:
         for sibling in siblings(todo.pop()) - needed:
             needed.add(sibling)
             todo.append(sibling)
-    assert needed - {"modeling_zip2zip.py"} <= siblings("modeling_zip2zip.py")
+    assert needed - {entry_point} <= siblings(entry_point)
+
+
+def test_the_top_level_is_the_core_and_the_rest_lives_in_subpackages():
+    """What a checkpoint carries sits flat; finetuning, evaluation and the tools each have a folder."""
+    assert {p.name for p in PACKAGE.glob("*.py")} == CORE | {"__init__.py", "__main__.py"}
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert subpackages == {"finetuning", "evaluation", "tools"}
+
+
+def test_only_the_tools_and_the_entry_point_import_the_tools():
+    """`tools/` serves the command line: the library's modules never depend on it."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "tools" or path.name == "__main__.py":
+            continue
+        for level, module in imports_of(path):
+            depth_one = path.parent == PACKAGE
+            absolute = level == 0 and module.startswith("zip2zip_hf.tools")
+            relative = (level == 1 and depth_one or level == 2 and not depth_one) and module.startswith("tools")
+            assert not (absolute or relative), f"{path.relative_to(PACKAGE)} imports the tools ({module})"
 
 
 def test_no_import_cycles():

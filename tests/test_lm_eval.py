@@ -21,7 +21,7 @@ from lm_eval.api.registry import get_model  # noqa: E402
 
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer  # noqa: E402
 from zip2zip_hf.evaluation import score_texts  # noqa: E402
-from zip2zip_hf.lm_eval_harness import Zip2ZipLM  # noqa: E402
+from zip2zip_hf.evaluation.lm_eval_harness import Zip2ZipLM  # noqa: E402
 from zip2zip_hf.tools.cli import main  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def log_probs_of(model, codes: list[int]) -> torch.Tensor:
 def hand_loglikelihood(model, codec, context: list[int], continuation: list[int]) -> tuple[float, bool, list[int]]:
     """Score the continuation's canonical ids after the compressed context, by hand: the codes LZW
     writes for context + continuation, minus the context's, when the context ends a phrase."""
-    from zip2zip_hf.tools.forced_decoding import canonical_continuation
+    from zip2zip_hf.evaluation.forced_decoding import canonical_continuation
 
     context_codes = codec.encode(context)[0]
     continuation_codes = canonical_continuation(codec, context_codes, continuation)

@@ -8,6 +8,7 @@ import re
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -415,6 +416,17 @@ def test_encode_rejects_non_base_ids(bad, position):
     value = next(c for c in bad if not 0 <= c < 10)
     with pytest.raises(ValueError, match=rf"(?<![\d-]){re.escape(f'{value} at position {position}')}"):
         codec.encode(bad)
+
+
+@pytest.mark.parametrize("bad", [[True, False], [1, True], [1, 2.0], [1, "2"], [None], [[1, 2]]])
+def test_ids_that_are_not_ints_are_refused_by_position(bad):
+    """A bool is an int to Python, but never an id: ``[True, False]`` would otherwise encode as [1, 0]."""
+    codec = LZWCodec(10, 5, 3)
+    position = next(i for i, value in enumerate(bad) if type(value) is not int)
+    for call in (codec.encode, codec.decode, lambda ids: codec.stream().feed(ids)):
+        with pytest.raises(ValueError, match=rf"ids must be ints: got .* at position {position}\b"):
+            call(bad)
+    assert codec.encode(np.array([1, 2, 1, 2]))[0] == codec.encode([1, 2, 1, 2])[0]  # numpy ints are welcome
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 from transformers import LogitsProcessorList, pipeline
 
 from utils import CODE_CONTINUATION, CODE_PROMPT, run_without_package
-from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor
+from zip2zip_hf.evaluation.forced_decoding import ForcedContinuationLogitsProcessor
 
 
 CHAT = [

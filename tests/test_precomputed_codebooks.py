@@ -107,7 +107,7 @@ def test_reordered_entries_are_found_by_the_full_check(model):
 
 
 def test_the_collator_makes_what_the_full_check_accepts(text_model, text_tok):
-    from zip2zip_hf.data import Zip2ZipDataCollator
+    from zip2zip_hf.finetuning.data import Zip2ZipDataCollator
 
     texts = ["def f(x):\n    return x + x + x\n" * 4, "the cat sat on the mat, the cat sat on the hat"]
     collated = Zip2ZipDataCollator(text_tok)([{"input_ids": text_tok(text)["input_ids"]} for text in texts])

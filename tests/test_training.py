@@ -15,14 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from utils import build_tiny_base_tokenizer, run_without_package, save_tiny_base_model, tiny_causal_lm_config
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer, codebook_tensors
-from zip2zip_hf.data import (
+from zip2zip_hf.finetuning.data import (
     Zip2ZipCompressor,
     Zip2ZipDataCollator,
     compress_dataset,
     dataset_stats,
     split_windows,
 )
-from zip2zip_hf.training import (
+from zip2zip_hf.finetuning.training import (
     ENCODER_LEARNING_RATE_SCALE,
     CompressionLoggingCallback,
     default_lora_config,
@@ -149,7 +149,6 @@ def test_collator_pads_and_labels_only_real_ids(train_tok, side):
         assert batch["input_ids"].tolist() == [[5, 6, V, pad], [pad, pad, 7, 8]]
         assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
         assert batch["labels"].tolist() == [[5, 6, V, pad], [-100, -100, 7, 8]]
-    assert collator.pop_stats() == {"hypertoken_share": 1 / 6, "compression_ratio": 6 / 5}
     with pytest.raises(ValueError, match="cut documents in base space"):
         Zip2ZipDataCollator(train_tok, max_length=3)(features)
     # The rows' codebooks, precomputed for the forward; an id that cannot stand where it is fails here.
@@ -189,7 +188,6 @@ def test_the_collator_refuses_bad_rows_naming_them(train_tok, features, message)
     collator = Zip2ZipDataCollator(train_tok)
     with pytest.raises(ValueError, match=message):
         collator(features)
-    assert collator.pop_stats() == {}  # a refused batch counts nothing
 
 
 @pytest.mark.parametrize("setting", ["pad_to_multiple_of", "max_length"])
@@ -286,6 +284,41 @@ def test_trainer_learns_and_model_emits_hypertokens(train_tok, rows, tmp_path):
     assert sum(i >= train_tok.initial_vocab_size for i in generated) >= 5, generated
     text = train_tok.decode(out[0], skip_special_tokens=True)
     assert "    self." in text[len("    self.alpha = alpha\n    self.beta = beta\n") :]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_compression_logs_count_every_training_batch_whatever_the_workers(train_tok, tmp_path, workers):
+    """The counts are taken where the model reads the batches, so DataLoader workers (which collate
+    in other processes) change nothing: every row here is the same, so each log has its values."""
+    row = compress_dataset(
+        datasets.Dataset.from_dict({"text": repetitive_texts(1)}), train_tok, max_length=64, desc=None
+    )[0]
+    ids, n_base = row["input_ids"], row["num_base_tokens"]
+    expected_share = sum(i >= train_tok.initial_vocab_size for i in ids) / len(ids)
+    args = training_arguments(
+        str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_steps=2,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=workers,
+        report_to=[],
+    )
+    dataset = datasets.Dataset.from_dict({"input_ids": [ids] * 16})
+    callback = CompressionLoggingCallback(train_tok)
+    trainer = Trainer(
+        model=tiny_model(train_tok), args=args, train_dataset=dataset, data_collator=Zip2ZipDataCollator(train_tok)
+    )
+    callback.attach(trainer)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert entry["hypertoken_share"] == pytest.approx(expected_share, abs=1e-4)
+        assert entry["compression_ratio"] == pytest.approx(len(ids) / n_base, abs=1e-4)
+    assert not trainer.model._forward_pre_hooks  # removed when training ended
 
 
 def lora_trainer(train_tok, rows, output_dir, max_steps, tie_encoders=False):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
-from zip2zip_hf.tools.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
+from zip2zip_hf.evaluation.forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
 
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

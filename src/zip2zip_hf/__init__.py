@@ -3,7 +3,7 @@
 Importing the package registers its classes with the transformers Auto classes, both in-process
 (`AutoConfig.register`, ...) and for remote code (`register_for_auto_class`), so checkpoints saved
 here load with or without the package installed; and, where lm-evaluation-harness is installed, its
-``zip2zip`` model (`zip2zip_hf.lm_eval_harness`).
+``zip2zip`` model (`zip2zip_hf.evaluation.lm_eval_harness`).
 """
 
 import importlib.util
@@ -49,7 +49,7 @@ def _register_with_lm_eval() -> None:
         )
         return
     if "zip2zip" not in model_registry:
-        model_registry.register("zip2zip", target="zip2zip_hf.lm_eval_harness:Zip2ZipLM")
+        model_registry.register("zip2zip", target="zip2zip_hf.evaluation.lm_eval_harness:Zip2ZipLM")
 
 
 if importlib.util.find_spec("lm_eval") is not None:

@@ -132,18 +132,14 @@ class HyperState:
         """The installed entries that have no vectors yet."""
         return self.rows.unencoded_entries()
 
-    def store(
-        self, entries: EntryBatch, input_vectors: torch.Tensor, output_vectors: torch.Tensor | None = None
-    ) -> None:
-        """Write the vectors of `unencoded_entries` (``input_vectors[i]`` for entry i); a model without
-        a head (`Zip2ZipModel`) has no output vectors."""
-        current = 0 if self.input_table is None else self.input_table.shape[1]
-        capacity = self.rows.table_capacity(entries, current)
-        if capacity == 0:
-            return
-        self.input_table = _write(self.input_table, entries, input_vectors, self.batch_size, capacity)
-        if output_vectors is not None:
-            self.output_table = _write(self.output_table, entries, output_vectors, self.batch_size, capacity)
+    def store(self, entries: EntryBatch, vectors: torch.Tensor, side: str = "input") -> None:
+        """Write the ``side`` (``"input"`` or ``"output"``) vectors of `unencoded_entries`
+        (``vectors[i]`` for entry i). A model without a head (`Zip2ZipModel`) stores no output side."""
+        name = f"{side}_table"
+        current = getattr(self, name)
+        capacity = self.rows.table_capacity(entries, 0 if current is None else current.shape[1])
+        if capacity:
+            setattr(self, name, _write(current, entries, vectors, self.batch_size, capacity))
 
     # ------------------------------------------------------------------ rows and snapshots
 

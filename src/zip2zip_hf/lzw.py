@@ -34,10 +34,17 @@ codebook is not full and ``w + w[0]`` is not an entry yet (so feeding it creates
 
 from __future__ import annotations
 
-import contextlib
-import operator
 from collections.abc import Iterable, Sequence
-from itertools import islice
+
+from .lzw_codebook import (
+    DEFAULT_MAX_CODEBOOK_SIZE,
+    DEFAULT_MAX_SUBTOKENS,
+    MAX_CODEBOOK_SIZE,
+    MAX_SUBTOKENS,
+    Codebook,
+    as_id_list,
+    setting,
+)
 
 
 __all__ = [
@@ -50,145 +57,6 @@ __all__ = [
     "LZWStream",
     "setting",
 ]
-
-
-class Codebook:
-    """The entries of one sequence: hyper id ``V + k`` -> the base ids it stands for.
-
-    The whole codebook is one dict ``key -> hyper id`` with ``key = prefix_code * V + last_base_id``:
-    the lookup the LZW loop needs, and (dicts keep insertion order) the k-th key *is* entry k, so
-    nothing else has to be written while encoding. Contents (tuples of base ids) are expanded from
-    the keys on demand and memoised in creation order; `LZWStream` fills that memo as it goes.
-    """
-
-    __slots__ = ("initial_vocab_size", "max_codebook_size", "_lookup", "_expanded")
-
-    def __init__(self, initial_vocab_size: int, max_codebook_size: int):
-        self.initial_vocab_size = initial_vocab_size
-        self.max_codebook_size = max_codebook_size
-        # prefix_code * V + last_id -> hyper id, in creation order. An int key hashes far faster than
-        # a (prefix, last) tuple, and no key is negative: the loops use that to mark "no phrase".
-        self._lookup: dict[int, int] = {}
-        self._expanded: list[tuple[int, ...]] = []  # contents of entries 0 .. len - 1 (a prefix of them)
-
-    def __len__(self) -> int:
-        return len(self._lookup)
-
-    @property
-    def is_full(self) -> bool:
-        return len(self._lookup) >= self.max_codebook_size
-
-    def __contains__(self, hyper_id: int) -> bool:
-        return 0 <= hyper_id - self.initial_vocab_size < len(self._lookup)
-
-    def _fill(self) -> None:
-        """Expand the entries created since the memo was last filled (a prefix is always older)."""
-        V, expanded = self.initial_vocab_size, self._expanded
-        for key in islice(self._lookup, len(expanded), None):
-            prefix, last = divmod(key, V)
-            expanded.append((expanded[prefix - V] if prefix >= V else (prefix,)) + (last,))
-
-    def get_subtokens(self, code: int) -> tuple[int, ...]:
-        """Base ids of ``code``: itself for a base id, the entry's content for an installed hyper id."""
-        k = code - self.initial_vocab_size
-        if k < 0:
-            if code < 0:
-                raise ValueError(f"id {code} is negative")
-            return (code,)
-        if k >= len(self._expanded):
-            if k >= len(self._lookup):
-                raise ValueError(f"hyper id {code} is not installed: the codebook has {len(self._lookup)} entries")
-            self._fill()
-        return self._expanded[k]
-
-    def to_dict(self) -> dict[int, list[int]]:
-        """``{hyper_id: [base ids]}`` in creation order."""
-        self._fill()
-        V = self.initial_vocab_size
-        return {V + k: list(content) for k, content in enumerate(self._expanded)}
-
-    def to_list(self) -> list[list[int]]:
-        """Entry contents in creation order (entry k is hyper id ``V + k``)."""
-        self._fill()
-        return [list(content) for content in self._expanded]
-
-    def truncate(self, num_entries: int) -> None:
-        """Keep the first ``num_entries`` entries: uninstall the newer ones (newest first, O(removed))."""
-        lookup = self._lookup
-        while len(lookup) > num_entries:
-            lookup.popitem()  # dicts pop in LIFO order: the newest entry
-        del self._expanded[num_entries:]
-
-    def copy(self) -> Codebook:
-        other = Codebook(self.initial_vocab_size, self.max_codebook_size)
-        other._lookup = dict(self._lookup)
-        other._expanded = list(self._expanded)
-        return other
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Codebook):
-            return NotImplemented
-        # Same V and the same key -> id pairs is the same entries under the same ids.
-        return self.initial_vocab_size == other.initial_vocab_size and self._lookup == other._lookup
-
-    __hash__ = None  # mutable
-
-    def __repr__(self) -> str:
-        return f"Codebook({self.to_dict()})"
-
-
-# The defaults of K and M wherever a user does not choose (the paper's main setting).
-DEFAULT_MAX_CODEBOOK_SIZE = 2048
-DEFAULT_MAX_SUBTOKENS = 4
-# Upper bounds on the settings, so that a typo fails here and not as a huge allocation later.
-# K: logits are V + K wide at every position, and a sequence creates at most one entry per base
-# token, so 2**20 entries already serve contexts of a million tokens (and cost 4 MiB of float32
-# logits per position on their own).
-MAX_CODEBOOK_SIZE = 2**20
-# M: the attention hyper-encoder learns one position per constituent and runs over M slots per entry;
-# phrases of hundreds of tokens almost never repeat verbatim, so longer entries buy nothing.
-MAX_SUBTOKENS = 256
-
-
-def _as_id_list(ids) -> list[int]:
-    """``ids`` as a list of Python ints; a ValueError names the first element that is not an integer id."""
-    if hasattr(ids, "tolist"):  # torch tensors and numpy arrays (a 0-d one gives a bare int)
-        ids = ids.tolist()
-    if isinstance(ids, int) and not isinstance(ids, bool):
-        return [ids]
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise ValueError(f"ids must be a sequence of ints, got {type(ids).__name__}: {ids!r:.80}")
-    ids = ids if isinstance(ids, list) else list(ids)
-    try:  # one C-speed pass: a float, string, None or list anywhere makes the sum fail or not an int
-        if type(sum(ids)) is int:
-            return ids
-    except TypeError:
-        pass
-    return [_id(i, position) for position, i in enumerate(ids)]
-
-
-def _id(value, position: int) -> int:
-    """One id as a plain int (numpy/torch ints welcome; bools, floats, strings and lists are not)."""
-    if not isinstance(value, bool):
-        with contextlib.suppress(TypeError):
-            return operator.index(value)
-    raise ValueError(f"ids must be ints: got {type(value).__name__} {value!r:.40} at position {position}")
-
-
-def setting(name: str, value, least: int | None = None, most: int | None = None) -> int:
-    """A compression setting as a plain int in ``[least, most]``; numpy/torch ints are welcome, but
-    bools, floats (even ``2.0``), strings and None are rejected, never truncated."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if least is not None and number < least:
-        raise ValueError(f"{name} must be >= {least}, got {number}")
-    if most is not None and number > most:
-        raise ValueError(f"{name} must be <= {most}, got {number}")
-    return number
 
 
 class LZWCodec:
@@ -255,7 +123,7 @@ class LZWCodec:
         Raises:
             ValueError: an id is negative or ``>= V`` (hyper ids cannot be re-compressed).
         """
-        ids = _as_id_list(ids)
+        ids = as_id_list(ids)
         V = self.initial_vocab_size
         if ids and (min(ids) < 0 or max(ids) >= V):  # two C-speed passes; the loop below trusts its input
             position, bad = next((i, c) for i, c in enumerate(ids) if not 0 <= c < V)
@@ -314,8 +182,38 @@ class LZWCodec:
         """
         stream = self.stream()
         base_ids: list[int] = []
-        stream._feed(_as_id_list(codes), base_ids)
+        stream._feed(as_id_list(codes), base_ids)
         return base_ids, stream.codebook
+
+    def encode_longest_suffix(self, ids: Sequence[int], budget: int) -> list[int]:
+        """The codes of the longest suffix of ``ids`` (base ids) found to compress to at most ``budget``
+        codes, from an empty codebook (what left truncation keeps: a compressed suffix would refer to
+        entries created before it)."""
+        content = as_id_list(ids)
+        if budget == 0:
+            return []
+        # A hypertoken covers at most M base tokens, so no suffix longer than budget * M fits: start there.
+        cut = max(0, len(content) - budget * self.max_subtokens)
+        fails = cut - 1  # the largest cut known not to fit (-1: none)
+        codes, codebook = self.encode(content[cut:])
+        # Drop the base tokens under the excess codes and re-encode: the suffix starts with an empty
+        # codebook, so it usually compresses worse than before and may need another round.
+        while len(codes) > budget:
+            fails = cut
+            cut += sum(len(codebook.get_subtokens(c)) for c in codes[: len(codes) - budget])
+            codes, codebook = self.encode(content[cut:])
+        # The last round may have dropped more than needed: bisect between the last cut that did not fit
+        # and the one that does. LZW length is not strictly monotone in the cut, but only cuts that fit
+        # are ever kept.
+        lo, hi = fails, cut
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            candidate, _ = self.encode(content[mid:])
+            if len(candidate) <= budget:
+                hi, codes = mid, candidate
+            else:
+                lo = mid
+        return codes
 
     def batch_decode(self, batch: Iterable[Sequence[int]]) -> list[tuple[list[int], Codebook]]:
         """`decode` each sequence independently."""
@@ -405,7 +303,7 @@ class LZWStream:
         prefix of its codes. At most ``max_codes`` ids (the text may then be only partly covered).
         The stream is left as it was.
         """
-        base_ids = _as_id_list(base_ids)
+        base_ids = as_id_list(base_ids)
         codec, lookup = self.codec, self.codebook._lookup
         V, M = codec.initial_vocab_size, codec.max_subtokens
         mark, codes, i = self.mark(), [], 0
@@ -435,7 +333,7 @@ class LZWStream:
         and the state is exactly as after them.
         """
         before = len(self.codebook)
-        self._feed(_as_id_list(codes), out, lengths)
+        self._feed(as_id_list(codes), out, lengths)
         V, expanded = self.codec.initial_vocab_size, self.codebook._expanded
         return [(V + k, expanded[k]) for k in range(before, len(expanded))]
 

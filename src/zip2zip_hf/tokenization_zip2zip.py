@@ -11,7 +11,6 @@ Part of a checkpoint's remote-code closure: imports only transformers, tokenizer
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,13 +19,12 @@ from tokenizers import Tokenizer
 from transformers import BatchEncoding, PreTrainedTokenizer
 
 from ._compat import original_init_errors, tokenizer_init_kwargs
-from .lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS, Codebook, LZWCodec, setting
+from .base_tokenizer import load_base_tokenizer, refuse_unsupported_options, settings_of_base, special_affixes
+from .lzw import LZWCodec
+from .lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS, Codebook, setting
 
 
 __all__ = ["Zip2ZipTokenizer"]
-
-# Named special-token attributes copied from a base tokenizer (the same in transformers 4.57 and 5.x).
-_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _as_id_list(ids: Any) -> list:
@@ -36,51 +34,6 @@ def _as_id_list(ids: Any) -> list:
     if isinstance(ids, int):
         return [ids]
     return list(ids)
-
-
-def _refuse_unsupported_options(
-    text_pair: bool,
-    is_split_into_words: bool,
-    return_overflowing_tokens: bool,
-    return_offsets_mapping: bool,
-    split_special_tokens: bool,
-    truncation,
-) -> None:
-    """NotImplementedError for the encoding options a compressed row cannot honour."""
-    if text_pair:
-        raise NotImplementedError("Zip2ZipTokenizer does not encode pairs of sequences")
-    if is_split_into_words:
-        raise NotImplementedError("Zip2ZipTokenizer does not encode pre-tokenized input (is_split_into_words)")
-    if return_overflowing_tokens:
-        raise NotImplementedError("Zip2ZipTokenizer does not return overflowing tokens")
-    if return_offsets_mapping:
-        raise NotImplementedError("offsets are not available: a hypertoken spans several base tokens")
-    if split_special_tokens:
-        raise NotImplementedError("Zip2ZipTokenizer does not split special tokens")
-    if truncation == "only_second":
-        raise NotImplementedError("truncation='only_second' needs pairs, which Zip2ZipTokenizer does not encode")
-
-
-def _load_base_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The ``tokenizers`` JSON at ``path``; a ValueError naming the file if it is not one."""
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
-        if isinstance(error, OSError):
-            raise
-        raise ValueError(f"{path} is not a valid tokenizers JSON file: {error}") from None
-
-
-def _special_affixes(base: Tokenizer) -> tuple[list[int], list[int]]:
-    """Ids the base tokenizer's post-processor puts before and after a single sequence (e.g. BOS, EOS).
-
-    Learned once from a probe text: `sequence_ids` is None exactly for the post-processor's tokens.
-    """
-    encoding = base.encode("a", add_special_tokens=True)
-    content = [i for i, sequence_id in enumerate(encoding.sequence_ids) if sequence_id is not None]
-    if not content:  # the probe encoded to nothing: everything the post-processor adds is a prefix
-        return list(encoding.ids), []
-    return list(encoding.ids[: content[0]]), list(encoding.ids[content[-1] + 1 :])
 
 
 class Zip2ZipTokenizer(PreTrainedTokenizer):
@@ -138,7 +91,7 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         if base_tokenizer_object is not None:
             base = Tokenizer.from_str(base_tokenizer_object.to_str())  # a copy: we change its settings
         elif base_tokenizer_file is not None:
-            base = _load_base_tokenizer(base_tokenizer_file)
+            base = load_base_tokenizer(base_tokenizer_file)
         else:
             raise ValueError(
                 "Zip2ZipTokenizer needs a base tokenizer: pass base_tokenizer_file, or build one with "
@@ -159,7 +112,7 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
                 f"initial_vocab_size={initial_vocab_size} but the base tokenizer has {base_length} ids: "
                 "V must be the base tokenizer's length"
             )
-        self._prefix_ids, self._suffix_ids = _special_affixes(base)
+        self._prefix_ids, self._suffix_ids = special_affixes(base)
         if disabled_ids is None:
             disabled_ids = set(base.get_added_tokens_decoder())
         disabled = {setting("disabled id", i) for i in disabled_ids}
@@ -223,38 +176,7 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
             raise ValueError("base_tokenizer is already a Zip2ZipTokenizer")
         if not getattr(base_tokenizer, "is_fast", False):
             raise ValueError(f"from_base needs a fast (Rust-backed) tokenizer, got {type(base_tokenizer).__name__}")
-        rust = base_tokenizer.backend_tokenizer
-
-        named = {k: str(v) for k, v in base_tokenizer.special_tokens_map.items() if k in _NAMED_SPECIAL_TOKENS}
-        if "pad_token" not in named:
-            if "eos_token" not in named:
-                raise ValueError("the base tokenizer has neither a pad nor an eos token: set base_tokenizer.pad_token")
-            named["pad_token"] = named["eos_token"]
-        extra = [t for t in base_tokenizer.all_special_tokens if t not in named.values()]
-        pad_id = rust.token_to_id(named["pad_token"])
-        prefix, suffix = _special_affixes(rust)
-        disabled = (
-            set(base_tokenizer.all_special_ids)
-            | set(base_tokenizer.added_tokens_decoder)
-            | {pad_id}
-            | set(prefix + suffix)
-        )
-
-        settings: dict[str, Any] = dict(
-            base_tokenizer_object=rust,
-            initial_vocab_size=len(base_tokenizer),
-            max_codebook_size=max_codebook_size,
-            max_subtokens=max_subtokens,
-            disabled_ids=sorted(disabled),
-            added_tokens_decoder=copy.deepcopy(dict(base_tokenizer.added_tokens_decoder)),
-            additional_special_tokens=extra,
-            model_max_length=base_tokenizer.model_max_length,
-            clean_up_tokenization_spaces=bool(base_tokenizer.clean_up_tokenization_spaces),
-            name_or_path=base_tokenizer.name_or_path,
-            **named,
-        )
-        if base_tokenizer.chat_template is not None:
-            settings["chat_template"] = copy.deepcopy(base_tokenizer.chat_template)
+        settings = settings_of_base(base_tokenizer, max_codebook_size, max_subtokens)
         settings.update(kwargs)
         return cls(**settings)
 
@@ -359,34 +281,7 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
             )
         if self.truncation_side == "right":
             return prefix + codes[:budget] + suffix
-        return prefix + self._left_truncate(content, budget) + suffix
-
-    def _left_truncate(self, content: list[int], budget: int) -> list[int]:
-        """Compressed ids of the longest suffix of ``content`` (base ids) we find that fits in ``budget``."""
-        if budget == 0:
-            return []
-        # A hypertoken covers at most M base tokens, so no suffix longer than budget * M fits: start there.
-        cut = max(0, len(content) - budget * self.max_subtokens)
-        fails = cut - 1  # the largest cut known not to fit (-1: none)
-        codes, codebook = self.codec.encode(content[cut:])
-        # Drop the base tokens under the excess codes and re-encode: the suffix starts with an empty
-        # codebook, so it usually compresses worse than before and may need another round.
-        while len(codes) > budget:
-            fails = cut
-            cut += sum(len(codebook.get_subtokens(c)) for c in codes[: len(codes) - budget])
-            codes, codebook = self.codec.encode(content[cut:])
-        # The last round may have dropped more than needed: bisect between the last cut that did not fit
-        # and the one that does. LZW length is not strictly monotone in the cut, but only cuts that fit
-        # are ever kept.
-        lo, hi = fails, cut
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            candidate, _ = self.codec.encode(content[mid:])
-            if len(candidate) <= budget:
-                hi, codes = mid, candidate
-            else:
-                lo = mid
-        return codes
+        return prefix + self.codec.encode_longest_suffix(content, budget) + suffix
 
     def _encode_plus(
         self,
@@ -417,7 +312,7 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         # from the text (not at `prepare_for_model`, which only sees ids) so the base ids come from
         # the Rust tokenizer itself, and pad once at the end.
         strategy = getattr(truncation_strategy, "value", truncation_strategy)
-        _refuse_unsupported_options(
+        refuse_unsupported_options(
             text_pair=text_pair is not None,
             is_split_into_words=is_split_into_words,
             return_overflowing_tokens=return_overflowing_tokens,

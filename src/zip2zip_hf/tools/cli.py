@@ -4,7 +4,7 @@
 ``eval`` scores files with a saved checkpoint, zip2zip or plain: bits per byte and steps per byte
 (see `zip2zip_hf.evaluation`), as a few lines or, with ``--json``, one JSON object.
 ``lm-eval`` runs lm-evaluation-harness's own command line with its ``zip2zip`` model registered
-(see `zip2zip_hf.lm_eval_harness`): ``python -m zip2zip_hf lm-eval run --model zip2zip
+(see `zip2zip_hf.evaluation.lm_eval_harness`): ``python -m zip2zip_hf lm-eval run --model zip2zip
 --model_args pretrained=PATH --tasks ...``.
 ``demo`` (see `zip2zip_hf.tools.demo`) shows the shipped zip2zip SmolLM2-135M against its base:
 held-out bits and steps per byte, a generated sample, time per byte; ``demo --finetune`` wraps the
@@ -43,7 +43,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..evaluation import DEFAULT_WINDOW, best_device, load_for_evaluation, score_texts
+    from ..evaluation.scoring import DEFAULT_WINDOW, best_device, load_for_evaluation, score_texts
 
     texts = [read_text_file(path, args.max_bytes) for path in args.files]  # all checked first
     if not any(texts):

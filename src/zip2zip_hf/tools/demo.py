@@ -116,7 +116,7 @@ def run_demo(args) -> int:
 def _run_demo(args) -> int:
     import torch
 
-    from ..data import Zip2ZipDataCollator
+    from ..finetuning.data import Zip2ZipDataCollator
 
     start = time.perf_counter()
     if args.threads:
@@ -245,7 +245,7 @@ def _compress_data(args, tokenizer) -> tuple:
     """Compressed training rows, and a spread of ``--eval-rows`` held-out rows (a list)."""
     import datasets
 
-    from ..data import compress_dataset, dataset_stats
+    from ..finetuning.data import compress_dataset, dataset_stats
 
     held_out = held_out_files()
     print("Held-out files, each compressed on its own; ratio = zip2zip tokens / base tokens (lower is better):\n")
@@ -277,8 +277,8 @@ def _finetune(args, model, tokenizer, train_rows):
     import torch
     from transformers import Trainer
 
-    from ..data import Zip2ZipDataCollator
-    from ..training import (
+    from ..finetuning.data import Zip2ZipDataCollator
+    from ..finetuning.training import (
         CompressionLoggingCallback,
         default_lora_config,
         prepare_model_for_training,

@@ -1,7 +1,7 @@
 """``python -m zip2zip_hf uptrain``: train the shipped SmolLM2-135M zip2zip adapter, offline, resumable.
 
 The recipe (`UptrainRecipe`, saved with the model): LoRA on every linear layer of the base model plus
-both hyper-encoders, trained with `zip2zip_hf.distillation.Zip2ZipDistillationTrainer`, whose terms
+both hyper-encoders, trained with `zip2zip_hf.finetuning.distillation.Zip2ZipDistillationTrainer`, whose terms
 say how much the base model itself (its LoRA disabled, reading the base ids) teaches. By default the
 loss is cross-entropy on canonical ids alone: on 2 CPU cores no teacher term has yet paid for the
 teacher's forward (``benchmarks/bench_quality.py``); ``--recipe`` switches them on. The data is what
@@ -88,7 +88,7 @@ def training_rows(tokenizer, recipe: UptrainRecipe) -> tuple[list[dict], dict]:
 
 def score_held_out(model, tokenizer, window: int) -> dict:
     """Bits per byte and steps per byte on each held-out kind and on both together."""
-    from ..evaluation import score_texts
+    from ..evaluation.scoring import score_texts
 
     texts = held_out_texts()
     was_training = model.training
@@ -116,11 +116,16 @@ def run_uptrain(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..data import Zip2ZipDataCollator
-    from ..distillation import DistillationConfig, Zip2ZipDistillationTrainer
+    from ..finetuning.data import Zip2ZipDataCollator
+    from ..finetuning.distillation import DistillationConfig, Zip2ZipDistillationTrainer
+    from ..finetuning.training import (
+        default_lora_config,
+        prepare_model_for_training,
+        training_arguments,
+        zip2zip_optimizer,
+    )
     from ..modeling_zip2zip import Zip2ZipForCausalLM
     from ..tokenization_zip2zip import Zip2ZipTokenizer
-    from ..training import default_lora_config, prepare_model_for_training, training_arguments, zip2zip_optimizer
     from .smollm2 import smollm2_path
 
     if args.threads:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .lzw import LZWCodec
+from ..lzw import LZWCodec
 
 
 __all__ = [

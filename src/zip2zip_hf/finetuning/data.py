@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from ..lzw import LZWCodec, as_id_list, setting
+from ..precomputed_codebooks import codebook_tensors
 from .distillation import alignment_tensors
-from .lzw import LZWCodec, _as_id_list, setting
-from .precomputed_codebooks import codebook_tensors
 
 
 __all__ = ["Zip2ZipCompressor", "Zip2ZipDataCollator", "compress_dataset", "dataset_stats", "split_windows"]
@@ -233,9 +233,8 @@ class Zip2ZipDataCollator:
       the DataLoader's workers when it has some (``dataloader_num_workers``), while the device runs
       the previous step.
 
-    Features are dicts with ``input_ids`` (a list or tensor); other keys are ignored. Also keeps a
-    running count of the ids and hypertokens it has batched (``stats``; see `pop_stats`), which
-    `zip2zip_hf.training.CompressionLoggingCallback` logs.
+    Features are dicts with ``input_ids`` (a list or tensor); other keys are ignored.
+    `zip2zip_hf.finetuning.training.CompressionLoggingCallback` logs how much the batches compress.
 
     Args:
         tokenizer: the `Zip2ZipTokenizer` (for the pad id and V).
@@ -244,7 +243,7 @@ class Zip2ZipDataCollator:
         max_length: raise if a row is longer (rows must be cut in base space, see `compress_dataset`).
         precompute_codebooks: add ``codebooks`` to each batch (a ValueError names an id that is not
             legal where it stands).
-        distillation: also add ``distillation``, what `zip2zip_hf.distillation` needs to align the
+        distillation: also add ``distillation``, what `zip2zip_hf.finetuning.distillation` needs to align the
             teacher's base tokens with the rows (`alignment_tensors`); needs ``precompute_codebooks``.
     """
 
@@ -272,15 +271,14 @@ class Zip2ZipDataCollator:
         self.max_length = None if max_length is None else setting("max_length", max_length, 1)
         self.codec = tokenizer.codec if precompute_codebooks else None
         self.distillation = distillation
-        self._stats = {"tokens": 0, "hypertokens": 0, "base_tokens": 0}
 
     def __call__(self, features: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        rows, n_base = [], 0
+        rows = []
         for index, feature in enumerate(features):
             if not isinstance(feature, Mapping) or "input_ids" not in feature:
                 raise ValueError(f"row {index} has no 'input_ids' (got {type(feature).__name__})")
             try:
-                ids = _as_id_list(feature["input_ids"])  # ints only: a float is refused, never truncated
+                ids = as_id_list(feature["input_ids"])  # ints only: a float is refused, never truncated
             except ValueError as error:
                 raise ValueError(f"row {index}: input_ids {str(error).removeprefix('ids ')}") from None
             if not ids:
@@ -291,7 +289,6 @@ class Zip2ZipDataCollator:
                     "with compress_dataset instead of slicing compressed ids"
                 )
             rows.append(ids)
-            n_base += int(feature.get("num_base_tokens") or 0)
         if not rows:
             raise ValueError("the collator got an empty batch (no rows)")
         width = max(len(r) for r in rows)
@@ -304,22 +301,9 @@ class Zip2ZipDataCollator:
             input_ids[b, span] = torch.tensor(ids, dtype=torch.long)
             attention_mask[b, span] = 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        self._stats["tokens"] += int(attention_mask.sum())
-        self._stats["hypertokens"] += int(((input_ids >= self.initial_vocab_size) & (attention_mask == 1)).sum())
-        self._stats["base_tokens"] += n_base
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.codec is not None:
             batch["codebooks"] = codebook_tensors(self.codec, input_ids, attention_mask)
         if self.distillation:
             batch["distillation"] = alignment_tensors(self.codec, input_ids, attention_mask)
         return batch
-
-    def pop_stats(self) -> dict[str, float]:
-        """Hypertoken share (and compression ratio, when rows carry ``num_base_tokens``) since the last call."""
-        stats, self._stats = self._stats, {"tokens": 0, "hypertokens": 0, "base_tokens": 0}
-        out = {}
-        if stats["tokens"]:
-            out["hypertoken_share"] = stats["hypertokens"] / stats["tokens"]
-        if stats["base_tokens"]:
-            out["compression_ratio"] = stats["tokens"] / stats["base_tokens"]
-        return out

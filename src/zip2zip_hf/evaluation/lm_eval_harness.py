@@ -33,8 +33,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedTokenizerFast
 
-from .tokenization_zip2zip import Zip2ZipTokenizer
-from .tools.forced_decoding import canonical_continuation
+from ..tokenization_zip2zip import Zip2ZipTokenizer
+from .forced_decoding import canonical_continuation
 
 
 __all__ = ["Zip2ZipLM", "base_tokenizer_of"]

@@ -3,8 +3,8 @@
 The recipe (paper §3): LoRA on the base LM's linear layers, the hyper-encoders trained fully. With
 plain ``transformers.Trainer``::
 
-    from zip2zip_hf.data import Zip2ZipDataCollator, compress_dataset
-    from zip2zip_hf.training import default_lora_config, prepare_model_for_training, training_arguments
+    from zip2zip_hf.finetuning.data import Zip2ZipDataCollator, compress_dataset
+    from zip2zip_hf.finetuning.training import default_lora_config, prepare_model_for_training, training_arguments
 
     rows = compress_dataset(texts, tokenizer, max_length=512)
     model = prepare_model_for_training(model, default_lora_config(model), gradient_checkpointing=True)
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
-from ._compat import checkpointing_arguments, enable_activation_checkpointing
-from .modeling_zip2zip import HYPER_ENCODER_NAMES
+from .._compat import checkpointing_arguments, enable_activation_checkpointing
+from ..modeling_zip2zip import HYPER_ENCODER_NAMES
 
 
 __all__ = [
@@ -171,23 +171,62 @@ def training_arguments(output_dir: str, gradient_checkpointing: bool = False, **
 
 
 class CompressionLoggingCallback(TrainerCallback):
-    """Adds ``hypertoken_share`` and ``compression_ratio`` of the batches since the last log to the
-    Trainer's logs (read from a `zip2zip_hf.data.Zip2ZipDataCollator`).
+    """Adds ``hypertoken_share`` (hyper ids among real ids) and ``compression_ratio`` (real ids per
+    base token, from the batches' precomputed ``codebooks``) of the training batches since the last
+    log to the Trainer's logs.
 
-    Added with ``Trainer(callbacks=[...])`` it runs after the printing callbacks; `attach` puts it
-    first so the printed lines show the values too. Under DDP each rank counts its own batches.
+    The batches are counted where the model reads them (a forward pre-hook on the model while it
+    trains, removed when training ends), so the counts are right however many DataLoader workers
+    collate them; the sums stay on the device until a log reads them. Added with
+    ``Trainer(callbacks=[...])`` it runs after the printing callbacks; `attach` puts it first so the
+    printed lines show the values too. Under DDP each rank counts its own batches.
+
+    Args:
+        tokenizer: the `Zip2ZipTokenizer` (or the `Zip2ZipDataCollator`): where V comes from.
     """
 
-    def __init__(self, collator):
-        self.collator = collator
+    def __init__(self, tokenizer):
+        self.initial_vocab_size = int(tokenizer.initial_vocab_size)
+        self._counts: dict[str, torch.Tensor] = {}
+        self._hook = None
 
     def attach(self, trainer) -> CompressionLoggingCallback:
         trainer.callback_handler.callbacks.insert(0, self)
         return self
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if not module.training or not isinstance(input_ids, torch.Tensor):
+            return
+        real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        counts = {"tokens": real.sum(), "hypertokens": ((input_ids >= self.initial_vocab_size) & real).sum()}
+        codebooks = kwargs.get("codebooks")
+        if isinstance(codebooks, dict) and "lengths" in codebooks:
+            counts["base_tokens"] = codebooks["lengths"].sum()
+        for key, value in counts.items():
+            self._counts[key] = self._counts[key] + value if key in self._counts else value
+
+    def pop_stats(self) -> dict[str, float]:
+        """Hypertoken share (and compression ratio, when batches carry codebooks) since the last call."""
+        counts, self._counts = {key: int(value) for key, value in self._counts.items()}, {}
+        stats = {}
+        if counts.get("tokens"):
+            stats["hypertoken_share"] = counts["hypertokens"] / counts["tokens"]
+        if counts.get("base_tokens"):
+            stats["compression_ratio"] = counts["tokens"] / counts["base_tokens"]
+        return stats
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
-            stats = {k: round(v, 4) for k, v in self.collator.pop_stats().items()}
+            stats = {k: round(v, 4) for k, v in self.pop_stats().items()}
             logs.update(stats)
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(stats)

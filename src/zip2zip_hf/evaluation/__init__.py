@@ -1,0 +1,17 @@
+"""Evaluating a zip2zip model against its base: bits per byte of the same text (`scoring`), the
+canonical ids of a known continuation (`forced_decoding`), and the lm-evaluation-harness model
+``zip2zip`` (`lm_eval_harness`, imported only by lm-eval). Never part of a checkpoint."""
+
+from .forced_decoding import ForcedContinuationLogitsProcessor, canonical_continuation
+from .scoring import DEFAULT_WINDOW, TextScore, best_device, load_for_evaluation, score_texts
+
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "ForcedContinuationLogitsProcessor",
+    "TextScore",
+    "best_device",
+    "canonical_continuation",
+    "load_for_evaluation",
+    "score_texts",
+]

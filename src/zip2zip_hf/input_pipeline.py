@@ -1,0 +1,270 @@
+"""The input pipeline `Zip2ZipModel` and `Zip2ZipForCausalLM` share: compressed ids to the base
+model's last hidden states.
+
+For a block of ids, `Zip2ZipInputPipeline`:
+
+1. checks the inputs and settles, before any tensor work, the cache and codebook state to continue,
+   the positions whose logits are wanted, the padding mask and the base model's keyword arguments
+   (a `BlockPlan`); `all_or_nothing` makes the block one transaction of the cache and its codebooks;
+2. feeds the ids to the codebooks (`HyperState.consume`, or the collator's precomputed codebooks),
+   encodes the entries they installed with the input hyper-encoder, and embeds the block: base rows
+   for base ids, the entries' vectors for hyper ids;
+3. runs the base model's decoder on those embeddings, at the positions the codebooks give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Cache, DynamicCache
+
+from ._compat import pop_cache, truncate_cache
+from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
+from .codebook_blocks import ConsumedBlock, EntryBatch
+from .hyper_state import HyperState
+from .precomputed_codebooks import precomputed_block
+
+
+__all__ = ["BlockPlan", "Zip2ZipInputPipeline", "all_or_nothing", "encode_entries", "select_kept", "stored_table"]
+
+
+@dataclass
+class BlockPlan:
+    """What a forward settles before a block runs.
+
+    Attributes:
+        cache / state: the cache to pass on and its codebooks (None with precomputed codebooks).
+        past_length: positions held before this block (what a failed block rolls back to).
+        keep: the positions whose logits are computed.
+        mask: ``(B, T)`` this block's padding mask.
+        precomputed: the `ConsumedBlock` and `EntryBatch` from ``codebooks=`` (None otherwise).
+        base_kwargs: the base model's keyword arguments, but the embeddings and positions.
+    """
+
+    cache: Cache | None
+    state: HyperState | None
+    past_length: int
+    keep: list[int]
+    mask: torch.Tensor
+    precomputed: tuple[ConsumedBlock, EntryBatch] | None
+    base_kwargs: dict
+
+
+class Zip2ZipInputPipeline:
+    """The input side of both zip2zip models (a mixin of `Zip2ZipPreTrainedModel`).
+
+    Reads from its host: ``config``, ``codec``, ``input_hyper_encoder``, ``codebooks_on_device``,
+    ``_has_head``, ``_decoder()``, ``get_input_embeddings()``, and the decoder's forward parameters
+    (``_base_forward_params``, ``_base_cache_keyword``).
+    """
+
+    @torch.compiler.disable  # checks and Python bookkeeping: never part of a compiled step
+    def _plan_block(
+        self, input_ids, attention_mask, cache, use_cache, kwargs: dict, *, inputs_embeds, codebooks, **head
+    ) -> BlockPlan:
+        """Check the inputs and settle everything a block needs before it runs (see `BlockPlan`).
+        ``head``: the LM's ``labels`` and ``logits_to_keep``; ``validate_codebooks``."""
+        labels, logits_to_keep = head.get("labels"), head.get("logits_to_keep", 0)
+        cache = pop_cache(kwargs, cache)
+        check_input_ids(input_ids, inputs_embeds)
+        batch_size, length = input_ids.shape
+        if labels is not None and tuple(labels.shape) != (batch_size, length):
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
+        keep = kept_positions(length, 0 if labels is not None else logits_to_keep)
+        if codebooks is not None:
+            if use_cache or (cache is not None and cache.get_seq_length()):
+                raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
+            attention_mask = checked_attention_mask(attention_mask, input_ids, 0)
+            precomputed = precomputed_block(
+                codebooks,
+                input_ids,
+                attention_mask,
+                keep,
+                self.codec,
+                self.config.position_mode,
+                validate=head.get("validate_codebooks", False),
+            )
+            cache = state = None
+        else:
+            use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+            cache, state = self._resolve_state(cache, batch_size, use_cache)
+            attention_mask = checked_attention_mask(attention_mask, input_ids, state.num_positions)
+            state.prepare(input_ids, self.get_input_embeddings().weight)
+            precomputed = None
+        block_mask = attention_mask[:, -length:].contiguous()
+        if isinstance(cache, Zip2ZipStaticCache):
+            if attention_mask.shape[1] > cache.max_positions:
+                raise ValueError(
+                    f"the static cache holds {cache.max_positions} positions but this call needs "
+                    f"{attention_mask.shape[1]}: make it larger (max_cache_len)"
+                )
+            # As wide as the cache, so that a compiled step sees the same shapes at every step.
+            attention_mask = F.pad(attention_mask, (0, cache.max_positions - attention_mask.shape[1]))
+        base_kwargs = {
+            "attention_mask": attention_mask,
+            self._base_cache_keyword: cache,
+            "use_cache": cache is not None,
+            "return_dict": True,
+            **kwargs,
+        }
+        past_length = state.num_positions if state is not None else 0
+        if "cache_position" in self._base_forward_params and kwargs.get("cache_position") is None:
+            # Up to 4.57 the base model would otherwise ask the cache, which a static cache answers
+            # by reading its keys back (a sync, and no graph for a compiled step).
+            base_kwargs["cache_position"] = torch.arange(past_length, past_length + length, device=input_ids.device)
+        return BlockPlan(cache, state, past_length, keep, block_mask, precomputed, base_kwargs)
+
+    def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
+        """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
+        state = getattr(cache, "hyper_state", None)
+        if state is not None and state.num_positions > 0:
+            if state.batch_size != batch_size:
+                raise ValueError(f"input_ids has {batch_size} rows but the cache holds {state.batch_size}")
+            return cache, state
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"the cache ({type(cache).__name__}) carries no zip2zip codebook state: pass the cache "
+                "this model returned"
+            )
+        if cache is not None and type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache, DynamicCache):
+            raise NotImplementedError(
+                f"{type(cache).__name__} is not supported: a zip2zip model keeps its codebooks in its own "
+                "cache classes, Zip2ZipCache (dynamic) and Zip2ZipStaticCache (static); offloaded and "
+                "quantized caches are not supported yet"
+            )
+        state = HyperState(self.codec, batch_size, self.codebooks_on_device, has_head=self._has_head)
+        if not use_cache:
+            return None, state
+        # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
+        # which generate() then carries on from our output.
+        if type(cache) not in (Zip2ZipCache, Zip2ZipStaticCache):
+            cache = Zip2ZipCache(config=self.config.get_text_config())
+        cache.hyper_state = state
+        return cache, state
+
+    def _embed_block(self, input_ids: torch.LongTensor, block: BlockPlan):
+        """Consume a block of ids (or take its precomputed codebooks), encode and store the input
+        vectors of the entries it installed, and embed it: base rows for base ids, the input table's
+        vectors for hyper ids. Returns the `ConsumedBlock`, the new entries and the embeddings."""
+        if block.state is None:
+            step, entries = block.precomputed
+        else:
+            step = block.state.consume(input_ids, block.mask, block.keep, self.config.position_mode)
+            entries = block.state.unencoded_entries()
+        step = step.to(input_ids.device)
+        subtokens, lengths = entries.subtokens.to(input_ids.device), entries.lengths.to(input_ids.device)
+        # Under DDP every rank must use every encoder parameter every step, whether or not its batch
+        # installs or reads any hypertoken: when training, the encoder runs on a dummy entry if there
+        # is none, and its output joins the embeddings times exactly 0.
+        anchor = self.training and torch.is_grad_enabled()
+        n_new = len(subtokens)
+        if anchor and n_new == 0:
+            subtokens, lengths = subtokens.new_zeros(1, subtokens.shape[1]), lengths.new_ones(1)
+        vectors = encode_entries(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
+        input_table = stored_table(block.state, entries, vectors[:n_new], "input", input_ids.shape[0])
+
+        V = self.codec.initial_vocab_size
+        is_hyper = input_ids >= V
+        # Ids outside the id space are reported after the step is queued (`raise_if_illegal`);
+        # until then they read row 0, never out of bounds.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_hyper | (input_ids < 0), 0))
+        if anchor:
+            inputs_embeds = inputs_embeds + 0.0 * vectors.sum()
+        if input_table is None or input_table.shape[1] == 0:
+            return step, entries, inputs_embeds  # no entry installed, so no hyper id was legal
+        slots = (input_ids - V).clamp(0, input_table.shape[1] - 1)
+        vectors = input_table.gather(1, slots[..., None].expand(-1, -1, input_table.shape[-1]))
+        inputs_embeds = torch.where((is_hyper & step.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds)
+        return step, entries, inputs_embeds
+
+    def _run_decoder(self, input_ids: torch.LongTensor, block: BlockPlan):
+        """The input pipeline both classes share: `_embed_block`, then the base model's decoder at the
+        codebook's positions. Returns the `ConsumedBlock`, the new entries and the decoder's output."""
+        step, entries, inputs_embeds = self._embed_block(input_ids, block)
+        outputs = self._decoder()(inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs)
+        return step, entries, outputs
+
+
+def check_input_ids(input_ids, inputs_embeds) -> None:
+    """Compressed ids are the only input: a non-empty 2-D integer tensor, and no embeddings."""
+    if input_ids is None or inputs_embeds is not None:
+        raise ValueError(
+            "a zip2zip model needs input_ids (not inputs_embeds): hypertokens are embedded from the codebook"
+        )
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+
+
+def checked_attention_mask(attention_mask, input_ids: torch.Tensor, past_length: int) -> torch.Tensor:
+    """The ``(B, past + T)`` mask, all ones when none is given; any other shape is an error (a
+    broadcast mask would let rows skip their own codebook)."""
+    batch_size, length = input_ids.shape
+    expected = (batch_size, past_length + length)
+    if attention_mask is None:
+        return torch.ones(expected, dtype=torch.long, device=input_ids.device)
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != expected:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must be a (batch, past + length) = {expected} tensor of 0/1, got {shape}")
+    return attention_mask.contiguous()  # a sliced mask would give a compiled step another layout each time
+
+
+def kept_positions(length: int, logits_to_keep) -> list[int]:
+    """Positions whose logits are computed: the last ``logits_to_keep`` (0: all), or the given indices."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
+        keep = logits_to_keep.tolist()
+        if logits_to_keep.dtype.is_floating_point or any(not 0 <= t < length for t in keep):
+            raise ValueError(f"logits_to_keep indices must be ints in [0, {length}), got {keep}")
+        return keep
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0:
+        logits_to_keep = logits_to_keep.item()
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            f"logits_to_keep must be an int >= 0 (0 keeps all) or a 1-D tensor of positions, got {logits_to_keep!r}"
+        )
+    if logits_to_keep and logits_to_keep < length:
+        return list(range(length - logits_to_keep, length))
+    return list(range(length))
+
+
+def select_kept(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
+    """Rows of ``tensor`` (``(B, T or kept, ...)``) at the kept positions."""
+    if tensor.shape[1] == len(keep):
+        return tensor
+    return tensor[:, keep] if len(keep) < length else tensor
+
+
+@contextlib.contextmanager
+def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
+    """The block as one transaction of its state (`HyperState.block`: snapshot, count, legality
+    check, record or roll back), plus the positions the base model may already have written into
+    the cache, cut back on failure, so a caller that catches the error keeps its cache."""
+    transaction = block.state.block(input_ids, block.mask) if block.state is not None else contextlib.nullcontext()
+    try:
+        with transaction:
+            yield
+    except BaseException:
+        if block.cache is not None:
+            truncate_cache(block.cache, block.past_length)
+        raise
+
+
+def stored_table(state: HyperState | None, entries: EntryBatch, vectors: torch.Tensor, side: str, batch_size: int):
+    """The ``side`` table after a block: its new entries' vectors stored in the state, or, with
+    precomputed codebooks, the vectors themselves (every row's whole codebook, in order)."""
+    if state is None:
+        return vectors.reshape(batch_size, len(vectors) // batch_size, vectors.shape[-1])
+    state.store(entries, vectors, side)
+    return getattr(state, f"{side}_table")
+
+
+def encode_entries(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.LongTensor, weight: torch.Tensor):
+    """Encoder vectors of the given entries; most decoding steps have none, and skip the call."""
+    if len(subtokens) == 0:
+        return weight.new_zeros(0, weight.shape[-1])
+    return encoder(subtokens, lengths, weight)
