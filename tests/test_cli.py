@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import transformers
 
-from utils import STDLIB, stdlib_text
+from utils import STDLIB, save_tiny_base_model, stdlib_text
 from zip2zip_hf import Zip2ZipTokenizer
 from zip2zip_hf.tools.cli import main
 from zip2zip_hf.tools.visualize import compression_stats
@@ -165,3 +166,15 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"zip2zip_hf compress: error: {tmp_path / 'nope.txt'}: no such file"
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "not a saved model folder" in bad_input_message(capsys)
+    save_tiny_base_model(tmp_path)  # a plain causal LM: no codebooks to serve
+    capsys.readouterr()
+    assert main(["serve", str(tmp_path), "--device", "nonsense"]) == 2
+    assert "--device nonsense: not a device" in bad_input_message(capsys)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert main(["serve", str(tmp_path), "--device", "cpu"]) == 2
+        assert "cannot serve it" in bad_input_message(capsys)

@@ -10,6 +10,7 @@
 held-out bits and steps per byte, a generated sample, time per byte; ``demo --finetune`` wraps the
 base afresh and LoRA-finetunes it briefly instead; ``demo --compression-only`` shows the compression
 of real text (code and prose) alone.
+``serve`` (see `zip2zip_hf.serving`) serves a checkpoint over the OpenAI API on transformers' own server.
 ``uptrain`` (see `zip2zip_hf.tools.uptrain`) trains the shipped adapter. ``eval`` takes the embedded
 models by name (``smollm2``, ``smollm2-zip2zip``) as well as checkpoint folders.
 
@@ -87,6 +88,22 @@ def checked_device(name: str):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise CLIError(f"{args.checkpoint}: not a saved model folder (no config.json)")
+    if args.device != "auto":
+        checked_device(args.device)
+    try:
+        from ..serving.server import serve
+    except ImportError as error:
+        raise CLIError(str(error)) from None
+    try:
+        serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as error:  # no weights, not a zip2zip checkpoint, port taken, bad dtype
+        raise CLIError(f"{args.checkpoint}: cannot serve it ({str(error).strip().splitlines()[0]})") from None
+    return 0
 
 
 def run_lm_eval(args: argparse.Namespace) -> int:
@@ -193,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     harness.add_argument("arguments", nargs=argparse.REMAINDER, metavar="ARGUMENTS", help="lm-eval's arguments")
     harness.set_defaults(run=run_lm_eval)
+
+    server = commands.add_parser(
+        "serve",
+        help="serve a saved zip2zip checkpoint over the OpenAI API (/v1/chat/completions, /v1/completions)",
+        description="Runs transformers' OpenAI-compatible server on a zip2zip checkpoint; the model's name in "
+        "requests is CHECKPOINT as given here. Needs zip2zip_hf[serve].",
+    )
+    server.add_argument("checkpoint", metavar="CHECKPOINT", help="a saved zip2zip model folder (model and tokenizer)")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=at_least(1), default=8000, help="port to listen on (default 8000)")
+    server.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    server.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
+    server.set_defaults(run=run_serve)
 
     demo = commands.add_parser(
         "demo",
