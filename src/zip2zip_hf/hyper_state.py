@@ -134,12 +134,16 @@ class HyperState:
 
     def store(self, entries: EntryBatch, vectors: torch.Tensor, side: str = "input") -> None:
         """Write the ``side`` (``"input"`` or ``"output"``) vectors of `unencoded_entries`
-        (``vectors[i]`` for entry i). A model without a head (`Zip2ZipModel`) stores no output side."""
-        name = f"{side}_table"
-        current = getattr(self, name)
-        capacity = self.rows.table_capacity(entries, 0 if current is None else current.shape[1])
-        if capacity:
-            setattr(self, name, _write(current, entries, vectors, self.batch_size, capacity))
+        (``vectors[i]`` for entry i). The input side comes first: it counts the entries as encoded and
+        sizes the tables, and the output side (none for `Zip2ZipModel`) follows it."""
+        if side == "input":
+            current = 0 if self.input_table is None else self.input_table.shape[1]
+            capacity = self.rows.table_capacity(entries, current)
+        else:
+            capacity = 0 if self.input_table is None else self.input_table.shape[1]
+        if capacity and len(vectors):
+            name = f"{side}_table"
+            setattr(self, name, _write(getattr(self, name), entries, vectors, self.batch_size, capacity))
 
     # ------------------------------------------------------------------ rows and snapshots
 

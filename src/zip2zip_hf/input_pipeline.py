@@ -149,14 +149,17 @@ class Zip2ZipInputPipeline:
     def _embed_block(self, input_ids: torch.LongTensor, block: BlockPlan):
         """Consume a block of ids (or take its precomputed codebooks), encode and store the input
         vectors of the entries it installed, and embed it: base rows for base ids, the input table's
-        vectors for hyper ids. Returns the `ConsumedBlock`, the new entries and the embeddings."""
+        vectors for hyper ids. Returns the `ConsumedBlock`, the new entries (on the ids' device) and the
+        embeddings."""
         if block.state is None:
             step, entries = block.precomputed
         else:
             step = block.state.consume(input_ids, block.mask, block.keep, self.config.position_mode)
             entries = block.state.unencoded_entries()
-        step = step.to(input_ids.device)
-        subtokens, lengths = entries.subtokens.to(input_ids.device), entries.lengths.to(input_ids.device)
+        device = input_ids.device
+        step = step.to(device)
+        entries = EntryBatch(entries.rows, entries.slots, entries.subtokens.to(device), entries.lengths.to(device))
+        subtokens, lengths = entries.subtokens, entries.lengths
         # Under DDP every rank must use every encoder parameter every step, whether or not its batch
         # installs or reads any hypertoken: when training, the encoder runs on a dummy entry if there
         # is none, and its output joins the embeddings times exactly 0.
@@ -165,7 +168,8 @@ class Zip2ZipInputPipeline:
         if anchor and n_new == 0:
             subtokens, lengths = subtokens.new_zeros(1, subtokens.shape[1]), lengths.new_ones(1)
         vectors = encode_entries(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
-        input_table = stored_table(block.state, entries, vectors[:n_new], "input", input_ids.shape[0])
+        new_vectors = vectors if len(vectors) == n_new else vectors[:n_new]  # without the dummy
+        input_table = stored_table(block.state, entries, new_vectors, "input", input_ids.shape[0])
 
         V = self.codec.initial_vocab_size
         is_hyper = input_ids >= V

@@ -445,8 +445,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         provisional vectors, and a zero that ties every encoder parameter to the loss when training
         (None otherwise).
         """
-        device, (batch_size, kept, M) = step.legal.device, step.provisional.shape
-        subtokens, lengths = entries.subtokens.to(device), entries.lengths.to(device)
+        (batch_size, kept, M), subtokens, lengths = step.provisional.shape, entries.subtokens, entries.lengths
         # The provisional content at each kept position has length 0 where none is legal: encoded
         # as one id and never read.
         vectors = encode_entries(
