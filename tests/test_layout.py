@@ -29,6 +29,7 @@ CORE = {
     "input_pipeline.py",
     "hyper_logits.py",
     "hyper_encoder.py",
+    "reference_hyper_encoders.py",
     "lzw.py",
     "lzw_codebook.py",
     "base_tokenizer.py",
@@ -88,7 +89,7 @@ def test_the_top_level_is_the_core_and_the_rest_lives_in_subpackages():
     """What a checkpoint carries sits flat; finetuning, evaluation, serving and the tools each have a folder."""
     assert {p.name for p in PACKAGE.glob("*.py")} == CORE | {"__init__.py", "__main__.py"}
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert subpackages == {"finetuning", "evaluation", "serving", "tools"}
+    assert subpackages == {"evaluation", "finetuning", "interop", "serving", "tools"}
 
 
 def test_only_the_tools_and_the_entry_point_import_the_tools():

@@ -39,15 +39,17 @@ def stdlib_text(max_chars: int = 400_000) -> str:
 
 
 def tiny_causal_lm_config(arch: str, vocab_size: int, hidden: int = 32, positions: int = 512, tie: bool = False, **kw):
-    """Config of a tiny random Llama, Qwen2, Gemma-2 or GPT-2 (2 layers, 4 heads)."""
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
+    """Config of a tiny random Llama, Qwen2, Gemma-2, Phi-3 or GPT-2 (2 layers, 4 heads)."""
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, **kw)
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=positions, **common)
     if arch == "gemma2":
         common["head_dim"] = hidden // 4
-    decoders = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config}
+    if arch == "phi3":
+        common.setdefault("pad_token_id", None)  # Phi-3's default (32000) is past a tiny vocabulary
+    decoders = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config, "phi3": Phi3Config}
     if arch not in decoders:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     return decoders[arch](
@@ -85,15 +87,16 @@ def build_tiny_base_tokenizer(vocab_size: int = 512):
     )
 
 
-def save_tiny_base_model(folder, seed: int = 0):
-    """A tiny random Llama and the tiny tokenizer saved as a plain HF folder (a stand-in base model)."""
+def save_tiny_base_model(folder, seed: int = 0, arch: str = "llama"):
+    """A tiny random causal LM (Llama unless told) and the tiny tokenizer saved as a plain HF folder
+    (a stand-in base model)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tiny_base_tokenizer()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = tiny_causal_lm_config("llama", len(tokenizer), positions=256)
+    config = tiny_causal_lm_config(arch, len(tokenizer), positions=256)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 

@@ -17,7 +17,7 @@ __all__ = ["Zip2ZipConfig"]
 # ``language_model.*`` (``model.*`` in 1). 3: ``input_hyper_encoder_residual`` is saved (a config
 # without it, formats 1 and 2, means ``"mean"``, what those checkpoints were trained with).
 ZIP2ZIP_FORMAT_VERSION = 3
-HYPER_ENCODERS = ("mean", "attention")
+HYPER_ENCODERS = ("mean", "attention", "reference")
 # What an attention encoder outputs before training (its residual): the masked mean of the
 # constituents, or the first or the last one.
 HYPER_ENCODER_RESIDUALS = ("mean", "first", "last")
@@ -39,7 +39,9 @@ class Zip2ZipConfig(PretrainedConfig):
         max_subtokens: M, the most base tokens one hypertoken stands for.
         disabled_ids: ids never merged (special and added tokens, pad).
         pad_token_id: the padding id (always among ``disabled_ids``).
-        hyper_encoder: ``"mean"`` (parameter-free masked mean) or ``"attention"`` (small transformer).
+        hyper_encoder: ``"mean"`` (parameter-free masked mean), ``"attention"`` (small transformer), or
+            ``"reference"``: one of the reference zip2zip package's encoders, as a checkpoint it trained
+            describes it (``reference_hyper_encoder``; see `zip2zip_hf.interop`).
         hyper_encoder_hidden_size: latent width of the attention encoder (default: a quarter of the
             model width, at least 64, rounded up to a multiple of the heads; the encoder then costs
             about a tenth of what a full-width one does, which a prefill of mostly new entries feels).
@@ -51,6 +53,11 @@ class Zip2ZipConfig(PretrainedConfig):
             sides. `Zip2ZipForCausalLM.from_base` picks ``"last"``.
         position_mode: ``"compressed"`` (one position per token) or ``"base"`` (a hypertoken takes the
             position of its last base token, so distances match the base model's).
+        reference_hyper_encoder: with ``hyper_encoder="reference"``, the reference encoder's settings:
+            its ``encoder`` config, its ``encoder_type`` and the ``pad_token_id`` it pads entries with.
+        write_provisional_hypertokens: whether `generate` may write the provisional id (the entry the
+            next id would create, e.g. in ``=====``). False for checkpoints converted from the
+            reference package, whose generation never writes it; the forward scores it either way.
     """
 
     model_type = "zip2zip"
@@ -73,6 +80,8 @@ class Zip2ZipConfig(PretrainedConfig):
         tie_hyper_encoders: bool = False,
         input_hyper_encoder_residual: str = "mean",
         position_mode: str = "base",
+        reference_hyper_encoder: dict | None = None,
+        write_provisional_hypertokens: bool = True,
         zip2zip_format_version: int = ZIP2ZIP_FORMAT_VERSION,
         **kwargs,
     ):
@@ -81,6 +90,12 @@ class Zip2ZipConfig(PretrainedConfig):
             initial_vocab_size = self.text_config.vocab_size
         if hyper_encoder not in HYPER_ENCODERS:
             raise ValueError(f"hyper_encoder must be one of {HYPER_ENCODERS}, got {hyper_encoder!r}")
+        if (hyper_encoder == "reference") != isinstance(reference_hyper_encoder, dict):
+            raise ValueError(
+                "reference_hyper_encoder (a dict of the reference encoder's settings) goes with "
+                f"hyper_encoder='reference' and only with it; got hyper_encoder={hyper_encoder!r} and "
+                f"reference_hyper_encoder={reference_hyper_encoder!r}"
+            )
         if position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
         if zip2zip_format_version > ZIP2ZIP_FORMAT_VERSION:
@@ -128,6 +143,10 @@ class Zip2ZipConfig(PretrainedConfig):
         self.tie_hyper_encoders = tie_hyper_encoders
         self.input_hyper_encoder_residual = input_hyper_encoder_residual
         self.position_mode = position_mode
+        self.reference_hyper_encoder = reference_hyper_encoder
+        if not isinstance(write_provisional_hypertokens, bool):
+            raise ValueError(f"write_provisional_hypertokens must be a bool, got {write_provisional_hypertokens!r}")
+        self.write_provisional_hypertokens = write_provisional_hypertokens
         self.zip2zip_format_version = zip2zip_format_version
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         # transformers propagates the attention implementation down to sub-configs; without this the

@@ -95,6 +95,8 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         attention_mask = kwargs.get("attention_mask")
         if streamer is not None:
             streamer = _BaseIdStreamer(streamer, self.codec)
+        if not getattr(self.config, "write_provisional_hypertokens", True):
+            kwargs.setdefault("score_provisional", False)  # reaches every step's forward
         output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         prompts = _real_prompts(input_ids, attention_mask)

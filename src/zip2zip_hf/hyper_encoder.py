@@ -15,6 +15,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_zip2zip import HYPER_ENCODER_RESIDUALS
+from .reference_hyper_encoders import build_reference_encoder
 
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "build_hyper_encoder",
 ]
 
-HYPER_ENCODER_KINDS = ("mean", "attention")
+HYPER_ENCODER_KINDS = ("mean", "attention", "reference")
 
 
 def _check_inputs(subtokens: torch.Tensor, lengths: torch.Tensor, embedding_weight: torch.Tensor) -> None:
@@ -231,9 +232,13 @@ def build_hyper_encoder(
     num_layers: int = 1,
     num_heads: int = 4,
     residual: str = "mean",
+    reference: dict | None = None,
 ) -> nn.Module:
-    """Build a hyper-encoder: ``kind="mean"`` (`MeanHyperEncoder`, the other settings unused) or
-    ``kind="attention"`` (`AttentionHyperEncoder`)."""
+    """Build a hyper-encoder: ``kind="mean"`` (`MeanHyperEncoder`, the other settings unused),
+    ``kind="attention"`` (`AttentionHyperEncoder`) or ``kind="reference"`` (the reference package's
+    encoder that ``reference`` describes, `build_reference_encoder`)."""
+    if kind == "reference":
+        return build_reference_encoder(reference, max_subtokens)
     if kind == "mean":
         if residual != "mean":
             raise ValueError(f"a mean hyper-encoder has no residual to choose (got {residual!r})")

@@ -28,8 +28,10 @@ def widen_logits(
     initial_vocab_size: int,
     max_codebook_size: int,
     text_config: PretrainedConfig,
+    score_provisional: bool = True,
 ) -> torch.Tensor:
-    """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf.
+    """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf (and
+    the provisional entry too, unless ``score_provisional``).
 
     ``base_logits`` are the head's raw output (model rows past V, if any, are dropped).
     Fixed work per position, no host sync: hyper logits are computed for every slot the table holds
@@ -46,6 +48,7 @@ def widen_logits(
     slot = torch.arange(width, device=hidden.device)
     provisional_scores = (hidden * provisional_vectors.to(hidden.dtype)).sum(-1)
     is_provisional = (slot == step.legal[..., None] - 1) & (step.provisional_lengths > 0)[..., None]
+    provisional_scores = provisional_scores if score_provisional else torch.full_like(provisional_scores, -torch.inf)
     hyper = torch.where(is_provisional, provisional_scores[..., None].to(hyper.dtype), hyper)
     hyper = postprocess_logits(hyper, text_config).masked_fill(slot >= step.legal[..., None], float("-inf"))
     tail = base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf"))

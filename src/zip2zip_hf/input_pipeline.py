@@ -43,6 +43,7 @@ class BlockPlan:
         mask: ``(B, T)`` this block's padding mask.
         precomputed: the `ConsumedBlock` and `EntryBatch` from ``codebooks=`` (None otherwise).
         base_kwargs: the base model's keyword arguments, but the embeddings and positions.
+        score_provisional: whether the provisional entry gets a logit (the causal LM's head).
     """
 
     cache: Cache | None
@@ -52,6 +53,7 @@ class BlockPlan:
     mask: torch.Tensor
     precomputed: tuple[ConsumedBlock, EntryBatch] | None
     base_kwargs: dict
+    score_provisional: bool = True
 
 
 class Zip2ZipInputPipeline:
@@ -67,7 +69,7 @@ class Zip2ZipInputPipeline:
         self, input_ids, attention_mask, cache, use_cache, kwargs: dict, *, inputs_embeds, codebooks, **head
     ) -> BlockPlan:
         """Check the inputs and settle everything a block needs before it runs (see `BlockPlan`).
-        ``head``: the LM's ``labels`` and ``logits_to_keep``; ``validate_codebooks``."""
+        ``head``: the LM's ``labels``, ``logits_to_keep`` and ``score_provisional``; ``validate_codebooks``."""
         labels, logits_to_keep = head.get("labels"), head.get("logits_to_keep", 0)
         cache = pop_cache(kwargs, cache)
         check_input_ids(input_ids, inputs_embeds)
@@ -116,7 +118,8 @@ class Zip2ZipInputPipeline:
             # Up to 4.57 the base model would otherwise ask the cache, which a static cache answers
             # by reading its keys back (a sync, and no graph for a compiled step).
             base_kwargs["cache_position"] = torch.arange(past_length, past_length + length, device=input_ids.device)
-        return BlockPlan(cache, state, past_length, keep, block_mask, precomputed, base_kwargs)
+        score_provisional = head.get("score_provisional", True)
+        return BlockPlan(cache, state, past_length, keep, block_mask, precomputed, base_kwargs, score_provisional)
 
     def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
         """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""

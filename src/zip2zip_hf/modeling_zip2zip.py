@@ -47,6 +47,7 @@ from .lzw import LZWCodec  # noqa: F401
 from .lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .lzw_tensors import DeviceCodebooks  # noqa: F401
 from .precomputed_codebooks import codebook_tensors  # noqa: F401
+from .reference_hyper_encoders import build_reference_encoder  # noqa: F401
 from .speculative_zip2zip import speculative_decoding  # noqa: F401
 
 
@@ -351,6 +352,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         return_dict: bool | None = None,
         codebooks: dict[str, torch.Tensor] | None = None,
         validate_codebooks: bool = False,
+        score_provisional: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Run the base model on compressed ids.
@@ -373,6 +375,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
                 same logits and loss as without them. They are checked against the ids and the
                 settings (one host sync); ``validate_codebooks=True`` also compares them with what
                 the codec makes of the ids (a Python pass: for checking a custom collator).
+            score_provisional: False makes the provisional entry's logit ``-inf`` (it stays legal to
+                read): what `generate` passes for a model that does not write it
+                (``config.write_provisional_hypertokens``).
             num_items_in_batch (in ``kwargs``): the Trainer's token count for gradient accumulation.
 
         Returns:
@@ -398,6 +403,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             labels=labels,
             logits_to_keep=logits_to_keep,
             validate_codebooks=validate_codebooks,
+            score_provisional=score_provisional,
         )
         loss = None
         with all_or_nothing(block, input_ids):
@@ -433,6 +439,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             self.codec.initial_vocab_size,
             self.codec.max_codebook_size,
             self.config.get_text_config(),
+            block.score_provisional,
         )
         if unused is not None:  # keep every output-encoder parameter in the graph (DDP), adding exactly 0
             logits = logits + unused
@@ -472,6 +479,7 @@ def _encoder_settings(config: Zip2ZipConfig) -> dict:
         latent_size=config.hyper_encoder_hidden_size,
         num_layers=config.hyper_encoder_num_layers,
         num_heads=config.hyper_encoder_num_heads,
+        reference=getattr(config, "reference_hyper_encoder", None),
     )
 
 

@@ -10,6 +10,7 @@
 held-out bits and steps per byte, a generated sample, time per byte; ``demo --finetune`` wraps the
 base afresh and LoRA-finetunes it briefly instead; ``demo --compression-only`` shows the compression
 of real text (code and prose) alone.
+``convert`` (see `zip2zip_hf.interop`) turns a checkpoint of the reference zip2zip package into ours.
 ``serve`` (see `zip2zip_hf.serving`) serves a checkpoint over the OpenAI API on transformers' own server.
 ``uptrain`` (see `zip2zip_hf.tools.uptrain`) trains the shipped adapter. ``eval`` takes the embedded
 models by name (``smollm2``, ``smollm2-zip2zip``) as well as checkpoint folders.
@@ -103,6 +104,21 @@ def run_serve(args: argparse.Namespace) -> int:
         serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as error:  # no weights, not a zip2zip checkpoint, port taken, bad dtype
         raise CLIError(f"{args.checkpoint}: cannot serve it ({str(error).strip().splitlines()[0]})") from None
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..interop import from_reference
+
+    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
+        raise CLIError(f"{args.out_dir}: not empty (nothing is overwritten)")
+    try:
+        model, tokenizer = from_reference(args.ref_dir, base_model=args.base)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"{args.ref_dir}: cannot convert it ({str(error).strip().splitlines()[0]})") from None
+    model.save_pretrained(args.out_dir)
+    tokenizer.save_pretrained(args.out_dir)
+    print(f"{args.out_dir}: a zip2zip_hf checkpoint (load it with trust_remote_code=True, or after import zip2zip_hf)")
     return 0
 
 
@@ -223,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     server.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
     server.set_defaults(run=run_serve)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint of the reference zip2zip package into one of this package",
+        description="Reads REF_DIR (zip2zip_config.json, the hyper-encoders, a LoRA adapter or decoder weights) "
+        "over its base model and writes OUT_DIR: config, weights, tokenizer and remote code.",
+    )
+    convert.add_argument("ref_dir", metavar="REF_DIR", help="the folder the reference zip2zip saved")
+    convert.add_argument("out_dir", metavar="OUT_DIR", help="where to write the converted checkpoint (new or empty)")
+    convert.add_argument("--base", metavar="PATH", help="the base model, if not the one its config names")
+    convert.set_defaults(run=run_convert)
 
     demo = commands.add_parser(
         "demo",
