@@ -67,10 +67,15 @@ def reference_checkpoint(
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in reference.named_parameters():
-            touched = "encoder" in name or "lora_" in name or (layout == "full" and "layers.1." in name)
+            touched = "encoder" in name or "lora_" in name or (layout != "adapter" and "layers.1." in name)
             if touched:
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
     reference.save_pretrained(folder)
+    if layout == "self-contained":  # zip2zip++'s hf export: the decoder, its config and tokenizer inside
+        reference.base_model.save_pretrained(folder)
+        base_tokenizer.save_pretrained(folder)
+        (folder / "zip2zip_encoders.safetensors").rename(folder / "encoders.safetensors")
+        _edit_config(folder, base_model_name_or_path=".")
     if layout == "full":  # the research layout: the whole decoder beside the encoders
         save_file(
             {k: v.contiguous() for k, v in reference.base_model.state_dict().items()}, folder / "model.safetensors"
@@ -117,6 +122,7 @@ CASES = [
     ("llama", "res_latent_attn", False, "adapter", "base_token_end", {}),
     ("phi3", "res_latent_attn", True, "full", "compressed", {"causal": True}),
     ("llama", "res_latent_attn", True, "adapter", "compressed", {"residual": False, "hidden_size": 32}),
+    ("llama", "res_latent_attn", True, "self-contained", "base_token_end", {}),
 ]
 
 
