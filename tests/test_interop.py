@@ -184,8 +184,14 @@ def test_a_converted_checkpoint_loads_anywhere_and_generates(tmp_path, base_dirs
     expected = logits_of(model, ids)
     loaded = Zip2ZipForCausalLM.from_pretrained(tmp_path / "ours")
     torch.testing.assert_close(logits_of(loaded, ids), expected)
-    sampled = loaded.generate(input_ids=ids[:, :8], max_new_tokens=6, do_sample=True, top_k=5)
-    assert sampled.shape[0] == 1
+    prompt = ids[:, :20]
+    greedy = loaded.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, return_hypertokens=True)
+    for mode in (dict(prompt_lookup_num_tokens=3), dict(num_beams=1, cache_implementation="static")):
+        again = loaded.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, return_hypertokens=True, **mode)
+        assert again.tolist() == greedy.tolist(), mode
+    beams = loaded.generate(input_ids=prompt, max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    sampled = loaded.generate(input_ids=prompt, max_new_tokens=6, do_sample=True, top_k=5)
+    assert beams.shape[0] == 2 and sampled.shape[0] == 1
     script = f"""
 import json
 import torch

@@ -1,5 +1,6 @@
 """Zip2ZipForCausalLM: training equals inference, masks, loss, encoders, save/load, bad input."""
 
+import functools
 import json
 import os
 import re
@@ -570,3 +571,35 @@ def test_a_bad_residual_in_the_config_is_refused():
         Zip2ZipConfig(text_config=tiny_base("llama").config, input_hyper_encoder_residual="max")
     with pytest.raises(ValueError, match="only 'mean' for a mean hyper-encoder"):
         Zip2ZipConfig(text_config=tiny_base("llama").config, hyper_encoder="mean", input_hyper_encoder_residual="last")
+
+
+def test_a_model_that_does_not_write_the_provisional_id_still_reads_it(model, monkeypatch):
+    """``write_provisional_hypertokens=False`` (checkpoints converted from the reference package):
+    generate never writes the provisional id, the forward scores it -inf on request and nothing else
+    changes, and ids that contain it are read as always."""
+    ids = torch.tensor([compressed(3, 120)])
+    scored = model(input_ids=ids).logits
+    unscored = model(input_ids=ids, score_provisional=False).logits
+    changed = scored != unscored
+    assert changed.any() and (changed.sum(-1) <= 1).all()
+    assert torch.isneginf(unscored[changed]).all() and torch.isfinite(scored[changed]).all()
+
+    monkeypatch.setattr(model.config, "write_provisional_hypertokens", False)
+    asked: list[bool] = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # generate checks its keyword arguments against the forward's signature
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("score_provisional", True))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    prompt = ids[:, :30]
+    written = model.generate(input_ids=prompt, max_new_tokens=40, do_sample=False, return_hypertokens=True)
+    stream = model.codec.stream()
+    stream.feed(prompt[0].tolist())
+    for new_id in written[0, prompt.shape[1] :].tolist():
+        provisional = V + stream.num_installed if stream.provisional_subtokens() is not None else None
+        assert new_id != provisional
+        stream.feed([new_id])
+    assert asked and not any(asked)  # every step asked for the provisional id unscored

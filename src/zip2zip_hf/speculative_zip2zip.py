@@ -178,6 +178,7 @@ def speculative_decoding(
             cache=cache,
             use_cache=True,
             logits_to_keep=len(draft) + 1,
+            score_provisional=model_kwargs.get("score_provisional", True),
         )
         cache = getattr(out, output_cache_field())
         if model.codebooks_on_device is None:
