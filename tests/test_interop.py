@@ -179,6 +179,8 @@ def test_the_attention_encoder_computes_what_the_reference_module_computes(base_
 def test_a_converted_checkpoint_loads_anywhere_and_generates(tmp_path, base_dirs):
     reference_checkpoint(tmp_path / "ref", base_dirs["llama"], "llama", "transformer")
     assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "ours")]) == 0
+    assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "ours")]) == 2  # nothing is overwritten
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "again")]) == 2  # ours is not theirs
     model, tokenizer = from_reference(tmp_path / "ref")
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
     expected = logits_of(model, ids)
@@ -225,10 +227,22 @@ print(json.dumps(dict(
         (lambda folder: _drop_encoder_key(folder, None), "no hyper-encoder weights"),
         (lambda folder: _edit_config(folder, encoder={"tie_encoders": True}), "says the encoders are tied"),
         (lambda folder: _edit_config(folder, encoder={"hidden_size": 48}), "encoder.hidden_size is 48"),
+        (
+            lambda folder: _edit_decoder(folder, "model.norm.weight", torch.ones(7)),
+            r"model.norm.weight has shape \(7,\)",
+        ),
+        (
+            lambda folder: _edit_decoder(folder, "model.layers.9.mlp.up_proj.weight", torch.ones(2)),
+            "unexpected model.layers.9",
+        ),
+        (
+            lambda folder: _edit_decoder(folder, "model.layers.1.mlp.up_proj.weight", None),
+            "missing model.layers.1.mlp.up",
+        ),
     ],
 )
 def test_what_does_not_match_is_an_error_naming_the_file_and_key(tmp_path, base_dirs, breakage, message):
-    reference_checkpoint(tmp_path, base_dirs["llama"], "llama", "transformer")
+    reference_checkpoint(tmp_path, base_dirs["llama"], "llama", "transformer", layout="full")
     breakage(tmp_path)
     with pytest.raises(ValueError, match=message):
         from_reference(tmp_path)
@@ -240,6 +254,16 @@ def _edit_config(folder, **changes):
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     path.write_text(json.dumps(config))
+
+
+def _edit_decoder(folder, key, value):
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
+    save_file(state, path)
 
 
 def _drop_encoder_key(folder, key):

@@ -70,7 +70,8 @@ def from_reference(
     Args:
         path: the folder the reference saved (see the module docstring for what it holds).
         base_model: the base model (a loaded causal LM, or its folder), when not the one its config
-            names (``base_model_name_or_path``).
+            names (``base_model_name_or_path``). A loaded one gets the checkpoint's decoder weights in
+            place (its adapter merged, or its ``model.safetensors``).
         from_pretrained_kwargs: for ``AutoModelForCausalLM.from_pretrained`` of the base model
             (``dtype``, ``device_map``, ...).
 
@@ -131,12 +132,18 @@ def _with_decoder_weights(base: PreTrainedModel, folder: Path) -> PreTrainedMode
     weights = folder / "model.safetensors"
     if not weights.is_file():
         return base
-    state = load_file(weights, device=str(base.device))
-    missing, unexpected = base.load_state_dict(state, strict=False)
-    loaded = {tensor.data_ptr() for name, tensor in base.state_dict().items() if name in state}
-    untied = [name for name in missing if base.state_dict()[name].data_ptr() not in loaded]
-    if untied or unexpected:
-        raise ValueError(f"{weights} does not match the base model: missing {untied}, unexpected {unexpected}")
+    state, own = load_file(weights, device=str(base.device)), base.state_dict()
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    problems = [f"unexpected {name}" for name in state if name not in own]
+    problems += [
+        f"{name} has shape {tuple(state[name].shape)}, the base model {tuple(own[name].shape)}"
+        for name in state
+        if name in own and state[name].shape != own[name].shape
+    ]
+    problems += [f"missing {name}" for name in own if name not in state and own[name].data_ptr() not in loaded]
+    if problems:  # checked before anything is loaded: the base model is left as it was
+        raise ValueError(f"{weights} does not match the base model: " + "; ".join(problems))
+    base.load_state_dict(state, strict=False)
     return base
 
 
