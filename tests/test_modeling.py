@@ -219,6 +219,21 @@ def test_head_postprocessing_reaches_hyper_logits_too():
     assert_same_logits(logits, step_by_step_logits(model, ids, torch.ones_like(ids)))
 
 
+def test_an_unscored_provisional_id_stays_minus_inf_under_soft_capping():
+    """``score_provisional=False`` masks after the head's post-processing: soft-capping would turn
+    -inf into the finite -cap, a logit a sampler could pick."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(
+        tiny_causal_lm_config("gemma2", V, final_logit_softcapping=0.05, pad_token_id=PAD)
+    ).eval()
+    model = Zip2ZipForCausalLM.from_base(base, SimpleTokenizerSettings()).eval()
+    ids = torch.tensor([compressed(3, 120)])
+    with torch.no_grad():
+        scored, unscored = model(input_ids=ids).logits, model(input_ids=ids, score_provisional=False).logits
+    changed = scored != unscored
+    assert changed.any() and (changed.sum(-1) <= 1).all() and torch.isneginf(unscored[changed]).all()
+
+
 def test_a_base_model_with_an_unknown_head_transform_is_refused():
     class DoubledLogits(type(tiny_base("llama"))):
         def forward(self, *args, **kwargs):

@@ -48,9 +48,12 @@ def widen_logits(
     slot = torch.arange(width, device=hidden.device)
     provisional_scores = (hidden * provisional_vectors.to(hidden.dtype)).sum(-1)
     is_provisional = (slot == step.legal[..., None] - 1) & (step.provisional_lengths > 0)[..., None]
-    provisional_scores = provisional_scores if score_provisional else torch.full_like(provisional_scores, -torch.inf)
     hyper = torch.where(is_provisional, provisional_scores[..., None].to(hyper.dtype), hyper)
-    hyper = postprocess_logits(hyper, text_config).masked_fill(slot >= step.legal[..., None], float("-inf"))
+    # Masked after the post-processing, which would turn -inf into a finite -cap under soft-capping.
+    unscored = slot >= step.legal[..., None]
+    if not score_provisional:
+        unscored = unscored | is_provisional
+    hyper = postprocess_logits(hyper, text_config).masked_fill(unscored, float("-inf"))
     tail = base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf"))
     base = postprocess_logits(base_logits[..., :V], text_config)
     return torch.cat([base, hyper.to(base_logits.dtype), tail], dim=-1)
