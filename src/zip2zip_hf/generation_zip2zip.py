@@ -95,7 +95,7 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         attention_mask = kwargs.get("attention_mask")
         if streamer is not None:
             streamer = _BaseIdStreamer(streamer, self.codec)
-        if not getattr(self.config, "write_provisional_hypertokens", True):
+        if not self.config.write_provisional_hypertokens:
             kwargs.setdefault("score_provisional", False)  # reaches every step's forward
         output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences

@@ -479,7 +479,7 @@ def _encoder_settings(config: Zip2ZipConfig) -> dict:
         latent_size=config.hyper_encoder_hidden_size,
         num_layers=config.hyper_encoder_num_layers,
         num_heads=config.hyper_encoder_num_heads,
-        reference=getattr(config, "reference_hyper_encoder", None),
+        reference=config.reference_hyper_encoder,
     )
 
 

@@ -108,14 +108,13 @@ def from_reference(
 
 
 def _base_source(folder: Path, settings: dict, base_model) -> str:
+    """Where the base model (and, if the folder has none, the tokenizer) is read from."""
     if base_model is not None and not isinstance(base_model, PreTrainedModel):
         return str(base_model)
     named = settings.get("base_model_name_or_path")
-    if named == ".":
-        return str(folder)
-    if named is None and not isinstance(base_model, PreTrainedModel):
+    if named is None and base_model is None:
         raise ValueError(f"{folder / CONFIG_FILE} names no base_model_name_or_path: pass base_model=")
-    return named if named is not None else str(folder)
+    return str(folder) if named in (None, ".") else named
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -148,14 +148,14 @@ class Zip2ZipGenerateManager(GenerateManager):
         self.outcomes = outcomes
 
     def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
-        _fit_to_context(model, inputs, gen_config)
+        request = _fit_to_context(model, inputs, gen_config)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         streamer = DirectStreamer(processor.base_tokenizer, loop, queue, response_parser=response_parser)
 
         def run() -> None:
             try:
-                self._generate(model, processor, inputs, gen_config, request_id, _WithoutEnd(streamer))
+                self._generate(model, processor, inputs, gen_config, request_id, request, _WithoutEnd(streamer))
             except _GenerationCancelled:  # the client went away: its slot is free
                 loop.call_soon_threadsafe(queue.put_nowait, None)
             except Exception as error:
@@ -167,24 +167,23 @@ class Zip2ZipGenerateManager(GenerateManager):
         return queue, streamer
 
     async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
-        _fit_to_context(model, inputs, gen_config)
+        request = _fit_to_context(model, inputs, gen_config)
         try:
-            base_ids = await self.async_submit(self._generate, model, processor, inputs, gen_config, request_id)
+            base_ids = await self.async_submit(
+                self._generate, model, processor, inputs, gen_config, request_id, request
+            )
         except (ValueError, NotImplementedError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         text = processor.base_tokenizer.decode(base_ids, skip_special_tokens=True)
         return text, self.outcomes[request_id].usage.prompt_tokens, base_ids
 
-    def _generate(self, model, processor, inputs, gen_config, request_id, streamer=None) -> list[int]:
-        """Generate (on the inference thread), record the outcome, return the new base ids."""
-        prompt = inputs["input_ids"]
+    def _generate(self, model, processor, inputs, gen_config, request_id, request, streamer=None) -> list[int]:
+        """Generate (on the inference thread), feed what was written to the request's codebook (which
+        has read the prompt), record the outcome, return the new base ids."""
         sequences = model.generate(
             **inputs, generation_config=gen_config, tokenizer=processor, streamer=streamer, return_hypertokens=True
         )
-        request = RequestCodebook(model.codec)
-        request.read_prompt(prompt[0])
-        written = sequences[0, prompt.shape[1] :]
-        base_ids = request.write(written)
+        base_ids = request.write(sequences[0, inputs["input_ids"].shape[1] :])
         usage = request.usage()
         finish = "length" if usage.completion_ids >= gen_config.max_new_tokens else "stop"
         self.outcomes[request_id] = _Outcome(usage, finish)
@@ -218,11 +217,16 @@ class Zip2ZipGenerationState(GenerationState):
         return self._generate_managers[model_id]
 
 
-def _fit_to_context(model, inputs, gen_config: GenerationConfig) -> None:
+def _fit_to_context(model, inputs, gen_config: GenerationConfig) -> RequestCodebook:
     """Refuse a prompt or a ``max_tokens`` the model's positions cannot hold (400); a request that
-    named no length gets as many steps as fit, at most the default."""
+    named no length gets as many steps as fit, at most the default. Returns the request's codebook,
+    the prompt read."""
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    prompt_positions = _prompt_positions(model, inputs["input_ids"][0].tolist())
+    request = RequestCodebook(model.codec)
+    prompt_base_ids = request.read_prompt(inputs["input_ids"][0])
+    # Positions the prompt takes: one per base token, or one per id in "compressed" mode.
+    compressed = model.config.position_mode == "compressed"
+    prompt_positions = inputs["input_ids"].shape[1] if compressed else len(prompt_base_ids)
     if context is None:
         room = None
     elif prompt_positions >= context:
@@ -244,13 +248,7 @@ def _fit_to_context(model, inputs, gen_config: GenerationConfig) -> None:
         gen_config.validate()  # the settings generate would refuse; minor ones only warn
     except ValueError as error:
         raise HTTPException(status_code=400, detail=f"bad generation settings: {error}") from None
-
-
-def _prompt_positions(model, prompt_ids: list[int]) -> int:
-    """Positions the prompt takes: one per base token (``position_mode="base"``) or per id."""
-    if model.config.position_mode == "compressed":
-        return len(prompt_ids)
-    return len(RequestCodebook(model.codec).read_prompt(prompt_ids))
+    return request
 
 
 class _Zip2ZipHandler:
