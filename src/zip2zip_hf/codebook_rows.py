@@ -8,8 +8,9 @@ rebuild from ids), so that none of its methods asks which phase it is in:
   its ids; on a CPU decoding stays here too, where a host sync costs nothing and an operation
   costs more than a Python step.
 * `TensorRows`: `DeviceCodebooks`, fixed-shape tensors on the model's device, for decoding on an
-  accelerator: every step is tensor work of one shape, and nothing waits for the host but the one
-  legality check, read after the step is queued.
+  accelerator: every step is tensor work of one shape at fixed addresses, and nothing waits for
+  the host: the legality of the ids is recorded on the device and read when the caller asks
+  (after a user's forward; once per `generate`).
 
 `StreamRows.for_step` hands a batch over to `TensorRows` at its first decoding step.
 """
@@ -24,7 +25,7 @@ import torch
 
 from .codebook_blocks import ConsumedBlock, EntryBatch, positions_of
 from .lzw import LZWCodec, LZWStream
-from .lzw_tensors import DeviceCodebooks, padded, raise_first_illegal
+from .lzw_tensors import DeviceCodebooks, padded, select_rows, static_address
 
 
 __all__ = ["StreamRows", "TensorRows", "check_id_range", "consume_rows"]
@@ -69,7 +70,7 @@ class StreamRows:
     # Python over every id: eager even inside a compiled step, so that a compiled prompt costs graph
     # breaks, not a recompilation per codebook size.
     @torch.compiler.disable
-    def consume(self, input_ids, real, keep: list[int], position_mode: str) -> ConsumedBlock:
+    def consume(self, input_ids, real, keep: list[int], position_mode: str, positions=None) -> ConsumedBlock:
         ids, real = input_ids.tolist(), real.bool().tolist()
         check_id_range(ids, self.codec.total_vocab_size)
         base_offsets = torch.tensor([stream.num_base_ids for stream in self.streams])
@@ -86,7 +87,7 @@ class StreamRows:
             provisional_lengths=provisional_lengths,
         )
 
-    def raise_if_illegal(self) -> None:
+    def raise_if_illegal(self, block_start: int | None = None) -> None:
         """Nothing: `consume` raised for an illegal id already."""
 
     @torch.compiler.disable
@@ -154,28 +155,36 @@ class StreamRows:
 class TensorRows:
     """The codebooks of a batch as `DeviceCodebooks` on the model's device.
 
+    Everything it keeps lives at fixed addresses, allocated once and written in place, so that a
+    step captured in a CUDA graph never leaves the state holding the graph's own output: the
+    codebooks, the snapshot buffer and ``first_illegal``, a sticky record of the first id that was
+    not legal (per row: its verdict, 0 for none; its position in the sequence; the id). That record
+    is read (a host sync) only when asked, `raise_if_illegal`: after every call of a user's
+    forward, and once at the end of `generate`, whose ids come from masked logits.
+
     Attributes:
         codebooks: the tensors.
     """
 
     def __init__(self, codebooks: DeviceCodebooks):
         self.codebooks = codebooks
-        self._created: torch.LongTensor | None = None  # (B, new slots) installed by the last block
-        self._unchecked: tuple[torch.Tensor, torch.Tensor] | None = None  # the last block's legality
+        device = codebooks.state.device
+        self.first_illegal = static_address(torch.zeros(codebooks.batch_size, 3, dtype=torch.long, device=device))
+        self._saved = (static_address(codebooks.snapshot()), static_address(self.first_illegal.clone()))
+        self._created: torch.LongTensor | None = None  # (B, new slots) installed by the last block, until read
 
     @property
     def batch_size(self) -> int:
-        return len(self.codebooks.pending)
+        return self.codebooks.batch_size
 
     def for_step(self, input_ids: torch.LongTensor, on_device: bool) -> TensorRows:
         return self
 
-    def consume(self, input_ids, real, keep: list[int], position_mode: str) -> ConsumedBlock:
-        """Tensor operations only. The legality of the ids is computed, not yet read:
-        `raise_if_illegal` reads it once the step is queued."""
+    def consume(self, input_ids, real, keep: list[int], position_mode: str, positions=None) -> ConsumedBlock:
+        """Tensor operations only. The legality of the ids is recorded in ``first_illegal`` at their
+        ``positions`` (``(T,)``, the cache positions of the block), not read."""
         codebooks, real = self.codebooks, real.bool()
-        # Copies: `feed` updates the state in place.
-        base_offsets, real_offsets = codebooks.num_base_ids.clone(), codebooks.num_real_tokens.clone()
+        offsets = codebooks.state[:, -2:].clone()  # base ids and real ids before the block (`feed` updates in place)
         kept_at = set(keep)
         lengths, created, legality, legal, provisional, provisional_lengths = [], [], [], [], [], []
         for t in range(input_ids.shape[1]):
@@ -186,41 +195,65 @@ class TensorRows:
             if t in kept_at:
                 content, content_length = codebooks.provisional()
                 legal.append(codebooks.num_installed + (content_length > 0))
-                provisional.append(content.clone())
-                provisional_lengths.append(content_length.clone())
-        self._unchecked = (torch.stack(legality, dim=1), input_ids)
-        self._created = torch.cat(created, dim=1)
-        lengths = torch.stack(lengths, dim=1)
+                provisional.append(content)
+                provisional_lengths.append(content_length)
+        self._record_illegal(_stacked(legality), input_ids, positions)
+        self._created = torch.cat(created, dim=1) if len(created) > 1 else created[0]
+        lengths = _stacked(lengths)
         return ConsumedBlock(
             lengths=lengths,
-            positions=positions_of(lengths, position_mode, base_offsets, real_offsets),
-            legal=torch.stack(legal, dim=1),
-            provisional=torch.stack(provisional, dim=1),
-            provisional_lengths=torch.stack(provisional_lengths, dim=1),
+            positions=positions_of(lengths, position_mode, offsets[:, 0], offsets[:, 1]),
+            legal=_stacked(legal),
+            provisional=_stacked(provisional),
+            provisional_lengths=_stacked(provisional_lengths),
         )
 
-    def raise_if_illegal(self) -> None:
-        """Raise naming the first id of the last block that was not legal: the step's one host sync."""
-        if self._unchecked is not None:
-            legality, input_ids = self._unchecked
-            self._unchecked = None
-            raise_first_illegal(legality, input_ids, self.codebooks.codec.total_vocab_size)
+    def _record_illegal(self, legality: torch.LongTensor, input_ids: torch.LongTensor, positions) -> None:
+        """Keep, per row, the first illegal id ever fed (a row that has one keeps it)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = positions.to(input_ids.device).expand_as(input_ids)
+        if legality.shape[1] > 1:  # the block's first illegal id per row (one id: that one)
+            first = (legality != 0).int().argmax(dim=1, keepdim=True)
+            legality, positions, input_ids = (x.gather(1, first) for x in (legality, positions, input_ids))
+        found = torch.cat([legality, positions, input_ids], dim=1)
+        self.first_illegal.copy_(torch.where(self.first_illegal[:, :1] == 0, found, self.first_illegal))
+
+    @torch.compiler.disable  # a host sync by design: never part of a compiled step
+    def raise_if_illegal(self, block_start: int | None = None) -> None:
+        """Raise naming the first id fed that was not legal, if any (one host sync). With
+        ``block_start``, the error names it by its index in the block that began there."""
+        for b, (verdict, position, code) in enumerate(self.first_illegal.tolist()):
+            if verdict == 0:
+                continue
+            name = f"input_ids[{b}, {position - block_start}]" if block_start is not None else f"row {b}, position {position}"
+            if verdict == 1:
+                raise ValueError(f"{name} = {code} is outside the id space [0, {self.codebooks.codec.total_vocab_size})")
+            raise ValueError(f"{name}: hyper id {code} is not installed (nor the provisional id) there")
 
     def unencoded_entries(self) -> EntryBatch:
-        return self.codebooks.entries(self._created)
+        created, self._created = self._created, None  # a compiled step's output: never kept past it
+        return self.codebooks.entries(created)
 
     def table_capacity(self, entries: EntryBatch, current: int) -> int:
-        return self.codebooks.codec.max_codebook_size + 1  # every slot and the sink: shapes never change
+        return self.codebooks.table.shape[1]  # every slot and the sinks: shapes never change
 
     def select(self, rows: torch.Tensor | list[int]) -> None:
-        self.codebooks.select(torch.as_tensor(rows, device=self.codebooks.pending.device))
+        rows = torch.as_tensor(rows, device=self.codebooks.state.device)
+        self.codebooks.select(rows)
+        self.first_illegal = select_rows(self.first_illegal, rows)
+        if len(self._saved[0]) != len(rows):  # what the buffer held is void now, whatever its size
+            self._saved = (static_address(self.codebooks.snapshot()), static_address(self.first_illegal.clone()))
 
-    def snapshot(self) -> tuple[torch.Tensor, ...]:
-        return self.codebooks.snapshot()
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Into the one snapshot buffer (a block's snapshot replaces the one before)."""
+        self.codebooks.snapshot(into=self._saved[0])
+        self._saved[1].copy_(self.first_illegal)
+        return self._saved
 
-    def restore(self, snapshot: tuple[torch.Tensor, ...]) -> None:
-        self.codebooks.restore(snapshot)
-        self._unchecked = None
+    def restore(self, snapshot: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.codebooks.restore(snapshot[0])
+        self.first_illegal.copy_(snapshot[1])
 
     def feed_again(self, ids: torch.LongTensor, real: torch.BoolTensor) -> None:
         for t in range(ids.shape[1]):
@@ -229,12 +262,17 @@ class TensorRows:
     def rebuild(self, streams: list[LZWStream], num_real_tokens: list[int]) -> None:
         """Copied into the tensors already there, whose addresses a captured CUDA graph holds."""
         codebooks = self.codebooks
-        rebuilt = DeviceCodebooks.from_streams(codebooks.codec, streams, num_real_tokens, codebooks.pending.device)
-        for name in DeviceCodebooks._FIELDS:
-            getattr(codebooks, name).copy_(getattr(rebuilt, name))
+        rebuilt = DeviceCodebooks.from_streams(codebooks.codec, streams, num_real_tokens, codebooks.state.device)
+        codebooks.table.copy_(rebuilt.table)
+        codebooks.state.copy_(rebuilt.state)
 
     def keeping_vectors(self):
         return contextlib.nullcontext()  # the tables hold every slot
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor per position, stacked at dim 1 (a view when there is one)."""
+    return tensors[0].unsqueeze(1) if len(tensors) == 1 else torch.stack(tensors, dim=1)
 
 
 def check_id_range(ids: list[list[int]], total: int) -> None:

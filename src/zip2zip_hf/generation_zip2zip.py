@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from ._compat import CACHE_NAMES, beam_search_vocab_size, check_generation_internals, output_cache_field
+from .hyper_state import DeferredLegalityChecks
 from .lzw import LZWCodec, LZWStream, setting
 from .speculative_zip2zip import (
     DEFAULT_MAX_MATCHING_NGRAM,
@@ -97,7 +98,11 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             streamer = _BaseIdStreamer(streamer, self.codec)
         if not self.config.write_provisional_hypertokens:
             kwargs.setdefault("score_provisional", False)  # reaches every step's forward
+        # The ids come from masked logits: the steps record their legality on the device, read
+        # once here at the end (a processor that unmasks an illegal id is still named).
+        checks = kwargs.setdefault("deferred_checks", DeferredLegalityChecks())
         output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
+        checks.raise_if_illegal()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         prompts = _real_prompts(input_ids, attention_mask)
         after_prompt = PromptStreams(self.codec)

@@ -24,7 +24,7 @@ from .lzw import LZWCodec
 from .lzw_tensors import select_rows, static_address
 
 
-__all__ = ["HyperState", "StateSnapshot"]
+__all__ = ["DeferredLegalityChecks", "HyperState", "StateSnapshot"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,23 @@ class StateSnapshot:
     rows: object
     input_table: torch.Tensor | None
     output_table: torch.Tensor | None
+
+
+class DeferredLegalityChecks:
+    """Legality checks a caller reads once, after many forwards, instead of after each (what
+    `generate` passes to its forwards: its ids come from masked logits, and a decoding step should
+    never wait for the host). The forward adds its state; `raise_if_illegal` reads them all."""
+
+    def __init__(self):
+        self._states: list[HyperState] = []
+
+    def add(self, state: HyperState) -> None:
+        if all(seen is not state for seen in self._states):
+            self._states.append(state)
+
+    def raise_if_illegal(self) -> None:
+        for state in self._states:
+            state.raise_if_illegal()
 
 
 class HyperState:
@@ -81,39 +98,63 @@ class HyperState:
     # ------------------------------------------------------------------ a block of ids
 
     @torch.compiler.disable  # Python over the streams, once: never part of a compiled step
-    def prepare(self, input_ids: torch.LongTensor, vector_like: torch.Tensor) -> None:
+    def prepare(self, input_ids: torch.LongTensor, vector_like: torch.Tensor, max_positions: int | None = None) -> None:
         """Move the codebooks to the device when this block is a decoding step and the device
-        applies (see `codebook_rows`), with tables of all K + 1 slots shaped like rows of
-        ``vector_like``. Called eagerly before the block, so a failed block rolls back within the
-        store it ran in, and a compiled step only ever sees the final shapes."""
+        applies (see `codebook_rows`), with tables of every slot shaped like rows of
+        ``vector_like``, and, for a static cache of ``max_positions``, the record of fed ids at its
+        full length. Called eagerly before the block, so a failed block rolls back within the store
+        it ran in, and a compiled step only ever sees the final shapes and addresses."""
+        if max_positions is not None and (self._fed is None or self._fed.shape[1] < max_positions):
+            self._fed = static_address(_grown_fed(self._fed, self.batch_size, max_positions, input_ids))
         on_device = self.on_device if self.on_device is not None else input_ids.device.type != "cpu"
         rows = self.rows.for_step(input_ids, on_device)
         if rows is self.rows:
             return
         self.rows, self._before_last_block = rows, None  # that snapshot belongs to the other store
-        capacity = self.codec.max_codebook_size + 1
+        capacity = self.codec.max_codebook_size + self.codec.max_subtokens  # every slot and the sinks
         self.input_table = static_address(_grown(self.input_table, self.batch_size, capacity, vector_like))
         if self.has_head:
             self.output_table = static_address(_grown(self.output_table, self.batch_size, capacity, vector_like))
 
     @contextlib.contextmanager
-    def block(self, input_ids: torch.LongTensor, mask: torch.Tensor) -> Iterator[None]:
+    def block(
+        self, input_ids: torch.LongTensor, mask: torch.Tensor, deferred: DeferredLegalityChecks | None = None
+    ) -> Iterator[None]:
         """One block of ids, all or nothing. Inside it the model calls `consume`,
         `unencoded_entries` and `store`; when it ends, the block's positions are counted and the
-        legality of its ids is read (on the device, the step's one host sync). If anything raised,
-        the state is as it was before; else the block is recorded (what `crop` rewinds with)."""
+        legality of its ids is read (on the device, a host sync), unless ``deferred`` takes this
+        state to read it later. If anything raised, the state is as it was before; else the block
+        is recorded (what `crop` rewinds with). The bookkeeping around the block stays eager."""
         snapshot = self.snapshot()
         try:
             yield
-            self.num_positions += input_ids.shape[1]
-            self.rows.raise_if_illegal()
+            self._commit(snapshot, input_ids, mask, deferred)
         except BaseException:
             self.restore(snapshot)
             raise
+
+    @torch.compiler.disable
+    def _commit(self, snapshot: StateSnapshot, input_ids, mask, deferred: DeferredLegalityChecks | None) -> None:
+        if deferred is None:
+            self.rows.raise_if_illegal(block_start=snapshot.num_positions)
+        else:
+            deferred.add(self)
+        self.num_positions += input_ids.shape[1]
         self._record(snapshot, input_ids, mask)
 
+    @torch.compiler.disable
+    def raise_if_illegal(self) -> None:
+        """Raise naming the first id fed since the codebooks moved to the device that was not legal
+        (a host sync); the Python streams raise for one as they read it."""
+        self.rows.raise_if_illegal()
+
     def consume(
-        self, input_ids: torch.LongTensor, mask: torch.Tensor, keep: list[int], position_mode: str
+        self,
+        input_ids: torch.LongTensor,
+        mask: torch.Tensor,
+        keep: list[int],
+        position_mode: str,
+        positions: torch.LongTensor | None = None,
     ) -> ConsumedBlock:
         """Feed each row's real (unmasked) ids to its codebook; record legal sets and positions.
 
@@ -122,11 +163,12 @@ class HyperState:
             mask: ``(B, T)`` 0 on padding (skipped by the codebook).
             keep: the positions whose legal sets are wanted (those that get logits).
             position_mode: ``"base"`` (a position per base id) or ``"compressed"`` (one per id).
+            positions: ``(T,)`` the block's positions in the cache (what an illegal id is named by).
 
         An id outside the id space (padding included) or not legal at its position is a ValueError,
-        raised here or, on the device, when the block ends.
+        raised here or, on the device, when the block ends (or when the caller reads it).
         """
-        return self.rows.consume(input_ids, mask, keep, position_mode)
+        return self.rows.consume(input_ids, mask, keep, position_mode, positions)
 
     def unencoded_entries(self) -> EntryBatch:
         """The installed entries that have no vectors yet."""
@@ -147,22 +189,25 @@ class HyperState:
 
     # ------------------------------------------------------------------ rows and snapshots
 
+    @torch.compiler.disable
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep (and repeat or reorder) rows: row ``i`` becomes old row ``rows[i]``."""
         self._before_last_block = None  # a snapshot holds no rows to select
         self.rows.select(rows)
         if self._fed is not None:
-            self._fed = self._fed.index_select(0, torch.as_tensor(rows, device=self._fed.device))
+            self._fed = select_rows(self._fed, torch.as_tensor(rows, device=self._fed.device))
         for name in ("input_table", "output_table"):
             table = getattr(self, name)
             if table is not None:
                 setattr(self, name, select_rows(table, torch.as_tensor(rows, device=table.device)))
 
+    @torch.compiler.disable
     def snapshot(self) -> StateSnapshot:
         """A cheap record of the state (O(rows)): `restore` returns to it after any consuming and
         storing (not after a row selection)."""
         return StateSnapshot(self.num_positions, self.rows.snapshot(), self.input_table, self.output_table)
 
+    @torch.compiler.disable
     def restore(self, snapshot: StateSnapshot) -> None:
         """Return to a `snapshot`: entries installed since are uninstalled, counters and tables reset.
 
@@ -180,17 +225,16 @@ class HyperState:
 
     def _record(self, snapshot: StateSnapshot, input_ids: torch.LongTensor, mask: torch.Tensor) -> None:
         """Remember a block that succeeded: its ids (``-1`` on padding) and the `snapshot` taken
-        before it. One write per block, on the ids' device, no host sync."""
+        before it. One write per block, on the ids' device, no host sync; the record grows
+        geometrically with a dynamic cache, and is as long as a static cache from the start."""
         start, end = snapshot.num_positions, self.num_positions
         if self._fed is None or self._fed.shape[1] < end:
             width = 0 if self._fed is None else self._fed.shape[1]
-            grown = input_ids.new_full((self.batch_size, max(end, 2 * width, 16)), -1)
-            if self._fed is not None:
-                grown[:, :start] = self._fed[:, :start]
-            self._fed = grown
+            self._fed = static_address(_grown_fed(self._fed, self.batch_size, max(end, 2 * width, 16), input_ids))
         self._fed[:, start:end] = input_ids.masked_fill(~mask.bool(), -1)
         self._before_last_block = snapshot
 
+    @torch.compiler.disable
     def crop(self, length: int) -> None:
         """Return to the state after the first ``length`` positions: the entries installed since are
         uninstalled and the counters restored, exactly as if only those positions had been fed.
@@ -216,7 +260,6 @@ class HyperState:
                 self._before_last_block = None
         self.num_positions = length
 
-    @torch.compiler.disable
     def _rebuild(self, fed: torch.LongTensor) -> None:
         """The codebooks after the recorded ids ``fed`` (``-1`` on padding), fed anew to streams."""
         rows = [[i for i in row if i >= 0] for row in fed.tolist()]
@@ -235,6 +278,14 @@ def _write(table, entries: EntryBatch, vectors: torch.Tensor, batch_size: int, c
         return table.index_put(index, vectors)  # out of place: autograd needs the old version
     table[index] = vectors.to(table.dtype)
     return table
+
+
+def _grown_fed(fed: torch.Tensor | None, batch_size: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """A record of fed ids ``width`` long (``-1``: nothing fed there) holding ``fed``."""
+    grown = like.new_full((batch_size, width), -1)
+    if fed is not None:
+        grown[:, : fed.shape[1]] = fed
+    return grown
 
 
 def _grown(table: torch.Tensor | None, batch_size: int, capacity: int, like: torch.Tensor) -> torch.Tensor:

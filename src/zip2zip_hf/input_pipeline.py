@@ -25,7 +25,7 @@ from transformers import Cache, DynamicCache
 from ._compat import pop_cache, truncate_cache
 from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
 from .codebook_blocks import ConsumedBlock, EntryBatch
-from .hyper_state import HyperState
+from .hyper_state import DeferredLegalityChecks, HyperState
 from .precomputed_codebooks import precomputed_block
 
 
@@ -43,6 +43,9 @@ class BlockPlan:
         mask: ``(B, T)`` this block's padding mask.
         precomputed: the `ConsumedBlock` and `EntryBatch` from ``codebooks=`` (None otherwise).
         base_kwargs: the base model's keyword arguments, but the embeddings and positions.
+        cache_position: ``(T,)`` this block's positions in the cache.
+        deferred_checks: where the block's legality check goes instead of being read when it ends
+            (`DeferredLegalityChecks`, from `generate`), or None.
         score_provisional: whether the provisional entry gets a logit (the causal LM's head).
     """
 
@@ -53,6 +56,8 @@ class BlockPlan:
     mask: torch.Tensor
     precomputed: tuple[ConsumedBlock, EntryBatch] | None
     base_kwargs: dict
+    cache_position: torch.LongTensor
+    deferred_checks: DeferredLegalityChecks | None = None
     score_provisional: bool = True
 
 
@@ -66,11 +71,23 @@ class Zip2ZipInputPipeline:
 
     @torch.compiler.disable  # checks and Python bookkeeping: never part of a compiled step
     def _plan_block(
-        self, input_ids, attention_mask, cache, use_cache, kwargs: dict, *, inputs_embeds, codebooks, **head
+        self,
+        input_ids,
+        attention_mask,
+        cache,
+        use_cache,
+        kwargs: dict,
+        *,
+        inputs_embeds,
+        codebooks,
+        validate_codebooks: bool = False,
+        deferred_checks: DeferredLegalityChecks | None = None,
+        labels=None,
+        logits_to_keep=0,
+        score_provisional: bool = True,
     ) -> BlockPlan:
         """Check the inputs and settle everything a block needs before it runs (see `BlockPlan`).
-        ``head``: the LM's ``labels``, ``logits_to_keep`` and ``score_provisional``; ``validate_codebooks``."""
-        labels, logits_to_keep = head.get("labels"), head.get("logits_to_keep", 0)
+        ``labels``, ``logits_to_keep`` and ``score_provisional`` are the causal LM's (its head's)."""
         cache = pop_cache(kwargs, cache)
         check_input_ids(input_ids, inputs_embeds)
         batch_size, length = input_ids.shape
@@ -88,14 +105,15 @@ class Zip2ZipInputPipeline:
                 keep,
                 self.codec,
                 self.config.position_mode,
-                validate=head.get("validate_codebooks", False),
+                validate=validate_codebooks,
             )
             cache = state = None
         else:
             use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
             cache, state = self._resolve_state(cache, batch_size, use_cache)
             attention_mask = checked_attention_mask(attention_mask, input_ids, state.num_positions)
-            state.prepare(input_ids, self.get_input_embeddings().weight)
+            max_positions = cache.max_positions if isinstance(cache, Zip2ZipStaticCache) else None
+            state.prepare(input_ids, self.get_input_embeddings().weight, max_positions)
             precomputed = None
         block_mask = attention_mask[:, -length:].contiguous()
         if isinstance(cache, Zip2ZipStaticCache):
@@ -114,12 +132,23 @@ class Zip2ZipInputPipeline:
             **kwargs,
         }
         past_length = state.num_positions if state is not None else 0
+        cache_position = torch.arange(past_length, past_length + length, device=input_ids.device)
         if "cache_position" in self._base_forward_params and kwargs.get("cache_position") is None:
             # Up to 4.57 the base model would otherwise ask the cache, which a static cache answers
             # by reading its keys back (a sync, and no graph for a compiled step).
-            base_kwargs["cache_position"] = torch.arange(past_length, past_length + length, device=input_ids.device)
-        score_provisional = head.get("score_provisional", True)
-        return BlockPlan(cache, state, past_length, keep, block_mask, precomputed, base_kwargs, score_provisional)
+            base_kwargs["cache_position"] = cache_position
+        return BlockPlan(
+            cache,
+            state,
+            past_length,
+            keep,
+            block_mask,
+            precomputed,
+            base_kwargs,
+            cache_position,
+            deferred_checks,
+            score_provisional,
+        )
 
     def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
         """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
@@ -157,7 +186,9 @@ class Zip2ZipInputPipeline:
         if block.state is None:
             step, entries = block.precomputed
         else:
-            step = block.state.consume(input_ids, block.mask, block.keep, self.config.position_mode)
+            step = block.state.consume(
+                input_ids, block.mask, block.keep, self.config.position_mode, block.cache_position
+            )
             entries = block.state.unencoded_entries()
         device = input_ids.device
         step = step.to(device)
@@ -176,9 +207,9 @@ class Zip2ZipInputPipeline:
 
         V = self.codec.initial_vocab_size
         is_hyper = input_ids >= V
-        # Ids outside the id space are reported after the step is queued (`raise_if_illegal`);
-        # until then they read row 0, never out of bounds.
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_hyper | (input_ids < 0), 0))
+        # Hyper ids take their vectors below. Ids outside the id space are reported once the step
+        # is queued (`raise_if_illegal`); until then they read a row in bounds.
+        inputs_embeds = self.get_input_embeddings()(input_ids.clamp(0, V - 1))
         if anchor:
             inputs_embeds = inputs_embeds + 0.0 * vectors.sum()
         if input_table is None or input_table.shape[1] == 0:
@@ -251,14 +282,18 @@ def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
     """The block as one transaction of its state (`HyperState.block`: snapshot, count, legality
     check, record or roll back), plus the positions the base model may already have written into
     the cache, cut back on failure, so a caller that catches the error keeps its cache."""
-    transaction = block.state.block(input_ids, block.mask) if block.state is not None else contextlib.nullcontext()
+    state = block.state
+    transaction = state.block(input_ids, block.mask, block.deferred_checks) if state is not None else contextlib.nullcontext()
     try:
         with transaction:
             yield
     except BaseException:
         if block.cache is not None:
-            truncate_cache(block.cache, block.past_length)
+            _truncate(block.cache, block.past_length)
         raise
+
+
+_truncate = torch.compiler.disable(truncate_cache)  # the rollback stays eager, whoever compiles the model
 
 
 def stored_table(state: HyperState | None, entries: EntryBatch, vectors: torch.Tensor, side: str, batch_size: int):

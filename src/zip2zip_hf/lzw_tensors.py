@@ -8,8 +8,6 @@ accelerator.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +15,7 @@ from .codebook_blocks import EntryBatch
 from .lzw import LZWCodec
 
 
-__all__ = ["DeviceCodebooks", "padded", "raise_first_illegal", "select_rows", "static_address"]
+__all__ = ["DeviceCodebooks", "padded", "select_rows", "static_address"]
 
 
 class DeviceCodebooks:
@@ -30,48 +28,49 @@ class DeviceCodebooks:
     (a fixed loop of M iterations, masked past each id's length). The Python streams are the oracle
     in the tests.
 
-    Entry k of row b is ``content[b, k, :length[b, k]]``; ``keys[b, k]`` is ``prefix * V + last``
-    (the code of its phrase without the last base id, and that id: the key `Codebook` uses), -1
-    where no entry is installed, so one comparison finds an entry. Column K of every table is a
-    sink that masked writes go to, so no write needs a branch.
+    Two tensors hold everything, each allocated once and only ever written in place (a decoding
+    step is a launch-bound string of small kernels on a GPU, so each is read and written whole):
 
-    Attributes:
-        num_installed: ``(B,)`` entries per row.
-        pending / pending_length / pending_content: ``(B,)``, ``(B,)``, ``(B, M)``: code, length
-            and base ids of the pending phrase ``w`` (-1 / 0 / zeros: none).
-        num_base_ids / num_real_tokens: ``(B,)`` base ids and non-padding ids consumed.
+    * ``table``, ``(B, K + M, M + 2)``: per slot the entry's base ids (``content``, 0-padded), its
+      ``length`` and its ``key`` (``prefix * V + last``: the code of its phrase without the last base
+      id, and that id, as `Codebook` keys it), so one comparison finds an entry. Slots ``>= K`` are
+      sinks that masked writes go to, so no write needs a branch. Slot ``num_installed`` holds the
+      provisional id's content and length (0 where it is not legal) under a key nothing matches.
+    * ``state``, ``(B, M + 6)``: per row the pending phrase ``w`` (``pending_content``, with one
+      spare column, ``pending_length``, and its code ``pending``, -1 for none), ``num_installed``,
+      and the base ids and non-padding ids consumed (``num_base_ids``, ``num_real_tokens``). A
+      snapshot is one copy of it.
     """
-
-    # Per-row counters (what a snapshot holds) and all per-row tensors (what a row selection moves).
-    _COUNTERS = (
-        "num_installed",
-        "pending",
-        "pending_length",
-        "pending_content",
-        "provisional_content",
-        "provisional_length",
-        "num_base_ids",
-        "num_real_tokens",
-    )
-    _FIELDS = ("keys", "content", "length", *_COUNTERS)
 
     def __init__(self, codec: LZWCodec, batch_size: int, device=None):
         V, K, M = codec.initial_vocab_size, codec.max_codebook_size, codec.max_subtokens
         self.codec = codec
-        long = functools.partial(torch.zeros, dtype=torch.long, device=device)
-        self.keys = long(batch_size, K + 1) - 1
-        self.content = long(batch_size, K + 1, M)
-        self.length = long(batch_size, K + 1)
-        self.num_installed = long(batch_size)
-        self.pending = long(batch_size) - 1
-        self.pending_length = long(batch_size)
-        self.pending_content = long(batch_size, M)
-        self.provisional_content = long(batch_size, M)  # what `provisional` returns, kept up to date
-        self.provisional_length = long(batch_size)
-        self.num_base_ids = long(batch_size)
-        self.num_real_tokens = long(batch_size)
-        self.disabled = torch.zeros(V, dtype=torch.bool, device=device)
-        self.disabled[sorted(codec.disabled_ids)] = True
+        self.no_key = -V - 1  # below every key, even those of no pending phrase (-1 * V + id)
+        self.table = torch.zeros(batch_size, K + M, M + 2, dtype=torch.long, device=device)
+        self.table[..., M + 1] = self.no_key
+        self.state = torch.zeros(batch_size, M + 6, dtype=torch.long, device=device)
+        self.state[:, M + 2] = -1
+        self.startable = torch.ones(V, dtype=torch.bool, device=device)  # may start a phrase: not disabled
+        self.startable[sorted(codec.disabled_ids)] = False
+        # w may grow by an id while 1 <= len(w) < M (a pending phrase that is not full).
+        self.can_grow = (torch.arange(M + 1, device=device) >= 1) & (torch.arange(M + 1, device=device) < M)
+        self.slot_ids = torch.arange(V, V + K, device=device)  # the id each slot is installed as
+        self._row_ids = torch.arange(batch_size, device=device)
+
+    # Views of the two tensors, by name.
+    content = property(lambda self: self.table[..., : self.codec.max_subtokens])
+    length = property(lambda self: self.table[..., self.codec.max_subtokens])
+    keys = property(lambda self: self.table[..., self.codec.max_subtokens + 1])
+    pending_content = property(lambda self: self.state[:, : self.codec.max_subtokens])
+    pending_length = property(lambda self: self.state[:, self.codec.max_subtokens + 1])
+    pending = property(lambda self: self.state[:, self.codec.max_subtokens + 2])
+    num_installed = property(lambda self: self.state[:, self.codec.max_subtokens + 3])
+    num_base_ids = property(lambda self: self.state[:, self.codec.max_subtokens + 4])
+    num_real_tokens = property(lambda self: self.state[:, self.codec.max_subtokens + 5])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.state)
 
     @classmethod
     def from_streams(cls, codec: LZWCodec, streams, num_real_tokens, device=None) -> DeviceCodebooks:
@@ -90,72 +89,53 @@ class DeviceCodebooks:
                 state.pending_content[b] = torch.tensor(padded(phrase, M))
             state.num_base_ids[b] = stream.num_base_ids
         state.num_real_tokens[:] = torch.tensor(num_real_tokens)
-        state.provisional_content, state.provisional_length = state._provisional()
+        state._write_provisional()
         return state.to(device)
 
     def to(self, device) -> DeviceCodebooks:
-        for name in (*self._FIELDS, "disabled"):
+        for name in ("table", "state", "startable", "can_grow", "slot_ids", "_row_ids"):
             setattr(self, name, static_address(getattr(self, name).to(device)))
         return self
 
     # ------------------------------------------------------------------ reading
 
-    def _key(self, base_ids: torch.LongTensor) -> torch.LongTensor:
-        """The key of entry ``w + base_id`` per row; -2 (matching nothing) where no phrase is pending."""
-        return torch.where(self.pending >= 0, self.pending * self.codec.initial_vocab_size + base_ids, -2)
-
     def provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
         """``(B, M)`` content and ``(B,)`` length of the provisional id ``V + num_installed``
-        (``w + w[0]``); length 0 where it is not legal. Computed once per fed id, not per read: these
-        are the state's own tensors, which the next `feed` overwrites in place."""
-        return self.provisional_content, self.provisional_length
-
-    def _provisional(self) -> tuple[torch.LongTensor, torch.LongTensor]:
-        M, K = self.codec.max_subtokens, self.codec.max_codebook_size
-        first = self.pending_content[:, :1]
-        installed = (self.keys == self._key(first[:, 0])[:, None]).any(dim=1)
-        legal = (self.pending >= 0) & (self.pending_length < M) & (self.num_installed < K) & ~installed
-        content = self.pending_content.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], first)
-        return content, torch.where(legal, self.pending_length + 1, 0)
+        (``w + w[0]``); length 0 where it is not legal. Read from its slot, where every `feed` and
+        `restore` writes it."""
+        M = self.codec.max_subtokens
+        slot = self.table[self._row_ids, self.num_installed]
+        return slot[:, :M], slot[:, M]
 
     @property
     def num_legal_hyper(self) -> torch.LongTensor:
         return self.num_installed + (self.provisional()[1] > 0)
 
-    def expand(self, codes: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
+    def expand(self, codes: torch.LongTensor, real: torch.BoolTensor):
         """``(B, M)`` base ids and ``(B,)`` count of one id per row, and ``(B,)`` its legality: 0
-        legal next, 1 outside the id space, 2 a hyper id neither installed nor the provisional one
-        (such ids expand to nothing)."""
-        V, total = self.codec.initial_vocab_size, self.codec.total_vocab_size
-        provisional, provisional_length = self.provisional()
-        slots = (codes - V).clamp(0, self.codec.max_codebook_size)
-        rows = torch.arange(len(codes), device=codes.device)
-        is_provisional = (codes == V + self.num_installed) & (provisional_length > 0)
+        legal next, 1 outside the id space, 2 a hyper id neither installed nor the provisional one.
+        Ids that are not legal, and padding (not ``real``, only checked for the id space), expand to
+        nothing."""
+        V, K, M = self.codec.initial_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
+        slot = (codes - V).clamp(0, K)
+        entry = self.table[self._row_ids, slot]
         is_hyper = codes >= V
-        content = torch.where(
-            is_hyper[:, None],
-            self.content[rows, slots],
-            F.pad(codes[:, None].clamp(min=0), (0, provisional.shape[1] - 1)),
-        )
-        content = torch.where(is_provisional[:, None], provisional, content)
-        installed = is_hyper & (slots < self.num_installed)
-        length = torch.where(is_provisional, provisional_length, torch.where(installed, self.length[rows, slots], 1))
-        outside = (codes < 0) | (codes >= total)
-        legality = torch.where(outside, 1, torch.where(is_hyper & ~installed & ~is_provisional, 2, 0))
-        return content, torch.where(legality == 0, length, 0), legality
+        # Installed entries have a length of at least 2, the provisional slot its own (0: not legal).
+        readable = (slot <= self.num_installed) & (entry[:, M] > 0)
+        content = torch.where(is_hyper[:, None], entry[:, :M], F.pad(codes.clamp(min=0)[:, None], (0, M - 1)))
+        outside = codes.clamp(0, self.codec.total_vocab_size - 1) != codes
+        unknown = real & (is_hyper > readable)
+        legality = torch.where(outside, 1, torch.where(unknown, 2, 0))
+        length = torch.where(real > (outside | unknown), torch.where(is_hyper, entry[:, M], 1), 0)
+        return content, length, legality
 
     def entries(self, slots: torch.LongTensor) -> EntryBatch:
-        """The entries at ``slots`` (``(B, S)``, -1 for none, read as the sink) as an `EntryBatch`
-        of fixed size ``B * S`` with tensor ``rows`` and ``slots``."""
-        K = self.codec.max_codebook_size
-        slots = torch.where(slots >= 0, slots, K)
-        rows = torch.arange(len(slots), device=slots.device)[:, None].expand_as(slots)
-        return EntryBatch(
-            rows=rows.reshape(-1),
-            slots=slots.reshape(-1),
-            subtokens=self.content[rows, slots].reshape(-1, self.content.shape[-1]),
-            lengths=self.length[rows, slots].reshape(-1),
-        )
+        """The entries at ``slots`` (``(B, S)``, as `feed` gives them: sinks for none) as an
+        `EntryBatch` of fixed size ``B * S`` with tensor ``rows`` and ``slots``."""
+        M = self.codec.max_subtokens
+        rows = self._row_ids[:, None].expand_as(slots)
+        entries = self.table[rows, slots].reshape(-1, M + 2)
+        return EntryBatch(rows=rows.reshape(-1), slots=slots.reshape(-1), subtokens=entries[:, :M], lengths=entries[:, M])
 
     # ------------------------------------------------------------------ feeding
 
@@ -163,75 +143,76 @@ class DeviceCodebooks:
         """Consume one id per row (where ``real``).
 
         Returns ``(B,)`` the base ids each id stood for, ``(B, M)`` the slots of the entries it
-        installed (-1 for none) in creation order, and ``(B,)`` its legality (see `expand`; padding
-        is only checked for the id space). An id that is not legal stands for nothing.
+        installed in creation order (a sink, ``>= K``, for none), and ``(B,)`` its legality (see
+        `expand`). An id that is not legal stands for nothing.
         """
         V, K, M = self.codec.initial_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
-        buffers = {name: getattr(self, name) for name in self._COUNTERS}
-        content, length, legality = self.expand(codes)
-        legality = torch.where(real | (legality == 1), legality, 0)
-        length = torch.where(real, length, 0)
-        rows = torch.arange(len(codes), device=codes.device)
+        content, length, legality = self.expand(codes, real)
+        active = torch.arange(M, device=codes.device) < length[:, None]
+        startable = self.startable[content]
+        may_create = active & startable
+        # The phrase after an id that extends nothing: the id alone (none for a disabled id).
+        alone = torch.cat(
+            [F.pad(content[..., None], (0, M)), startable[..., None].long(), torch.where(startable, content, -1)[..., None]],
+            dim=-1,
+        )
+        keys, rows = self.keys[:, :K], self._row_ids  # the sinks never match
+        w, n = self.state[:, : M + 3], self.num_installed  # w: content (M + 1), length, code
         created = []
         for i in range(M):
-            active = i < length
-            c = content[:, i]
-            key = self._key(c)
-            # Keys are unique: at most one match. (Not a max over bools: inductor's CPU code lacks it.)
-            matches = self.keys == key[:, None]
-            found, slot = matches.any(dim=1), matches.int().argmax(dim=1)
-            extend = active & found
-            create = active & ~found & (self.pending >= 0) & ~self.disabled[c]
-            create &= (self.num_installed < K) & (self.pending_length < M)
-            target = torch.where(create, self.num_installed, K)  # column K: the sink
-            extended = self.pending_content.scatter(1, self.pending_length.clamp(max=M - 1)[:, None], c[:, None])
-            self.keys[rows, target] = torch.where(create, key, -1)  # the sink never matches
-            self.content[rows, target] = extended
-            self.length[rows, target] = self.pending_length + 1
-            created.append(torch.where(create, self.num_installed, -1))
-            self.num_installed = self.num_installed + create
-            # The next phrase: w + c when that is an entry, else c alone (none for a disabled c).
-            fresh = active & ~extend
-            starts = ~self.disabled[c]
-            self.pending = torch.where(extend, V + slot, torch.where(fresh, torch.where(starts, c, -1), self.pending))
-            self.pending_length = torch.where(
-                extend, self.pending_length + 1, torch.where(fresh, starts.long(), self.pending_length)
-            )
-            alone = F.pad(c[:, None], (0, M - 1))
-            self.pending_content = torch.where(
-                extend[:, None], extended, torch.where(fresh[:, None], alone, self.pending_content)
-            )
-        self.num_base_ids = self.num_base_ids + length
-        self.num_real_tokens = self.num_real_tokens + real.long()
-        self.provisional_content, self.provisional_length = self._provisional()
-        self._write_back(buffers)
+            c, w_length, w_code = content[:, i], w[:, M + 1], w[:, M + 2]
+            key = torch.add(c, w_code, alpha=V)  # w + c; no pending phrase (-1) gives a key below every entry's
+            code = ((keys == key[:, None]) * self.slot_ids).sum(dim=1)  # its id, 0 if not an entry (keys are unique)
+            found = code > 0
+            grown = w[:, : M + 1].scatter(1, w_length[:, None], c[:, None])
+            longer = w_length + 1
+            create = (may_create[:, i] > found) & self.can_grow[w_length]
+            target = torch.where(create, n, K)  # a sink when nothing is created (or the codebook is full)
+            self.table.index_put_((rows, target), torch.cat([grown[:, :M], longer[:, None], key[:, None]], dim=1))
+            created.append(target)
+            n = n + create
+            extended = torch.cat([grown, longer[:, None], code[:, None]], dim=1)
+            w = torch.where(active[:, i, None], torch.where(found[:, None], extended, alone[:, i]), w)
+        counts = self.state[:, M + 4 :] + torch.stack([length, real.long()], dim=1)
+        self.state.copy_(torch.cat([w, n.clamp(max=K)[:, None], counts], dim=1))
+        self._write_provisional()
         return length, torch.stack(created, dim=1), legality
 
-    def _write_back(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Copy the counters into the tensors that held them before and keep those: the whole state
-        lives at fixed addresses, mutated in place, as CUDA graphs (``mode="reduce-overhead"``) need."""
-        for name, buffer in buffers.items():
-            setattr(self, name, buffer.copy_(getattr(self, name)))
+    def _write_provisional(self) -> None:
+        """Write the provisional id ``w + w[0]`` into slot ``num_installed``: its content, and its
+        length where it is legal (w pending and not full, the codebook not full, and not already an
+        entry), else 0."""
+        V, K, M = self.codec.initial_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
+        w, w_length, n = self.state, self.pending_length, self.num_installed
+        first = w[:, 0]
+        content = w[:, : M + 1].scatter(1, w_length[:, None], first[:, None])
+        installed = (self.keys[:, :K] == torch.add(first, self.pending, alpha=V)[:, None]).any(dim=1)
+        legal = (self.can_grow[w_length] & (n < K)) > installed
+        length = torch.where(legal, w_length + 1, 0)
+        no_key = torch.full_like(length, self.no_key)
+        self.table.index_put_((self._row_ids, n), torch.cat([content[:, :M], length[:, None], no_key[:, None]], dim=1))
 
     # ------------------------------------------------------------------ rows and snapshots
 
     def select(self, rows: torch.LongTensor) -> None:
-        for name in self._FIELDS:
-            setattr(self, name, select_rows(getattr(self, name), rows))
+        self.table, self.state = select_rows(self.table, rows), select_rows(self.state, rows)
+        if len(rows) != len(self._row_ids):
+            self._row_ids = static_address(torch.arange(len(rows), device=rows.device))
 
-    def snapshot(self) -> tuple[torch.Tensor, ...]:
-        """A cheap record of the state (O(rows) on the device): `restore` returns to it after any
-        feeding (not after a row selection)."""
-        return tuple(getattr(self, name).clone() for name in self._COUNTERS)
+    def snapshot(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A record of the state (O(rows) on the device): `restore` returns to it after any feeding
+        (not after a row selection). Written into ``into`` (a tensor shaped like ``state``, allocated
+        once by the caller) when given, else a new tensor."""
+        return self.state.clone() if into is None else into.copy_(self.state)
 
-    def restore(self, snapshot: tuple[torch.Tensor, ...]) -> None:
+    def restore(self, snapshot: torch.Tensor) -> None:
         """Return to a `snapshot`. Entries installed since sit at slots at or past the restored
-        ``num_installed``: their keys are cleared (so no lookup finds them) and the next installs
-        overwrite the rest."""
-        for name, value in zip(self._COUNTERS, snapshot, strict=True):
-            getattr(self, name).copy_(value)
-        slots = torch.arange(self.keys.shape[1], device=self.keys.device)
-        self.keys.masked_fill_(slots >= self.num_installed[:, None], -1)
+        ``num_installed``: their keys are cleared (so no lookup finds them), the next installs
+        overwrite the rest, and the provisional slot is written again."""
+        self.state.copy_(snapshot)
+        slots = torch.arange(self.table.shape[1], device=self.table.device)
+        self.keys.masked_fill_(slots >= self.num_installed[:, None], self.no_key)
+        self._write_provisional()
 
 
 def select_rows(tensor: torch.Tensor, rows: torch.LongTensor) -> torch.Tensor:
@@ -249,18 +230,6 @@ def static_address(tensor: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         torch._dynamo.mark_static_address(tensor)
     return tensor
-
-
-@torch.compiler.disable  # a host sync by design: never part of a compiled step
-def raise_first_illegal(legality: torch.LongTensor, input_ids: torch.LongTensor, total: int) -> None:
-    """Raise for the first nonzero `DeviceCodebooks.legality` in ``(B, T)`` (one host sync)."""
-    if not legality.any():
-        return
-    b, t = (int(i) for i in torch.nonzero(legality)[0])
-    code = int(input_ids[b, t])
-    if int(legality[b, t]) == 1:
-        raise ValueError(f"input_ids[{b}, {t}] = {code} is outside the id space [0, {total})")
-    raise ValueError(f"input_ids[{b}, {t}]: hyper id {code} is not installed (nor the provisional id) there")
 
 
 def padded(content, width: int) -> list[int]:

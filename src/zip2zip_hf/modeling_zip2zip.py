@@ -41,7 +41,7 @@ from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_encoder import build_hyper_encoder
 from .hyper_logits import check_head_reproduces_base, decoder_of, hyper_loss, widen_logits
-from .hyper_state import HyperState
+from .hyper_state import DeferredLegalityChecks, HyperState
 from .input_pipeline import BlockPlan, Zip2ZipInputPipeline, all_or_nothing, encode_entries, select_kept, stored_table
 from .lzw import LZWCodec  # noqa: F401
 from .lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
@@ -194,6 +194,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         return_dict: bool | None = None,
         codebooks: dict[str, torch.Tensor] | None = None,
         validate_codebooks: bool = False,
+        deferred_checks: DeferredLegalityChecks | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""Run the base model's decoder on compressed ids.
@@ -214,6 +215,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
             inputs_embeds=inputs_embeds,
             codebooks=codebooks,
             validate_codebooks=validate_codebooks,
+            deferred_checks=deferred_checks,
         )
         with all_or_nothing(block, input_ids):
             _, _, outputs = self._run_decoder(input_ids, block)
@@ -353,6 +355,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         codebooks: dict[str, torch.Tensor] | None = None,
         validate_codebooks: bool = False,
         score_provisional: bool = True,
+        deferred_checks: DeferredLegalityChecks | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""Run the base model on compressed ids.
@@ -378,6 +381,10 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             score_provisional: False makes the provisional entry's logit ``-inf`` (it stays legal to
                 read): what `generate` passes for a model that does not write it
                 (``config.write_provisional_hypertokens``).
+            deferred_checks: a `DeferredLegalityChecks` that takes this call's legality check, to be
+                read later, instead of reading it before returning (a host sync once the codebooks
+                are on the device): what `generate` passes, whose ids come from masked logits, so
+                that no decoding step waits for the host.
             num_items_in_batch (in ``kwargs``): the Trainer's token count for gradient accumulation.
 
         Returns:
@@ -404,6 +411,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             logits_to_keep=logits_to_keep,
             validate_codebooks=validate_codebooks,
             score_provisional=score_provisional,
+            deferred_checks=deferred_checks,
         )
         loss = None
         with all_or_nothing(block, input_ids):
