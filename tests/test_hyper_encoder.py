@@ -181,3 +181,77 @@ def test_bad_arguments_are_clear_errors():
         build_hyper_encoder("attention", D, M, residual="max")
     with pytest.raises(ValueError, match="mean hyper-encoder has no residual"):
         build_hyper_encoder("mean", D, M, residual="last")
+
+
+def reference_forward(encoder, subtokens, lengths, weight):
+    """The encoders' formula written plainly (masked_fill and sum, a cloned key mask, the residual by
+    gather), as it stood before the forward was cut down to few ops: the oracle of the fast path."""
+    import torch.nn.functional as F
+
+    valid = torch.arange(subtokens.shape[1]) < lengths[:, None]
+    embeddings = weight[subtokens.masked_fill(~valid, 0)]
+
+    def masked_mean(values):
+        accumulate = torch.promote_types(values.dtype, torch.float32)
+        total = values.to(accumulate).masked_fill(~valid[..., None], 0).sum(dim=1)
+        count = valid.sum(dim=1, keepdim=True).clamp(min=1).to(accumulate)
+        return (total / count).to(values.dtype)
+
+    if isinstance(encoder, MeanHyperEncoder):
+        return masked_mean(embeddings)
+    if encoder.residual == "mean":
+        residual = masked_mean(embeddings)
+    else:
+        first = encoder.residual == "first"
+        index = torch.zeros_like(lengths) if first else valid.sum(dim=1).clamp(min=1) - 1
+        residual = embeddings.gather(1, index[:, None, None].expand(-1, 1, embeddings.shape[-1]))[:, 0]
+    parameter = encoder.proj_in.weight
+    hidden = encoder.proj_in(embeddings.to(parameter.dtype)) + encoder.position_embedding[: subtokens.shape[1]]
+    key_mask = valid.clone()
+    key_mask[:, :1] = True
+    for layer in encoder.layers:
+        n, m, size = hidden.shape
+        qkv = layer.qkv_proj(layer.attention_norm(hidden))
+        query, key, value = qkv.view(n, m, 3, layer.num_heads, size // layer.num_heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask[:, None, None, :])
+        hidden = hidden + layer.o_proj(attended.transpose(1, 2).reshape(n, m, size))
+        hidden = hidden + layer.down_proj(F.gelu(layer.up_proj(layer.mlp_norm(hidden))))
+    correction = encoder.proj_out(masked_mean(encoder.norm(hidden)))
+    return residual + correction.to(residual.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, "bf16 table, fp32 encoder"])
+@pytest.mark.parametrize("kind", ["mean-encoder", "mean", "first", "last"])
+def test_forward_and_gradients_match_the_plain_formula(kind, dtype):
+    encoder_dtype = torch.float32 if isinstance(dtype, str) else dtype
+    dtype = torch.bfloat16 if isinstance(dtype, str) else dtype
+    generator = torch.Generator().manual_seed(6)
+    if kind == "mean-encoder":
+        encoder = MeanHyperEncoder()
+    else:
+        torch.manual_seed(6)
+        encoder = AttentionHyperEncoder(D, latent_size=8, num_layers=2, num_heads=2, max_subtokens=M, residual=kind)
+        with torch.no_grad():
+            encoder.proj_out.weight.normal_(std=0.5)
+            encoder.proj_out.bias.normal_(std=0.5)
+        encoder = encoder.to(encoder_dtype)
+    weight = torch.randn(ROWS, D, generator=generator).to(dtype)
+    subtokens, lengths = random_batch(40, generator)
+    lengths[:3] = torch.tensor([0, -2, M + 3])  # malformed lengths behave as before too
+    subtokens = fill_padding(subtokens, lengths.clamp(0, M), generator, low=-(10**6), high=10**6)
+    tolerance = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+
+    results, gradients = [], []
+    for forward in (encoder, lambda *args: reference_forward(encoder, *args)):
+        table = weight.clone().requires_grad_()
+        encoder.zero_grad()
+        out = forward(subtokens, lengths, table)
+        out.pow(2).sum().backward()
+        results.append(out)
+        gradients.append([table.grad] + [p.grad for p in encoder.parameters()])
+    (fast, plain), (fast_gradients, plain_gradients) = results, gradients
+    assert fast.dtype == plain.dtype == dtype and fast.shape == plain.shape == (40, D)
+    torch.testing.assert_close(fast, plain, rtol=tolerance, atol=tolerance)
+    for fast_gradient, plain_gradient in zip(fast_gradients, plain_gradients, strict=True):
+        scale = plain_gradient.abs().max().item() or 1.0
+        torch.testing.assert_close(fast_gradient / scale, plain_gradient / scale, rtol=0, atol=10 * tolerance)

@@ -38,39 +38,67 @@ def _check_inputs(subtokens: torch.Tensor, lengths: torch.Tensor, embedding_weig
         raise ValueError(f"Expected embedding_weight (rows, D), got {tuple(embedding_weight.shape)}")
 
 
-def _gather(
-    subtokens: torch.Tensor, lengths: torch.Tensor, embedding_weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Constituent embeddings ``(N, M_pad, D)`` and the validity mask ``(N, M_pad)``.
+def _slots(lengths: torch.Tensor, width: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(slots, valid, count)`` of ``width`` slots per row: the slot indices ``(M,)``, the validity mask
+    ``(N, M)`` and the number of valid slots ``(N, 1)``, at least 1 (what a mean divides by).
+
+    Three ops: an encoder call is paid per op on a GPU (a decoding step makes two), so these few
+    tensors are computed once and every mask, weight and index below is one op away from them.
+    """
+    lengths = lengths.to(device)[:, None]
+    slots = torch.arange(width, device=device)
+    return slots, slots < lengths, lengths.clamp(1, width)
+
+
+def _gather(subtokens: torch.Tensor, valid: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+    """Constituent embeddings ``(N, M_pad, D)``.
 
     Padding slots are read as row 0, so their ids may be anything (even out of range) and can
-    never change a result: everything downstream is bit-identical whatever the padding held.
+    never change a result: everything downstream gives them weight 0 or masks them out.
     """
-    device = embedding_weight.device
-    subtokens, lengths = subtokens.to(device), lengths.to(device)
-    valid = torch.arange(subtokens.shape[1], device=device) < lengths[:, None]
-    embeddings = embedding_weight[subtokens.masked_fill(~valid, 0)]
-    return embeddings, valid
+    return embedding_weight[subtokens.to(embedding_weight.device).where(valid, 0)]
 
 
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values (N, M, D)`` over the valid slots of each row, in ``values.dtype``.
-
-    Sums in at least float32 so a bf16 model's average is not rounded at every addition. A row with
-    no valid slot gives zeros rather than NaN.
-    """
-    accumulate = torch.promote_types(values.dtype, torch.float32)
-    total = values.to(accumulate).masked_fill(~valid[..., None], 0).sum(dim=1)
-    count = valid.sum(dim=1, keepdim=True).clamp(min=1).to(accumulate)
-    return (total / count).to(values.dtype)
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)`` for a floating dtype, decided without dispatching."""
+    return dtype if dtype.itemsize >= 4 else torch.float32
 
 
-def _residual(embeddings: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
-    """The masked mean, or the first or last valid constituent, of ``embeddings (N, M, D)``."""
+def _mean_weights(valid: torch.Tensor, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, M)`` weights of the masked mean in ``dtype``: ``1 / count`` on valid slots, 0 on padding
+    (all 0 for a row with no valid slot, whose mean is then zeros rather than NaN)."""
+    if dtype == torch.get_default_dtype():  # what a bool / integer division gives: one op
+        return valid / count
+    return valid.to(dtype) / count
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_m weights[n, m] * values[n, m]`` of ``values (N, M, D)`` as one batched matmul, in
+    ``weights.dtype`` (at least float32, so a bf16 model's average is not rounded at every addition),
+    returned in ``values.dtype``. Padding slots hold finite values of weight 0, so they add exactly 0."""
+    mean = torch.bmm(weights[:, None, :], values.to(weights.dtype))[:, 0]
+    return mean.to(values.dtype)
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values (N, M, D)`` over the valid slots of each row, in ``values.dtype``."""
+    return _weighted_mean(values, _mean_weights(valid, count, _accumulate_dtype(values.dtype)))
+
+
+def _residual(
+    embeddings: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, kind: str, weights: torch.Tensor
+) -> torch.Tensor:
+    """The masked mean, or the first or last valid constituent, of ``embeddings (N, M, D)``; the mean
+    reuses ``weights`` (`_mean_weights`) where their dtype and device are the ones it needs."""
     if kind == "mean":
-        return _masked_mean(embeddings, valid)
-    index = torch.zeros_like(valid[:, 0], dtype=torch.long) if kind == "first" else valid.sum(dim=1).clamp(min=1) - 1
-    return embeddings.gather(1, index[:, None, None].expand(-1, 1, embeddings.shape[-1]))[:, 0]
+        accumulate = _accumulate_dtype(embeddings.dtype)
+        if (weights.dtype, weights.device) != (accumulate, embeddings.device):
+            weights = _mean_weights(valid, count, accumulate)
+        return _weighted_mean(embeddings, weights)
+    if kind == "first":
+        return embeddings[:, 0]
+    index = (count - 1)[:, :, None].expand(-1, 1, embeddings.shape[-1])
+    return embeddings.gather(1, index)[:, 0]
 
 
 class MeanHyperEncoder(nn.Module):
@@ -90,8 +118,8 @@ class MeanHyperEncoder(nn.Module):
             ``(N, D)`` in the dtype and on the device of ``embedding_weight``.
         """
         _check_inputs(subtokens, lengths, embedding_weight)
-        embeddings, valid = _gather(subtokens, lengths, embedding_weight)
-        return _masked_mean(embeddings, valid)
+        _, valid, count = _slots(lengths, subtokens.shape[1], embedding_weight.device)
+        return _masked_mean(_gather(subtokens, valid, embedding_weight), valid, count)
 
 
 class AttentionHyperEncoderBlock(GradientCheckpointingLayer):
@@ -202,25 +230,24 @@ class AttentionHyperEncoder(nn.Module):
             raise ValueError(f"subtokens has {subtokens.shape[1]} slots, more than max_subtokens={self.max_subtokens}")
         if embedding_weight.shape[1] != self.hidden_size:
             raise ValueError(f"embedding_weight has width {embedding_weight.shape[1]}, expected {self.hidden_size}")
-        embeddings, valid = _gather(subtokens, lengths, embedding_weight)
-        residual = _residual(embeddings, valid, self.residual)
+        slots, valid, count = _slots(lengths, subtokens.shape[1], embedding_weight.device)
+        embeddings = _gather(subtokens, valid, embedding_weight)
 
         # The transformer runs in the parameters' dtype/device: usually the model's, but an encoder
         # kept in float32 next to a bf16 base (mixed-precision training) works too.
         parameter = self.proj_in.weight
+        # Padding keys are masked out; padding queries still attend to their row's valid keys and are
+        # given weight 0 by the pooling below. Slot 0 always stays visible (``count >= 1``) so even a
+        # (malformed) length-0 row never has an all-masked softmax, whose NaN would poison the backward
+        # pass (and the pooling, where 0 * NaN is NaN).
+        key_mask = (slots < count).to(parameter.device)[:, None, None, :]
+        weights = _mean_weights(valid, count, _accumulate_dtype(parameter.dtype)).to(parameter.device)
+        residual = _residual(embeddings, valid, count, self.residual, weights)
         hidden_states = self.proj_in(embeddings.to(device=parameter.device, dtype=parameter.dtype))
         hidden_states = hidden_states + self.position_embedding[: hidden_states.shape[1]]
-        valid = valid.to(parameter.device)
-        # Padding keys are masked out; padding queries still attend to their row's valid keys and are
-        # dropped by the pooling below. Slot 0 always stays visible so even a (malformed) length-0 row
-        # never has an all-masked softmax, whose NaN would poison the backward pass.
-        key_mask = valid.clone()
-        key_mask[:, :1] = True
-        key_mask = key_mask[:, None, None, :]
         for layer in self.layers:
             hidden_states = layer(hidden_states, key_mask)
-        pooled = _masked_mean(self.norm(hidden_states), valid)
-        correction = self.proj_out(pooled)
+        correction = self.proj_out(_weighted_mean(self.norm(hidden_states), weights))
         return residual + correction.to(device=residual.device, dtype=residual.dtype)
 
 
