@@ -7,7 +7,8 @@ attention encoder, codebooks on the device), median of repeats with the device s
 each timed call, ratio zip2zip / base:
 
 * prefill of the same code prompt;
-* one decoding step (cache, one id per row) at batch 1 and batch 32, feeding the text's own ids;
+* one decoding step (cache, one id per row) at batch 1 and batch 32, feeding the text's own ids, as
+  `generate` runs it (the legality check deferred to the end of the call);
   again with the zip2zip model's codebooks in Python streams (``codebooks_on_device = False``), to
   see which eager mode is faster (its ratio is against the same base step);
 * forced replay through ``generate``: both models write the same continuation (each its own
@@ -107,18 +108,26 @@ def op_counts(function, steps: int = 1) -> dict:
             "syncs_by_op": dict(counts.syncs_by_op)}  # fmt: skip
 
 
+def as_generate_steps(model) -> dict:
+    """What `generate` passes each decoding step of a zip2zip model: its legality checks deferred to
+    the end of the call (read once there), so a step never waits for the host; nothing for the base."""
+    from zip2zip_hf.hyper_state import DeferredLegalityChecks
+
+    return {"deferred_checks": DeferredLegalityChecks()} if hasattr(model, "codec") else {}
+
+
 def decode_counts(model, prompt: torch.Tensor, steps: list[int], cache_keyword_name: str) -> dict:
     """Op and sync counts of one eager decoding step with a cache: the prompt, up to three warm-up
     steps (the first step may set up state once), then the step counted."""
-    steps = steps[:4]
+    steps, step_kwargs = steps[:4], as_generate_steps(model)
     with torch.no_grad():
         cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_keyword_name: None})
         cache = cache.past_key_values
         for next_id in steps[:-1]:
             ids = torch.full((prompt.shape[0], 1), next_id, device=prompt.device)
-            cache = model(input_ids=ids, use_cache=True, **{cache_keyword_name: cache}).past_key_values
+            cache = model(input_ids=ids, use_cache=True, **{cache_keyword_name: cache}, **step_kwargs).past_key_values
         ids = torch.full((prompt.shape[0], 1), steps[-1], device=prompt.device)
-        return op_counts(lambda: model(input_ids=ids, use_cache=True, **{cache_keyword_name: cache}))
+        return op_counts(lambda: model(input_ids=ids, use_cache=True, **{cache_keyword_name: cache}, **step_kwargs))
 
 
 def peak_memory(function, device) -> float:
@@ -230,12 +239,12 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
             def decode():
                 cache = static_cache(model, prompt.shape[1] + len(steps)) if compile_steps else None
                 cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{keyword: cache}).past_key_values
-                times = []
+                times, step_kwargs = [], as_generate_steps(model)
                 for next_id in steps:
                     ids = torch.full((batch, 1), next_id, device=device)
                     synchronize(device)
                     start = time.perf_counter()
-                    cache = step_model(input_ids=ids, use_cache=True, **{keyword: cache}).past_key_values
+                    cache = step_model(input_ids=ids, use_cache=True, **{keyword: cache}, **step_kwargs).past_key_values
                     synchronize(device)
                     times.append(time.perf_counter() - start)
                 return times

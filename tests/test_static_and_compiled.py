@@ -174,14 +174,17 @@ def test_generate_compiles_the_static_decoding_steps_and_writes_the_same_tokens(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch_size", [3, 32])
 @pytest.mark.parametrize("mode", [{}, {"num_beams": 2}, {"do_sample": True, "top_k": 20}])
-def test_cuda_static_generate_with_cuda_graphs_writes_the_same_tokens(mode):
+def test_cuda_static_generate_with_cuda_graphs_writes_the_same_tokens(mode, batch_size):
     """On CUDA, ``cache_implementation="static"`` makes generate compile the decoding steps with
-    ``mode="reduce-overhead"`` (CUDA graphs, replayed on the state's fixed addresses)."""
+    ``mode="reduce-overhead"`` (CUDA graphs, replayed on the state's fixed addresses): the same
+    tokens as eager, for left-padded rows at batch 3 and 32."""
     torch._dynamo.reset()
     model = wrap(tiny_base("llama")).cuda()
     model.codebooks_on_device = None  # the default: on the device, as on any accelerator
-    ids, mask = (t.cuda() for t in padded_batch())
+    ids, mask = left_pad([compressed(24 + row, 30 + (7 * row) % 41) for row in range(batch_size)])
+    ids, mask = ids.cuda(), mask.cuda()
     torch.manual_seed(0)
     eager = generate(model, ids, mask, **mode)
     torch.manual_seed(0)

@@ -83,4 +83,4 @@ def positions_of(lengths: torch.LongTensor, position_mode: str, base_offsets=Non
     positions = steps.cumsum(dim=1) - 1
     if offsets is not None:
         positions = positions + offsets.to(positions.device)[:, None]
-    return positions.masked_fill(~real, 0)
+    return torch.where(real, positions, 0)

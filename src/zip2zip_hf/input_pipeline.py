@@ -94,6 +94,10 @@ class Zip2ZipInputPipeline:
         if labels is not None and tuple(labels.shape) != (batch_size, length):
             raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
         keep = kept_positions(length, 0 if labels is not None else logits_to_keep)
+        # No mask given means no padding. With a cache the base model is told so (None): a mask of
+        # ones would make it read the mask back to find that out (a host sync per step). Without a
+        # cache it gets the ones, or it would take the jumps of base positions for packed sequences.
+        pass_mask = attention_mask is not None or cache is None
         if codebooks is not None:
             if use_cache or (cache is not None and cache.get_seq_length()):
                 raise ValueError("codebooks= describe whole sequences: pass them without a cache and use_cache=False")
@@ -125,7 +129,7 @@ class Zip2ZipInputPipeline:
             # As wide as the cache, so that a compiled step sees the same shapes at every step.
             attention_mask = F.pad(attention_mask, (0, cache.max_positions - attention_mask.shape[1]))
         base_kwargs = {
-            "attention_mask": attention_mask,
+            "attention_mask": attention_mask if pass_mask else None,
             self._base_cache_keyword: cache,
             "use_cache": cache is not None,
             "return_dict": True,

@@ -31,25 +31,26 @@ class DeviceCodebooks:
     Two tensors hold everything, each allocated once and only ever written in place (a decoding
     step is a launch-bound string of small kernels on a GPU, so each is read and written whole):
 
-    * ``table``, ``(B, K + M, M + 2)``: per slot the entry's base ids (``content``, 0-padded), its
-      ``length`` and its ``key`` (``prefix * V + last``: the code of its phrase without the last base
-      id, and that id, as `Codebook` keys it), so one comparison finds an entry. Slots ``>= K`` are
-      sinks that masked writes go to, so no write needs a branch. Slot ``num_installed`` holds the
-      provisional id's content and length (0 where it is not legal) under a key nothing matches.
-    * ``state``, ``(B, M + 6)``: per row the pending phrase ``w`` (``pending_content``, with one
-      spare column, ``pending_length``, and its code ``pending``, -1 for none), ``num_installed``,
-      and the base ids and non-padding ids consumed (``num_base_ids``, ``num_real_tokens``). A
-      snapshot is one copy of it.
+    * ``table``, ``(B, K + M, M + 3)``: per slot the entry's base ids (``content``, 0-padded, with
+      one spare column), its ``length`` and its ``key`` (``prefix * V + last``: the code of its
+      phrase without the last base id, and that id, as `Codebook` keys it), so one comparison finds
+      an entry. Slots ``>= K`` are sinks that masked writes go to, so no write needs a branch. Slot
+      ``num_installed`` holds the provisional id's content and length (0 where it is not legal)
+      under a key nothing matches.
+    * ``state``, ``(B, M + 7)``: per row the pending phrase ``w``, laid out as a table row plus its
+      code (``pending_content``, ``pending_length``, its key when it is an entry, and ``pending``,
+      -1 for none), then ``num_installed`` and the base ids and non-padding ids consumed
+      (``num_base_ids``, ``num_real_tokens``). A snapshot is one copy of it.
     """
 
     def __init__(self, codec: LZWCodec, batch_size: int, device=None):
         V, K, M = codec.initial_vocab_size, codec.max_codebook_size, codec.max_subtokens
         self.codec = codec
         self.no_key = -V - 1  # below every key, even those of no pending phrase (-1 * V + id)
-        self.table = torch.zeros(batch_size, K + M, M + 2, dtype=torch.long, device=device)
-        self.table[..., M + 1] = self.no_key
-        self.state = torch.zeros(batch_size, M + 6, dtype=torch.long, device=device)
-        self.state[:, M + 2] = -1
+        self.table = torch.zeros(batch_size, K + M, M + 3, dtype=torch.long, device=device)
+        self.table[..., M + 2] = self.no_key
+        self.state = torch.zeros(batch_size, M + 7, dtype=torch.long, device=device)
+        self.state[:, M + 3] = -1
         self.startable = torch.ones(V, dtype=torch.bool, device=device)  # may start a phrase: not disabled
         self.startable[sorted(codec.disabled_ids)] = False
         # w may grow by an id while 1 <= len(w) < M (a pending phrase that is not full).
@@ -59,14 +60,14 @@ class DeviceCodebooks:
 
     # Views of the two tensors, by name.
     content = property(lambda self: self.table[..., : self.codec.max_subtokens])
-    length = property(lambda self: self.table[..., self.codec.max_subtokens])
-    keys = property(lambda self: self.table[..., self.codec.max_subtokens + 1])
+    length = property(lambda self: self.table[..., self.codec.max_subtokens + 1])
+    keys = property(lambda self: self.table[..., self.codec.max_subtokens + 2])
     pending_content = property(lambda self: self.state[:, : self.codec.max_subtokens])
     pending_length = property(lambda self: self.state[:, self.codec.max_subtokens + 1])
-    pending = property(lambda self: self.state[:, self.codec.max_subtokens + 2])
-    num_installed = property(lambda self: self.state[:, self.codec.max_subtokens + 3])
-    num_base_ids = property(lambda self: self.state[:, self.codec.max_subtokens + 4])
-    num_real_tokens = property(lambda self: self.state[:, self.codec.max_subtokens + 5])
+    pending = property(lambda self: self.state[:, self.codec.max_subtokens + 3])
+    num_installed = property(lambda self: self.state[:, self.codec.max_subtokens + 4])
+    num_base_ids = property(lambda self: self.state[:, self.codec.max_subtokens + 5])
+    num_real_tokens = property(lambda self: self.state[:, self.codec.max_subtokens + 6])
 
     @property
     def batch_size(self) -> int:
@@ -105,7 +106,7 @@ class DeviceCodebooks:
         `restore` writes it."""
         M = self.codec.max_subtokens
         slot = self.table[self._row_ids, self.num_installed]
-        return slot[:, :M], slot[:, M]
+        return slot[:, :M], slot[:, M + 1]
 
     @property
     def num_legal_hyper(self) -> torch.LongTensor:
@@ -121,12 +122,12 @@ class DeviceCodebooks:
         entry = self.table[self._row_ids, slot]
         is_hyper = codes >= V
         # Installed entries have a length of at least 2, the provisional slot its own (0: not legal).
-        readable = (slot <= self.num_installed) & (entry[:, M] > 0)
+        readable = (slot <= self.num_installed) & (entry[:, M + 1] > 0)
         content = torch.where(is_hyper[:, None], entry[:, :M], F.pad(codes.clamp(min=0)[:, None], (0, M - 1)))
         outside = codes.clamp(0, self.codec.total_vocab_size - 1) != codes
         unknown = real & (is_hyper > readable)
         legality = torch.where(outside, 1, torch.where(unknown, 2, 0))
-        length = torch.where(real > (outside | unknown), torch.where(is_hyper, entry[:, M], 1), 0)
+        length = torch.where(real > (outside | unknown), torch.where(is_hyper, entry[:, M + 1], 1), 0)
         return content, length, legality
 
     def entries(self, slots: torch.LongTensor) -> EntryBatch:
@@ -134,8 +135,10 @@ class DeviceCodebooks:
         `EntryBatch` of fixed size ``B * S`` with tensor ``rows`` and ``slots``."""
         M = self.codec.max_subtokens
         rows = self._row_ids[:, None].expand_as(slots)
-        entries = self.table[rows, slots].reshape(-1, M + 2)
-        return EntryBatch(rows=rows.reshape(-1), slots=slots.reshape(-1), subtokens=entries[:, :M], lengths=entries[:, M])
+        entries = self.table[rows, slots].reshape(-1, M + 3)
+        return EntryBatch(
+            rows=rows.reshape(-1), slots=slots.reshape(-1), subtokens=entries[:, :M], lengths=entries[:, M + 1]
+        )
 
     # ------------------------------------------------------------------ feeding
 
@@ -152,28 +155,29 @@ class DeviceCodebooks:
         startable = self.startable[content]
         may_create = active & startable
         # The phrase after an id that extends nothing: the id alone (none for a disabled id).
-        alone = torch.cat(
-            [F.pad(content[..., None], (0, M)), startable[..., None].long(), torch.where(startable, content, -1)[..., None]],
-            dim=-1,
-        )
+        alone_code = torch.where(startable, content, -1)[..., None]
+        alone = torch.cat([F.pad(content[..., None], (0, M)), startable[..., None].long(), alone_code, alone_code], -1)
         keys, rows = self.keys[:, :K], self._row_ids  # the sinks never match
-        w, n = self.state[:, : M + 3], self.num_installed  # w: content (M + 1), length, code
-        created = []
+        w, n = self.state[:, : M + 4], self.num_installed
+        phrases, created = [w], []  # w after each base id (past an id's length, never kept)
         for i in range(M):
-            c, w_length, w_code = content[:, i], w[:, M + 1], w[:, M + 2]
+            c, w_length, w_code = content[:, i], w[:, M + 1], w[:, M + 3]
             key = torch.add(c, w_code, alpha=V)  # w + c; no pending phrase (-1) gives a key below every entry's
             code = ((keys == key[:, None]) * self.slot_ids).sum(dim=1)  # its id, 0 if not an entry (keys are unique)
             found = code > 0
-            grown = w[:, : M + 1].scatter(1, w_length[:, None], c[:, None])
             longer = w_length + 1
             create = (may_create[:, i] > found) & self.can_grow[w_length]
             target = torch.where(create, n, K)  # a sink when nothing is created (or the codebook is full)
-            self.table.index_put_((rows, target), torch.cat([grown[:, :M], longer[:, None], key[:, None]], dim=1))
+            # w + c, as the table row to install and as the pending phrase when it is an entry.
+            grown = w[:, : M + 1].scatter(1, w_length[:, None], c[:, None])
+            grown = torch.cat([grown, longer[:, None], key[:, None], code[:, None]], dim=1)
+            self.table.index_put_((rows, target), grown[:, : M + 3])
             created.append(target)
             n = n + create
-            extended = torch.cat([grown, longer[:, None], code[:, None]], dim=1)
-            w = torch.where(active[:, i, None], torch.where(found[:, None], extended, alone[:, i]), w)
-        counts = self.state[:, M + 4 :] + torch.stack([length, real.long()], dim=1)
+            w = torch.where(found[:, None], grown, alone[:, i])
+            phrases.append(w)
+        w = torch.stack(phrases, dim=1)[rows, length]
+        counts = self.state[:, M + 5 :] + torch.stack([length, real.long()], dim=1)
         self.state.copy_(torch.cat([w, n.clamp(max=K)[:, None], counts], dim=1))
         self._write_provisional()
         return length, torch.stack(created, dim=1), legality
@@ -190,7 +194,7 @@ class DeviceCodebooks:
         legal = (self.can_grow[w_length] & (n < K)) > installed
         length = torch.where(legal, w_length + 1, 0)
         no_key = torch.full_like(length, self.no_key)
-        self.table.index_put_((self._row_ids, n), torch.cat([content[:, :M], length[:, None], no_key[:, None]], dim=1))
+        self.table.index_put_((self._row_ids, n), torch.cat([content, length[:, None], no_key[:, None]], dim=1))
 
     # ------------------------------------------------------------------ rows and snapshots
 
