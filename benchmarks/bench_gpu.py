@@ -244,7 +244,9 @@ def measure_shape(shape: str, tokenizer, text: Text, sizes: dict, device, dtype,
                     ids = torch.full((batch, 1), next_id, device=device)
                     synchronize(device)
                     start = time.perf_counter()
-                    cache = step_model(input_ids=ids, use_cache=True, **{keyword: cache}, **step_kwargs).past_key_values
+                    cache = step_model(
+                        input_ids=ids, use_cache=True, **{keyword: cache}, **step_kwargs
+                    ).past_key_values
                     synchronize(device)
                     times.append(time.perf_counter() - start)
                 return times

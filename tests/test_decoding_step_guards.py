@@ -123,7 +123,9 @@ def static_decoding(model, ids, mask, first: int, step_model=None, **forward):
         out = model(input_ids=ids[:, :first], attention_mask=mask[:, :first], past_key_values=cache)
         logits = [out.logits]
         for t in range(first, ids.shape[1]):
-            out = step_model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, **forward)
+            out = step_model(
+                input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, **forward
+            )
             logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
@@ -240,5 +242,7 @@ def test_inductor_compiled_steps_compute_the_eager_logits(model):
     ids, mask = left_pad([compressed(3, 40), compressed(4, 28)])
     expected, _ = static_decoding(model, ids, mask, first=16)
     compiled = torch.compile(model)
-    logits, _ = static_decoding(model, ids, mask, first=16, step_model=compiled, deferred_checks=DeferredLegalityChecks())
+    logits, _ = static_decoding(
+        model, ids, mask, first=16, step_model=compiled, deferred_checks=DeferredLegalityChecks()
+    )
     assert_same_logits(expected, logits, mask)

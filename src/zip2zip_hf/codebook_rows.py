@@ -226,9 +226,15 @@ class TensorRows:
         for b, (verdict, position, code) in enumerate(self.first_illegal.tolist()):
             if verdict == 0:
                 continue
-            name = f"input_ids[{b}, {position - block_start}]" if block_start is not None else f"row {b}, position {position}"
+            name = (
+                f"input_ids[{b}, {position - block_start}]"
+                if block_start is not None
+                else f"row {b}, position {position}"
+            )
             if verdict == 1:
-                raise ValueError(f"{name} = {code} is outside the id space [0, {self.codebooks.codec.total_vocab_size})")
+                raise ValueError(
+                    f"{name} = {code} is outside the id space [0, {self.codebooks.codec.total_vocab_size})"
+                )
             raise ValueError(f"{name}: hyper id {code} is not installed (nor the provisional id) there")
 
     def unencoded_entries(self) -> EntryBatch:

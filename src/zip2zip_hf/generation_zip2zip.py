@@ -100,7 +100,7 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             kwargs.setdefault("score_provisional", False)  # reaches every step's forward
         # The ids come from masked logits: the steps record their legality on the device, read
         # once here at the end (a processor that unmasks an illegal id is still named).
-        checks = kwargs.setdefault("deferred_checks", DeferredLegalityChecks())
+        checks = kwargs["deferred_checks"] = kwargs.get("deferred_checks") or DeferredLegalityChecks()
         output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
         checks.raise_if_illegal()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences

@@ -98,7 +98,9 @@ class HyperState:
     # ------------------------------------------------------------------ a block of ids
 
     @torch.compiler.disable  # Python over the streams, once: never part of a compiled step
-    def prepare(self, input_ids: torch.LongTensor, vector_like: torch.Tensor, max_positions: int | None = None) -> None:
+    def prepare(
+        self, input_ids: torch.LongTensor, vector_like: torch.Tensor, max_positions: int | None = None
+    ) -> None:
         """Move the codebooks to the device when this block is a decoding step and the device
         applies (see `codebook_rows`), with tables of every slot shaped like rows of
         ``vector_like``, and, for a static cache of ``max_positions``, the record of fed ids at its

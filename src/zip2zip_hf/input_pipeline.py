@@ -287,7 +287,9 @@ def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
     check, record or roll back), plus the positions the base model may already have written into
     the cache, cut back on failure, so a caller that catches the error keeps its cache."""
     state = block.state
-    transaction = state.block(input_ids, block.mask, block.deferred_checks) if state is not None else contextlib.nullcontext()
+    transaction = (
+        state.block(input_ids, block.mask, block.deferred_checks) if state is not None else contextlib.nullcontext()
+    )
     try:
         with transaction:
             yield
