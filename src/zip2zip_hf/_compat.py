@@ -25,6 +25,7 @@ __all__ = [
     "CACHE_NAMES",
     "SUPPORTED_RELEASES",
     "TRANSFORMERS_VERSION",
+    "beam_search_reads_vocab_size",
     "beam_search_vocab_size",
     "cache_keyword",
     "check_generation_internals",
@@ -41,7 +42,6 @@ __all__ = [
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 SUPPORTED_RELEASES = "4.57 to 5.24"
-_MAJOR = int(TRANSFORMERS_VERSION.split(".")[0])
 # 5.24 changed what ``Cache.crop(n)`` means for n >= 0 (`crop_length`).
 _CROP_TAKES_REMOVALS = tuple(int(part) for part in TRANSFORMERS_VERSION.split(".")[:2]) >= (5, 24)
 
@@ -176,13 +176,40 @@ def forget_key_mapping(model, key_mapping: dict[str, str]) -> None:
 _BEAM_SEARCH_LOCK = threading.Lock()
 
 
+@functools.cache
+def beam_search_reads_vocab_size() -> bool:
+    """Whether the installed beam search takes the logits' width from the config's ``vocab_size``.
+
+    4.57 to 5.17 do (``vocab_size = self.config.get_text_config().vocab_size``, then
+    ``reshape(log_probs, (batch_size, num_beams * vocab_size))``); 5.18 reshapes with ``-1``, reading
+    the width from the logits. Asked of the code itself, comments left out: a release that cannot be
+    read (no source) is taken to read it, the safe side, since showing it the width changes nothing
+    for a search that does not look.
+    """
+    import io
+    import re
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(transformers.GenerationMixin._beam_search))
+    except (OSError, TypeError):
+        return True
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        code = " ".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.STRING))
+    except (tokenize.TokenError, SyntaxError):  # unreadable as code: the comments stay in, still safe
+        code = source
+    return re.search(r"config\s*(\.\s*get_text_config\s*\(\s*\))?\s*\.\s*vocab_size\b", code) is not None
+
+
 @contextlib.contextmanager
 def beam_search_vocab_size(text_config, width: int):
-    """transformers 4.x beam search reshapes scores with the text config's ``vocab_size``, not with
-    the logits' width (5.x reads the width): show it ``width`` for the search only. The config is
-    shared by every thread calling the model, so 4.x beam searches take turns (nothing else reads
-    ``vocab_size`` during a call)."""
-    if _MAJOR >= 5:
+    """Beam search up to 5.17 reshapes scores with the text config's ``vocab_size``, not with the
+    logits' width (`beam_search_reads_vocab_size`; 5.18 on read the width): show it ``width`` for
+    the search only. The config is shared by every thread calling the model, so such beam searches
+    take turns (nothing else reads ``vocab_size`` during a call)."""
+    if not beam_search_reads_vocab_size():
         yield
         return
     with _BEAM_SEARCH_LOCK:
