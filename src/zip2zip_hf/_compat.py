@@ -1,4 +1,4 @@
-"""Everything that differs between the transformers releases zip2zip_hf supports (4.57 to 5.24).
+"""Everything that differs between the transformers releases zip2zip_hf supports (4.57 to 5.25).
 
 One place per difference, each saying which release needs it. Where the installed release can be
 asked (a dataclass field, a signature), the code asks instead of comparing version numbers, so a new
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
-SUPPORTED_RELEASES = "4.57 to 5.24"
+SUPPORTED_RELEASES = "4.57 to 5.25"
 
 # ---------------------------------------------------------------------- the cache's name (5.24)
 
