@@ -7,9 +7,11 @@ PYTHON ?= python3.11
 VENV ?= $(or $(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
 # The exact versions the suite last passed with, one file per transformers release CI tests:
-# constraints/newest.txt (the newest release, used by default) and constraints/transformers-4.57.txt
-# (the oldest supported, `make test TRANSFORMERS=4.57`, in its own virtualenv). `make lock`
-# refreshes both from what pip resolves today; commit them once both suites pass.
+# constraints/newest.txt (the newest release, used by default), constraints/transformers-4.57.txt
+# (the oldest supported, `make test TRANSFORMERS=4.57`, in its own virtualenv) and
+# constraints/transformers-5.17.txt (the release on the project's GPU image, whose beam search and
+# caches differ from both: `make test-generation TRANSFORMERS=5.17`). `make lock` refreshes them all
+# from what pip resolves today; commit them once the suites pass.
 TRANSFORMERS ?=
 CONSTRAINTS := constraints/newest.txt
 ifneq ($(TRANSFORMERS),)
@@ -22,7 +24,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-gpu bench-quality bench-speculative uptrain lock clean
+.PHONY: setup demo test test-generation bench bench-gpu bench-quality bench-speculative uptrain lock lock-newest clean
 
 setup: $(STAMP)
 
@@ -59,6 +61,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# What leans on transformers' decoding loops and caches (generation, beams, the static cache and
+# compiling, speculative decoding, cropping, the compatibility layer): a couple of minutes, for the
+# releases CI checks besides the newest and the oldest (make test-generation TRANSFORMERS=5.17).
+GENERATION_TESTS := tests/test_generation.py tests/test_compat.py tests/test_crop.py \
+	tests/test_static_and_compiled.py tests/test_speculative.py
+test-generation: setup
+	$(BIN)/python -m pytest -q $(GENERATION_TESTS)
+
 bench: setup
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_model.py
@@ -84,16 +94,25 @@ bench-quality: setup
 uptrain: setup
 	$(BIN)/python -m zip2zip_hf uptrain $(UPTRAIN_ARGS)
 
-# Re-resolve the pins in throw-away virtualenvs: the newest releases setup.cfg allows, and the
-# same with the oldest supported transformers. Then run `make test` and `make test TRANSFORMERS=4.57`.
-lock:
-	rm -rf .venv-lock-newest .venv-lock-4.57
+# Re-resolve the pins in throw-away virtualenvs: the newest releases setup.cfg allows, and the same
+# with each older transformers CI tests. Then run `make test`, `make test TRANSFORMERS=4.57` and
+# `make test-generation TRANSFORMERS=5.17`.
+PINNED_RELEASES := 4.57 5.17
+lock: lock-newest $(PINNED_RELEASES:%=lock-%)
+
+lock-newest:
+	rm -rf .venv-lock-newest
 	mkdir -p constraints
 	$(call install,.venv-lock-newest,,)
-	$(call install,.venv-lock-4.57,"transformers==4.57.*",)
 	$(call freeze,.venv-lock-newest,constraints/newest.txt)
-	$(call freeze,.venv-lock-4.57,constraints/transformers-4.57.txt)
-	rm -rf .venv-lock-newest .venv-lock-4.57
+	rm -rf .venv-lock-newest
+
+lock-%:
+	rm -rf .venv-lock-$*
+	mkdir -p constraints
+	$(call install,.venv-lock-$*,"transformers==$*.*",)
+	$(call freeze,.venv-lock-$*,constraints/transformers-$*.txt)
+	rm -rf .venv-lock-$*
 
 clean:
 	rm -rf .venv .venv-transformers-* build src/*.egg-info .pytest_cache

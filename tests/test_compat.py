@@ -9,7 +9,13 @@ from transformers import DynamicCache, GenerationConfig, GenerationMixin
 
 from utils import V, assert_same_logits, compressed, left_pad
 from zip2zip_hf import Zip2ZipCache, Zip2ZipTokenizer
-from zip2zip_hf._compat import TRANSFORMERS_VERSION, check_generation_internals, output_cache_field
+from zip2zip_hf._compat import (
+    TRANSFORMERS_VERSION,
+    beam_search_reads_vocab_size,
+    beam_search_vocab_size,
+    check_generation_internals,
+    output_cache_field,
+)
 
 
 def step_by_step(model, ids, mask, cache_name: str):
@@ -133,3 +139,37 @@ def test_a_moved_assisted_decoding_loop_fails_loudly(model, monkeypatch):
     monkeypatch.setitem(GENERATION_MODES_MAPPING, GenerationMode.ASSISTED_GENERATION, "_speculate")
     with pytest.raises(RuntimeError, match="_assisted_decoding"):
         model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=1, prompt_lookup_num_tokens=3)
+
+
+def _beam_search_reading_the_config(self, log_probs, batch_size, num_beams):
+    vocab_size = self.config.get_text_config().vocab_size
+    return torch.reshape(log_probs, (batch_size, num_beams * vocab_size))
+
+
+def _beam_search_reading_the_width(self, log_probs, batch_size, num_beams):
+    # the -1 dim is `num_beams * config.vocab_size` only for plain models
+    return torch.reshape(log_probs, (batch_size, -1))  # "config.vocab_size" in a string is not read either
+
+
+@pytest.fixture
+def fresh_beam_search_answer():
+    beam_search_reads_vocab_size.cache_clear()
+    yield
+    beam_search_reads_vocab_size.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("beam_search", "reads"), [(_beam_search_reading_the_config, True), (_beam_search_reading_the_width, False)]
+)
+def test_beam_search_is_shown_the_logits_width_where_it_reads_the_config(
+    monkeypatch, fresh_beam_search_answer, beam_search, reads
+):
+    """Up to 5.17 beam search reshapes scores with the config's vocab_size, 5.18 on with -1: what the
+    installed code does decides, whatever its version number (comments and strings do not count)."""
+    monkeypatch.setattr(GenerationMixin, "_beam_search", beam_search)
+    assert beam_search_reads_vocab_size() is reads
+    config = GenerationConfig()  # any object with a vocab_size will do
+    config.vocab_size = 100
+    with beam_search_vocab_size(config, 132):
+        assert config.vocab_size == (132 if reads else 100)
+    assert config.vocab_size == 100

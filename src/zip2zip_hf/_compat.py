@@ -1,4 +1,4 @@
-"""Everything that differs between the transformers releases zip2zip_hf supports (4.57 to 5.24).
+"""Everything that differs between the transformers releases zip2zip_hf supports (4.57 to 5.25).
 
 One place per difference, each saying which release needs it. Where the installed release can be
 asked (a dataclass field, a signature), the code asks instead of comparing version numbers, so a new
@@ -25,11 +25,13 @@ __all__ = [
     "CACHE_NAMES",
     "SUPPORTED_RELEASES",
     "TRANSFORMERS_VERSION",
+    "beam_search_reads_vocab_size",
     "beam_search_vocab_size",
     "cache_keyword",
     "check_generation_internals",
     "checkpointing_arguments",
     "crop_length",
+    "crop_zero_removes_nothing",
     "enable_activation_checkpointing",
     "forget_key_mapping",
     "original_init_errors",
@@ -40,10 +42,7 @@ __all__ = [
 ]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
-SUPPORTED_RELEASES = "4.57 to 5.24"
-_MAJOR = int(TRANSFORMERS_VERSION.split(".")[0])
-# 5.24 changed what ``Cache.crop(n)`` means for n >= 0 (`crop_length`).
-_CROP_TAKES_REMOVALS = tuple(int(part) for part in TRANSFORMERS_VERSION.split(".")[:2]) >= (5, 24)
+SUPPORTED_RELEASES = "4.57 to 5.25"
 
 # ---------------------------------------------------------------------- the cache's name (5.24)
 
@@ -118,28 +117,59 @@ def truncate_cache(cache, length: int) -> None:
     """Cut every layer of a cache back to ``length`` positions (layers already that short, e.g. ones
     a failed forward never reached, stay as they are).
 
-    A layer's ``crop`` takes the length to keep up to 5.23 and the number of positions to remove from
-    5.24 on; both read a negative number as "remove that many from the end", which is what we pass.
-    Static layers of 4.57 have no ``crop`` and count the positions whose keys are not all zero: the
-    positions past ``length`` are zeroed.
+    A layer's ``crop`` takes the length to keep in older releases and the number of positions to
+    remove in newer ones (`crop_zero_removes_nothing`); both read a negative number as "remove that
+    many from the end", which is what we pass. Static layers had no ``crop`` before the releases
+    that count their positions in a ``cumulative_length`` they can crop (5.24 has it): those of 4.57
+    and 5.0 count the positions whose keys are not all zero, later ones (5.17, 5.18) keep the count
+    in ``cumulative_length`` (a tensor at a fixed address, written in place). The positions past
+    ``length`` are zeroed and the counter, where there is one, set back.
     """
     for index, layer in enumerate(cache.layers):
         excess = int(cache.get_seq_length(index)) - length
-        if excess <= 0:  # crop(0) would empty the layer before 5.24
+        if excess <= 0:  # crop(0) empties the layer where crop takes the length to keep
             continue
         if hasattr(layer, "crop"):
             layer.crop(-excess)
-        else:
-            layer.keys[:, :, length:].zero_()
-            layer.values[:, :, length:].zero_()
+            continue
+        layer.keys[:, :, length:].zero_()
+        layer.values[:, :, length:].zero_()
+        counter = getattr(layer, "cumulative_length", None)
+        if hasattr(counter, "fill_"):
+            counter.fill_(length)
+        elif isinstance(counter, int):
+            layer.cumulative_length = length
+
+
+@functools.cache
+def crop_zero_removes_nothing() -> bool:
+    """Whether the installed caches read ``crop(0)`` as "remove nothing" (their ``crop`` takes the
+    number of positions to remove, as in 5.17 and 5.24, whose decoding loops call ``crop(0)`` to mean
+    that) or as "keep nothing" (it takes the length to keep, as in 4.57 and 5.0). Asked of a transformers
+    `DynamicCache` holding two positions; where that cannot be built, of the name ``crop`` gives
+    its argument."""
+    import torch
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache()
+        states = torch.zeros(1, 1, 2, 1)
+        cache.update(states, states, 0)
+        cache.crop(0)
+        return int(cache.get_seq_length()) == 2
+    except Exception:  # the probe could not be built: ask the signature instead
+        from transformers.cache_utils import DynamicLayer
+
+        return "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
 
 
 def crop_length(current: int, argument: int) -> int:
     """The length that ``Cache.crop(argument)`` keeps of a cache holding ``current`` positions.
 
     A negative argument removes that many positions in every release. A positive one is the length
-    to keep (up to 5.23; 5.24 refuses it for its own caches, ours keep reading it so). 0 removes
-    nothing from 5.24 on (its decoding loops call ``crop(0)`` to mean that) and everything before.
+    to keep (deprecated from 5.17, refused by 5.24's own caches; ours keep reading it so). 0 means
+    what the installed caches mean by it (`crop_zero_removes_nothing`): nothing removed in newer
+    releases (5.17 on), everything in older ones (4.57, 5.0).
     """
     try:  # integer-like values (numpy and 0-d tensor ints), as transformers' caches take them
         if isinstance(argument, bool) or "bool" in str(getattr(argument, "dtype", "")):
@@ -150,7 +180,7 @@ def crop_length(current: int, argument: int) -> int:
     if argument < 0:
         length = current + argument
     elif argument == 0:
-        length = current if _CROP_TAKES_REMOVALS else 0
+        length = current if crop_zero_removes_nothing() else 0
     else:
         length = min(argument, current)
     if length < 0:
@@ -176,13 +206,40 @@ def forget_key_mapping(model, key_mapping: dict[str, str]) -> None:
 _BEAM_SEARCH_LOCK = threading.Lock()
 
 
+@functools.cache
+def beam_search_reads_vocab_size() -> bool:
+    """Whether the installed beam search takes the logits' width from the config's ``vocab_size``.
+
+    4.57 to 5.17 do (``vocab_size = self.config.get_text_config().vocab_size``, then
+    ``reshape(log_probs, (batch_size, num_beams * vocab_size))``); 5.18 reshapes with ``-1``, reading
+    the width from the logits. Asked of the code itself, comments left out: a release that cannot be
+    read (no source) is taken to read it, the safe side, since showing it the width changes nothing
+    for a search that does not look.
+    """
+    import io
+    import re
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(transformers.GenerationMixin._beam_search))
+    except (OSError, TypeError):
+        return True
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        code = " ".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.STRING))
+    except (tokenize.TokenError, SyntaxError):  # unreadable as code: the comments stay in, still safe
+        code = source
+    return re.search(r"config\s*(\.\s*get_text_config\s*\(\s*\))?\s*\.\s*vocab_size\b", code) is not None
+
+
 @contextlib.contextmanager
 def beam_search_vocab_size(text_config, width: int):
-    """transformers 4.x beam search reshapes scores with the text config's ``vocab_size``, not with
-    the logits' width (5.x reads the width): show it ``width`` for the search only. The config is
-    shared by every thread calling the model, so 4.x beam searches take turns (nothing else reads
-    ``vocab_size`` during a call)."""
-    if _MAJOR >= 5:
+    """Beam search up to 5.17 reshapes scores with the text config's ``vocab_size``, not with the
+    logits' width (`beam_search_reads_vocab_size`; 5.18 on read the width): show it ``width`` for
+    the search only. The config is shared by every thread calling the model, so such beam searches
+    take turns (nothing else reads ``vocab_size`` during a call)."""
+    if not beam_search_reads_vocab_size():
         yield
         return
     with _BEAM_SEARCH_LOCK:
