@@ -28,7 +28,10 @@ from .lzw import LZWCodec, LZWStream
 from .lzw_tensors import DeviceCodebooks, padded, select_rows, static_address
 
 
-__all__ = ["StreamRows", "TensorRows", "check_id_range", "consume_rows"]
+__all__ = ["StreamRows", "TensorRows", "check_id_range", "check_positions", "consume_rows"]
+
+# `TensorRows.first_illegal`'s verdict past `DeviceCodebooks.expand`'s (1: outside the id space, 2: not installed).
+PAST_THE_POSITIONS = 3
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,15 @@ class StreamRows:
         num_real_tokens: per row, how many non-padding ids were consumed.
     """
 
-    def __init__(self, codec: LZWCodec, streams: list[LZWStream], num_real_tokens: list[int] | None = None):
+    def __init__(
+        self,
+        codec: LZWCodec,
+        streams: list[LZWStream],
+        num_real_tokens: list[int] | None = None,
+        max_positions: int | None = None,
+    ):
         self.codec = codec
+        self.max_positions = max_positions
         self.streams = streams
         self.num_encoded = [0] * len(streams)
         self.num_real_tokens = num_real_tokens if num_real_tokens is not None else [0] * len(streams)
@@ -62,9 +72,8 @@ class StreamRows:
     def for_step(self, input_ids: torch.LongTensor, on_device: bool) -> StreamRows | TensorRows:
         """The store for a block: `TensorRows` from a decoding step (one id per row) on, if ``on_device``."""
         if input_ids.shape[1] == 1 and on_device:
-            return TensorRows(
-                DeviceCodebooks.from_streams(self.codec, self.streams, self.num_real_tokens, input_ids.device)
-            )
+            codebooks = DeviceCodebooks.from_streams(self.codec, self.streams, self.num_real_tokens, input_ids.device)
+            return TensorRows(codebooks, self.max_positions)
         return self
 
     # Python over every id: eager even inside a compiled step, so that a compiled prompt costs graph
@@ -79,9 +88,11 @@ class StreamRows:
             self.streams, ids, real, keep, self.codec.max_subtokens
         )
         self.num_real_tokens = [n + sum(row) for n, row in zip(self.num_real_tokens, real)]
+        positions = positions_of(lengths, position_mode, base_offsets, real_offsets)
+        check_positions(positions, self.max_positions)
         return ConsumedBlock(
             lengths=lengths,
-            positions=positions_of(lengths, position_mode, base_offsets, real_offsets),
+            positions=positions,
             legal=legal,
             provisional=provisional,
             provisional_lengths=provisional_lengths,
@@ -89,6 +100,12 @@ class StreamRows:
 
     def raise_if_illegal(self, block_start: int | None = None) -> None:
         """Nothing: `consume` raised for an illegal id already."""
+
+    def positions_held(self, position_mode: str) -> torch.LongTensor:
+        """``(B,)`` the positions each row's ids take so far (the next id's first position)."""
+        if position_mode == "base":
+            return torch.tensor([stream.num_base_ids for stream in self.streams])
+        return torch.tensor(self.num_real_tokens)
 
     @torch.compiler.disable
     def unencoded_entries(self) -> EntryBatch:
@@ -166,8 +183,9 @@ class TensorRows:
         codebooks: the tensors.
     """
 
-    def __init__(self, codebooks: DeviceCodebooks):
+    def __init__(self, codebooks: DeviceCodebooks, max_positions: int | None = None):
         self.codebooks = codebooks
+        self.max_positions = max_positions
         device = codebooks.state.device
         self.first_illegal = static_address(torch.zeros(codebooks.batch_size, 3, dtype=torch.long, device=device))
         self._saved = (static_address(codebooks.snapshot()), static_address(self.first_illegal.clone()))
@@ -197,12 +215,16 @@ class TensorRows:
                 legal.append(codebooks.num_installed + (content_length > 0))
                 provisional.append(content)
                 provisional_lengths.append(content_length)
-        self._record_illegal(_stacked(legality), input_ids, positions)
+        lengths, legality = _stacked(lengths), _stacked(legality)
+        model_positions = positions_of(lengths, position_mode, offsets[:, 0], offsets[:, 1])
+        if self.max_positions is not None:  # recorded as illegal, and never an index past the base's table
+            legality = torch.where(model_positions >= self.max_positions, PAST_THE_POSITIONS, legality)
+            model_positions = model_positions.clamp(max=self.max_positions - 1)
+        self._record_illegal(legality, input_ids, positions)
         self._created = torch.cat(created, dim=1) if len(created) > 1 else created[0]
-        lengths = _stacked(lengths)
         return ConsumedBlock(
             lengths=lengths,
-            positions=positions_of(lengths, position_mode, offsets[:, 0], offsets[:, 1]),
+            positions=model_positions,
             legal=_stacked(legal),
             provisional=_stacked(provisional),
             provisional_lengths=_stacked(provisional_lengths),
@@ -235,7 +257,13 @@ class TensorRows:
                 raise ValueError(
                     f"{name} = {code} is outside the id space [0, {self.codebooks.codec.total_vocab_size})"
                 )
+            if verdict == PAST_THE_POSITIONS:
+                raise ValueError(f"{name}: {past_the_positions(self.max_positions)}")
             raise ValueError(f"{name}: hyper id {code} is not installed (nor the provisional id) there")
+
+    def positions_held(self, position_mode: str) -> torch.LongTensor:
+        codebooks = self.codebooks
+        return (codebooks.num_base_ids if position_mode == "base" else codebooks.num_real_tokens).clone()
 
     def unencoded_entries(self) -> EntryBatch:
         created, self._created = self._created, None  # a compiled step's output: never kept past it
@@ -279,6 +307,21 @@ class TensorRows:
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One tensor per position, stacked at dim 1 (a view when there is one)."""
     return tensors[0].unsqueeze(1) if len(tensors) == 1 else torch.stack(tensors, dim=1)
+
+
+def check_positions(positions: torch.LongTensor, max_positions: int | None) -> None:
+    """Every position lies within the base model's ``max_positions`` (its ``max_position_embeddings``)."""
+    if max_positions is None or not positions.numel() or int(positions.max()) < max_positions:
+        return
+    b, t = (int(i) for i in torch.nonzero(positions >= max_positions)[0])
+    raise ValueError(f"input_ids[{b}, {t}]: {past_the_positions(max_positions)}")
+
+
+def past_the_positions(max_positions: int) -> str:
+    return (
+        f"it needs a position past the base model's last (it has {max_positions} positions, "
+        "max_position_embeddings): in position_mode='base' a hypertoken takes one per base id"
+    )
 
 
 def check_id_range(ids: list[list[int]], total: int) -> None:

@@ -19,7 +19,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, GenerationMixin, StoppingCriteria
+from transformers import GenerationConfig, GenerationMixin, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -37,6 +37,7 @@ from .speculative_zip2zip import (
 
 
 __all__ = [
+    "PositionLimit",
     "PromptStreams",
     "StopStringsOnText",
     "Zip2ZipGenerateBeamOutput",
@@ -101,6 +102,7 @@ class Zip2ZipGenerationMixin(GenerationMixin):
         # The ids come from masked logits: the steps record their legality on the device, read
         # once here at the end (a processor that unmasks an illegal id is still named).
         checks = kwargs["deferred_checks"] = kwargs.get("deferred_checks") or DeferredLegalityChecks()
+        self._stop_before_the_positions_run_out(checks, kwargs)
         output = super().generate(inputs=inputs, generation_config=generation_config, streamer=streamer, **kwargs)
         checks.raise_if_illegal()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -122,6 +124,15 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             return expanded
         output.sequences = expanded
         return output
+
+    def _stop_before_the_positions_run_out(self, checks: DeferredLegalityChecks, kwargs: dict) -> None:
+        """Add `PositionLimit` to the call's stopping criteria when the base model has a last position."""
+        max_positions = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if not max_positions:
+            return
+        per_id = self.codec.max_subtokens if self.config.position_mode == "base" else 1
+        limit = PositionLimit(checks, max_positions, per_id, self.config.position_mode)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), limit])
 
     def _pad_id(self, generation_config, kwargs) -> int:
         config = generation_config or self.generation_config
@@ -362,6 +373,28 @@ class _BaseIdStreamer(BaseStreamer):
 
     def end(self) -> None:
         self.streamer.end()
+
+
+class PositionLimit(StoppingCriteria):
+    """Stops generation before an id just written could need a position the base model does not have.
+
+    ``max_new_tokens`` counts steps, but in ``position_mode="base"`` an id takes one position per base
+    id it stands for, up to M. The id a step writes is fed by the next step, so generation stops once
+    the positions a row holds plus the most one id can take pass ``max_positions``. Every row stops
+    then: transformers keeps feeding a finished row (its pad id), which takes positions too. The
+    positions are read from the call's codebook state where it lives (on the device: no host sync).
+    """
+
+    def __init__(self, checks, max_positions: int, positions_per_id: int, position_mode: str):
+        self.checks, self.max_positions = checks, max_positions
+        self.positions_per_id, self.position_mode = positions_per_id, position_mode
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        states = self.checks.states
+        if not states:
+            return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        fullest = states[-1].positions_held(self.position_mode).to(input_ids.device).amax()
+        return (fullest + self.positions_per_id > self.max_positions).expand(len(input_ids))
 
 
 class StopStringsOnText(StoppingCriteria):

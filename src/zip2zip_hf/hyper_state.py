@@ -54,6 +54,10 @@ class DeferredLegalityChecks:
         for state in self._states:
             state.raise_if_illegal()
 
+    @property
+    def states(self) -> list[HyperState]:
+        return list(self._states)
+
 
 class HyperState:
     """Codebooks and hypertoken vectors of a batch, one row per sequence.
@@ -66,8 +70,8 @@ class HyperState:
         codec: the codec whose rules the codebooks follow.
         rows: the codebooks (`StreamRows` or `TensorRows`).
         input_table / output_table: ``(B, capacity, D)`` vectors of installed entries for the input
-            embedding and the unembedding, entry k at index k; rows are filled lazily (all K + 1,
-            the last a sink for masked writes, once on the device). A model without a head has no
+            embedding and the unembedding, entry k at index k; rows are filled lazily (all K + M,
+            the last M sinks for masked writes, once on the device). A model without a head has no
             output table.
         num_positions: how many positions (padding included) the rows hold: the cache's length,
             kept here as an int so that no step reads it back from the device.
@@ -78,11 +82,19 @@ class HyperState:
     every verification), further back by rebuilding the codebooks from the recorded ids.
     """
 
-    def __init__(self, codec: LZWCodec, batch_size: int, on_device: bool | None = None, has_head: bool = True):
+    def __init__(
+        self,
+        codec: LZWCodec,
+        batch_size: int,
+        on_device: bool | None = None,
+        has_head: bool = True,
+        max_positions: int | None = None,
+    ):
         self.codec = codec
         self.on_device = on_device  # None: on accelerators only
         self.has_head = has_head
-        self.rows: StreamRows | TensorRows = StreamRows(codec, [codec.stream() for _ in range(batch_size)])
+        streams = [codec.stream() for _ in range(batch_size)]
+        self.rows: StreamRows | TensorRows = StreamRows(codec, streams, max_positions=max_positions)
         self.input_table: torch.Tensor | None = None
         self.output_table: torch.Tensor | None = None
         self.num_positions = 0
@@ -143,6 +155,12 @@ class HyperState:
             deferred.add(self)
         self.num_positions += input_ids.shape[1]
         self._record(snapshot, input_ids, mask)
+
+    @torch.compiler.disable
+    def positions_held(self, position_mode: str) -> torch.LongTensor:
+        """``(B,)`` the positions each row's ids take so far, where the codebooks are (``position_mode``
+        as the model's: base ids, or ids)."""
+        return self.rows.positions_held(position_mode)
 
     @torch.compiler.disable
     def raise_if_illegal(self) -> None:

@@ -172,7 +172,8 @@ class Zip2ZipInputPipeline:
                 "cache classes, Zip2ZipCache (dynamic) and Zip2ZipStaticCache (static); offloaded and "
                 "quantized caches are not supported yet"
             )
-        state = HyperState(self.codec, batch_size, self.codebooks_on_device, has_head=self._has_head)
+        max_positions = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        state = HyperState(self.codec, batch_size, self.codebooks_on_device, self._has_head, max_positions)
         if not use_cache:
             return None, state
         # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,

@@ -167,7 +167,7 @@ class _Outcome:
     """What a finished request reports back to its handler."""
 
     usage: RequestUsage
-    finish_reason: str  # "length" when it wrote max_new_tokens ids, else "stop"
+    finish_reason: str  # "length" at max_new_tokens ids or the end of the positions, else "stop"
 
 
 def _run_request(
@@ -189,8 +189,23 @@ def _run_request(
         raise ValueError(str(error)) from None
     base_ids = request.write(sequences[0, inputs["input_ids"].shape[1] :])
     usage = request.usage()
-    finish = "length" if usage.completion_ids >= gen_config.max_new_tokens else "stop"
-    return base_ids, _Outcome(usage, finish)
+    return base_ids, _Outcome(usage, _finish_reason(model, usage, gen_config, base_ids))
+
+
+def _finish_reason(model, usage: RequestUsage, gen_config: GenerationConfig, base_ids: list[int]) -> str:
+    """``"length"`` when the request wrote its ``max_new_tokens`` ids or came to the end of the model's
+    positions (generate stops before an id could need a position past the last: `PositionLimit`),
+    else ``"stop"`` (an end-of-sequence id or a stop string)."""
+    if usage.completion_ids >= gen_config.max_new_tokens:
+        return "length"
+    eos = gen_config.eos_token_id
+    if base_ids and base_ids[-1] in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        return "stop"
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    compressed = model.config.position_mode == "compressed"
+    held = usage.prompt_ids + usage.completion_ids if compressed else usage.prompt_tokens + usage.completion_tokens
+    per_id = 1 if compressed else model.codec.max_subtokens
+    return "length" if context and held + per_id > context else "stop"
 
 
 class Zip2ZipGenerationState(GenerationState):
