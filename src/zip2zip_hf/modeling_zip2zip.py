@@ -18,6 +18,7 @@ the same codebook, legal set and positions at every step.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -158,11 +159,16 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
     `Zip2ZipForCausalLM` checkpoint gives the same weights but the head's.
     """
 
-    # A causal-LM checkpoint's head: not part of the bare model.
+    # A causal-LM checkpoint's head: not part of the bare model. Each model adds its base's own head
+    # (GPT-NeoX's ``embed_out``, BioGPT's ``output_projection``, ...: see `_base_head_patterns`).
     _keys_to_ignore_on_load_unexpected = [r"^output_hyper_encoder\.", r"^language_model\.lm_head\."]
 
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
+        self._keys_to_ignore_on_load_unexpected = [
+            *type(self)._keys_to_ignore_on_load_unexpected,
+            *_base_head_patterns(config.get_text_config()),
+        ]
         if base_model is None:
             base_model = AutoModel.from_config(config.text_config)
         self._build_input_side(config, base_model)
@@ -489,6 +495,40 @@ def _encoder_settings(config: Zip2ZipConfig) -> dict:
         num_heads=config.hyper_encoder_num_heads,
         reference=config.reference_hyper_encoder,
     )
+
+
+def _base_head_patterns(text_config: PretrainedConfig) -> list[str]:
+    """Patterns for the weights a causal-LM checkpoint holds beside the base model's decoder: the base
+    causal LM's head, under its module name and under the name ``save_pretrained`` writes for it
+    (GPT-NeoX's head is the module ``lm_head`` from transformers 5 on, saved as ``embed_out`` as
+    4.57 names it; BioGPT's is ``output_projection``). Found by building that causal LM on the meta
+    device (no memory, no weights); ``lm_head`` alone when the base is not a registered causal LM."""
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_config), None)
+    if causal_lm is None:
+        return [r"^language_model\.lm_head\."]
+    try:
+        with torch.device("meta"):
+            lm = causal_lm(copy.deepcopy(text_config))
+    except Exception:  # a base that cannot be built on the meta device: its head is likely lm_head
+        return [r"^language_model\.lm_head\."]
+    decoder = f"{lm.base_model_prefix}."
+    head = {key: value for key, value in lm.state_dict().items() if not key.startswith(decoder)}
+    names = {key.split(".")[0] for key in (*head, *_saved_names(lm, head))}
+    return [rf"^language_model\.{re.escape(name)}(\.|$)" for name in sorted(names)]
+
+
+def _saved_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """The names ``save_pretrained`` writes for ``state``: from transformers 5 on, a model's weights
+    may be renamed on saving (to the names its checkpoints have always had); 4.57 writes them as
+    they are."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # 4.57
+        return list(state)
+    try:
+        return list(revert_weight_conversion(model, dict(state)))
+    except Exception:  # a conversion that cannot run on meta tensors: the module names only
+        return list(state)
 
 
 def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
