@@ -4,13 +4,15 @@ the right model, never transformers' generic report or a raw safetensors error."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, BioGptConfig, GPTNeoXConfig
 
 from utils import V, compressed, left_pad, wrap
-from zip2zip_hf import Zip2ZipModel
+from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipModel
 
 
 def _tiny(config_class, **settings):
@@ -66,3 +68,40 @@ def test_the_bare_model_ignores_only_the_head(saved_lm_with_another_head, tmp_pa
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected: language_model.stray.weight"):
         AutoModel.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def saved_lm(tmp_path_factory, model):
+    folder = tmp_path_factory.mktemp("lm")
+    model.save_pretrained(folder)
+    return folder
+
+
+def _copy(folder, to):
+    for path in folder.iterdir():
+        (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+@pytest.mark.parametrize("loader", [Zip2ZipForCausalLM, AutoModelForCausalLM, AutoModel])
+def test_a_max_subtokens_other_than_the_weights_is_named(saved_lm, tmp_path, loader):
+    folder = _copy(saved_lm, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["max_subtokens"] == 3
+    config["max_subtokens"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"input_hyper_encoder\.position_embedding.*max_subtokens.* 4 in config\.json"
+    ):
+        loader.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("size", ["empty", "header", "half"])
+@pytest.mark.parametrize("loader", [Zip2ZipForCausalLM, AutoModelForCausalLM, AutoModel])
+def test_a_truncated_weights_file_is_named(saved_lm, tmp_path, size, loader):
+    folder = _copy(saved_lm, tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"empty": b"", "header": data[:20], "half": data[: len(data) // 2]}[size])
+    with pytest.raises(OSError, match=r"model\.safetensors is not a complete safetensors file"):
+        loader.from_pretrained(folder)
