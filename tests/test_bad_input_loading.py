@@ -105,3 +105,22 @@ def test_a_truncated_weights_file_is_named(saved_lm, tmp_path, size, loader):
     weights.write_bytes({"empty": b"", "header": data[:20], "half": data[: len(data) // 2]}[size])
     with pytest.raises(OSError, match=r"model\.safetensors is not a complete safetensors file"):
         loader.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------- generation settings
+
+
+@pytest.mark.parametrize(
+    "drafts, named",
+    [
+        (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens=3"),
+        ("assistant", "assistant_model="),
+    ],
+)
+def test_speculative_decoding_with_beams_is_refused_naming_both(model, drafts, named):
+    """transformers would run beam search and drop the drafts, saying so only in a log line."""
+    if drafts == "assistant":
+        drafts = dict(assistant_model=model.language_model)
+    ids = torch.tensor([compressed(3, 20)])
+    with pytest.raises(ValueError, match=rf"{named}.*num_beams=2"):
+        model.generate(input_ids=ids, max_new_tokens=4, num_beams=2, do_sample=False, **drafts)
