@@ -5,6 +5,7 @@ are each one ``error:`` line and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import zip2zip_hf.interop
 from utils import save_tiny_base_model
+from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
 from zip2zip_hf.interop import from_reference
 from zip2zip_hf.tools.cli import main
 
@@ -62,10 +65,110 @@ def leftovers(folder) -> list[str]:
     return sorted(name for name in os.listdir(folder) if ".converting-" in name)
 
 
+# ---------------------------------------------------------------------- the output folder
+
+
+def test_a_failure_mid_write_leaves_nothing_and_the_next_run_succeeds(ref, tmp_path, capsys, monkeypatch):
+    """A full disk after the weights are written: no half-written OUT_DIR for the next run to refuse."""
+    out = tmp_path / "out"
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Zip2ZipTokenizer, "save_pretrained", full_disk)
+        assert_refused(capsys, "No space left on device", ref, out)
+    assert not out.exists() and leftovers(tmp_path) == []
+    status, errors = convert(capsys, ref, out)
+    assert status == 0 and errors == []
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    assert type(Zip2ZipForCausalLM.from_pretrained(out)) is Zip2ZipForCausalLM
+    assert leftovers(tmp_path) == []
+
+
+def test_a_safetensors_write_error_mid_save_leaves_the_empty_folder_empty(ref, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_save = Zip2ZipForCausalLM.save_pretrained
+
+    def half_written(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)
+        raise RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(Zip2ZipForCausalLM, "save_pretrained", half_written)
+    assert_refused(capsys, "No space left on device", ref, out)
+    assert out.is_dir() and os.listdir(out) == [] and leftovers(tmp_path) == []
+
+
+def test_an_empty_folder_and_missing_parents_are_fine(ref, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert convert(capsys, ref, empty) == (0, [])
+    assert (empty / "config.json").is_file()
+    nested = tmp_path / "a" / "b" / "out"
+    assert convert(capsys, ref, nested) == (0, [])
+    assert (nested / "config.json").is_file()
+
+
+def test_a_link_to_an_empty_folder_is_written_through(ref, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert convert(capsys, ref, tmp_path / "link") == (0, [])
+    assert (tmp_path / "link").is_symlink() and (target / "config.json").is_file()
+
+
+def test_an_existing_file_is_refused_and_kept(ref, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("mine")
+    assert_refused(capsys, "an existing file, not a folder", ref, out)
+    assert out.read_text() == "mine"
+
+
+def test_a_dangling_symlink_is_refused_and_kept(ref, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "nowhere")
+    assert_refused(capsys, "a symbolic link to", ref, out)
+    assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_folder_that_is_not_empty_is_refused_before_any_work(ref, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    monkeypatch.setattr(zip2zip_hf.interop, "from_reference", lambda *a, **k: pytest.fail("converted anyway"))
+    assert_refused(capsys, "not empty", ref, out)
+    assert os.listdir(out) == ["mine.txt"]
+
+
+def test_a_read_only_disk_is_found_before_any_work(ref, tmp_path, capsys, monkeypatch):
+    """As root, permissions do not stop a write, so the read-only file system is simulated where the
+    command makes its first folder there."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if os.path.dirname(os.path.abspath(path)).startswith(str(disk)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    monkeypatch.setattr(zip2zip_hf.interop, "from_reference", lambda *a, **k: pytest.fail("converted anyway"))
+    assert_refused(capsys, "Read-only file system", ref, disk / "out")
+    assert_refused(capsys, "Read-only file system", ref, disk / "deeper" / "out")
+    assert os.listdir(disk) == []
+
+
 # ---------------------------------------------------------------------- the base model
 
 
-def test_a_missing_local_base_folder_is_said_so(ref, tmp_path):
+def test_a_missing_local_base_folder_is_said_so(ref, tmp_path, capsys):
+    message = assert_refused(
+        capsys, f"--base {tmp_path / 'gone'}: no such folder", ref, tmp_path / "out", "--base", tmp_path / "gone"
+    )
+    assert "repo" not in message.lower()
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     with pytest.raises(ValueError, match="no such folder"):
         from_reference(ref, base_model=tmp_path / "gone")
 
