@@ -157,6 +157,17 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             )
         if speculative and (config.output_attentions or config.output_hidden_states):
             raise NotImplementedError("speculative decoding returns no attentions or hidden states")
+        if speculative and (config.num_beams or 1) > 1:  # transformers would drop the drafts, with a warning
+            drafts = (
+                f"prompt_lookup_num_tokens={config.prompt_lookup_num_tokens}"
+                if config.prompt_lookup_num_tokens is not None
+                else "assistant_model="
+            )
+            raise ValueError(
+                f"{drafts} (speculative decoding) and num_beams={config.num_beams} (beam search) do not go "
+                "together: speculative decoding verifies drafts for greedy decoding and sampling only; "
+                "leave out one of them"
+            )
         if config.cache_implementation not in (None, "dynamic", "static"):
             raise NotImplementedError(
                 f"cache_implementation={config.cache_implementation!r} is not supported by zip2zip models yet: "

@@ -18,6 +18,7 @@ the same codebook, legal set and positions at every step.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -25,6 +26,7 @@ import re
 from types import SimpleNamespace
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, Cache, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -113,12 +115,18 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         mapping = {**FORMAT_1_KEY_MAPPING, **cls._checkpoint_key_mapping(path, kwargs)}
         kwargs["key_mapping"] = {**mapping, **(kwargs.get("key_mapping") or {})}
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # Mis-shaped weights come back in the loading info, reported below by name (transformers
+        # would raise its own generic report first); none is ever kept re-initialised.
+        kwargs["ignore_mismatched_sizes"] = True
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:  # neither an OSError nor a ValueError: name the file
+            raise OSError(_damaged_weights_message(path, error)) from error
         # The weights are in today's layout now, and are saved so.
         forget_key_mapping(model, mapping)
         model.config.zip2zip_format_version = ZIP2ZIP_FORMAT_VERSION
         problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
-        problems += [f"mis-shaped: {m[0] if isinstance(m, tuple) else m}" for m in info.get("mismatched_keys", ())]
+        problems += [_mismatch_message(m, model) for m in info.get("mismatched_keys", ())]
         # transformers has already left out what the class ignores (`_keys_to_ignore_on_load_unexpected`);
         # 4.57 does not apply the base model's own list, so it is applied here too.
         ignored = [
@@ -158,11 +166,16 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
     `Zip2ZipForCausalLM` checkpoint gives the same weights but the head's.
     """
 
-    # A causal-LM checkpoint's head: not part of the bare model.
+    # A causal-LM checkpoint's head: not part of the bare model. Each model adds its base's own head
+    # (GPT-NeoX's ``embed_out``, BioGPT's ``output_projection``, ...: see `_base_head_patterns`).
     _keys_to_ignore_on_load_unexpected = [r"^output_hyper_encoder\.", r"^language_model\.lm_head\."]
 
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
+        self._keys_to_ignore_on_load_unexpected = [
+            *type(self)._keys_to_ignore_on_load_unexpected,
+            *_base_head_patterns(config.get_text_config()),
+        ]
         if base_model is None:
             base_model = AutoModel.from_config(config.text_config)
         self._build_input_side(config, base_model)
@@ -489,6 +502,79 @@ def _encoder_settings(config: Zip2ZipConfig) -> dict:
         num_heads=config.hyper_encoder_num_heads,
         reference=config.reference_hyper_encoder,
     )
+
+
+def _base_head_patterns(text_config: PretrainedConfig) -> list[str]:
+    """Patterns for the weights a causal-LM checkpoint holds beside the base model's decoder: the base
+    causal LM's head, under its module name and under the name ``save_pretrained`` writes for it
+    (GPT-NeoX's head is the module ``lm_head`` from transformers 5 on, saved as ``embed_out`` as
+    4.57 names it; BioGPT's is ``output_projection``). Found by building that causal LM on the meta
+    device (no memory, no weights); ``lm_head`` alone when the base is not a registered causal LM."""
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_config), None)
+    if causal_lm is None:
+        return [r"^language_model\.lm_head\."]
+    try:
+        with torch.device("meta"):
+            lm = causal_lm(copy.deepcopy(text_config))
+    except Exception:  # a base that cannot be built on the meta device: its head is likely lm_head
+        return [r"^language_model\.lm_head\."]
+    decoder = f"{lm.base_model_prefix}."
+    head = {key: value for key, value in lm.state_dict().items() if not key.startswith(decoder)}
+    names = {key.split(".")[0] for key in (*head, *_saved_names(lm, head))}
+    return [rf"^language_model\.{re.escape(name)}(\.|$)" for name in sorted(names)]
+
+
+def _saved_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """The names ``save_pretrained`` writes for ``state``: from transformers 5 on, a model's weights
+    may be renamed on saving (to the names its checkpoints have always had); 4.57 writes them as
+    they are."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # 4.57
+        return list(state)
+    try:
+        return list(revert_weight_conversion(model, dict(state)))
+    except Exception:  # a conversion that cannot run on meta tensors: the module names only
+        return list(state)
+
+
+def _mismatch_message(mismatch, model: PreTrainedModel) -> str:
+    """One mis-shaped weight, named: ``(name, checkpoint shape, model shape)`` (transformers 5), or its
+    name alone (4.57). A hyper-encoder's position table is M rows long, so a checkpoint whose table
+    is not is one whose config.json gives another ``max_subtokens`` than it was trained with."""
+    M = model.config.max_subtokens
+    key = mismatch[0] if isinstance(mismatch, tuple) else mismatch
+    parameter = model.state_dict().get(key)
+    expected = tuple(mismatch[2]) if isinstance(mismatch, tuple) else tuple(getattr(parameter, "shape", ()))
+    position_table = "hyper_encoder." in key and expected[:1] == (M,) and len(expected) == 2
+    if not isinstance(mismatch, tuple):
+        if position_table:
+            return (
+                f"mis-shaped: {key} (one row per position up to max_subtokens: M is {M} in config.json, "
+                "not the M it was trained with)"
+            )
+        return f"mis-shaped: {key}"
+    saved = tuple(mismatch[1])
+    if position_table and saved[1:] == expected[1:]:
+        return f"mis-shaped: {key} has {saved[0]} positions but max_subtokens (M) is {M} in config.json"
+    return f"mis-shaped: {key} is {saved} in the checkpoint but {expected} in the model"
+
+
+def _damaged_weights_message(path, error: Exception) -> str:
+    """What a safetensors error while loading ``path`` means, naming the damaged file when ``path`` is
+    a local folder (the error itself names none)."""
+    damaged = None
+    if path is not None and os.path.isdir(str(path)):
+        for name in sorted(os.listdir(str(path))):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(str(path), name), framework="pt"):
+                        pass
+                except (SafetensorError, OSError):
+                    damaged = os.path.join(str(path), name)
+                    break
+    where = damaged or f"{path}: a weights file"
+    return f"{where} is not a complete safetensors file ({error}): it was cut short or damaged; save it again"
 
 
 def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:

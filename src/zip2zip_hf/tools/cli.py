@@ -21,9 +21,12 @@ The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.too
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
+import uuid
 from collections.abc import Sequence
 
 from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
@@ -108,18 +111,114 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    """Convert into a hidden sibling of OUT_DIR and rename it to OUT_DIR at the end: a run that fails
+    (a full disk, a bad checkpoint, Ctrl-C) leaves OUT_DIR as it found it, and nothing beside it."""
     from ..interop import from_reference
+    from ..interop.reference import looks_like_a_path
 
-    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
-        raise CLIError(f"{args.out_dir}: not empty (nothing is overwritten)")
+    destination = _convert_destination(args.out_dir)
+    if args.base is not None and looks_like_a_path(args.base) and not os.path.isdir(os.path.expanduser(args.base)):
+        what = "not a folder" if os.path.exists(os.path.expanduser(args.base)) else "no such folder"
+        raise CLIError(f"--base {args.base}: {what} (the base model's folder, or a Hugging Face Hub name)")
+    created = _make_parents(destination, args.out_dir)
+    staging = None
     try:
-        model, tokenizer = from_reference(args.ref_dir, base_model=args.base)
-    except (OSError, ValueError) as error:
-        raise CLIError(f"{args.ref_dir}: cannot convert it ({str(error).strip().splitlines()[0]})") from None
-    model.save_pretrained(args.out_dir)
-    tokenizer.save_pretrained(args.out_dir)
+        staging = _staging_folder(destination, args.out_dir)  # can it be written? asked before the work
+        try:
+            base = os.path.expanduser(args.base) if args.base is not None else None
+            model, tokenizer = from_reference(args.ref_dir, base_model=base)
+        except (OSError, ValueError) as error:
+            raise CLIError(f"{args.ref_dir}: cannot convert it ({_first_line(error)})") from None
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        except Exception as error:  # a full disk: OSError, or the Rust writers' own errors
+            raise CLIError(
+                f"{args.out_dir}: cannot write the checkpoint ({_first_line(error)}); nothing was kept"
+            ) from None
+        _move_into_place(staging, destination, args.out_dir)
+        staging = created = None
+    finally:  # a failed run (Ctrl-C included) takes back what it wrote
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(created or ()):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     print(f"{args.out_dir}: a zip2zip_hf checkpoint (load it with trust_remote_code=True, or after import zip2zip_hf)")
     return 0
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _convert_destination(out_dir: str) -> str:
+    """The folder the checkpoint will be renamed to: OUT_DIR, or the folder a link there points to.
+    OUT_DIR must be missing or an empty folder; nothing is ever written through a broken link."""
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise CLIError(f"{out_dir}: a symbolic link to {os.readlink(out_dir)}, which does not exist")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CLIError(f"{out_dir}: an existing file, not a folder (nothing is overwritten)")
+    destination = os.path.realpath(out_dir)
+    if os.path.isdir(destination):
+        try:
+            entries = os.listdir(destination)
+        except OSError as error:
+            raise CLIError(f"{out_dir}: cannot read it ({error.strerror or error})") from None
+        if entries:
+            raise CLIError(f"{out_dir}: not empty (nothing is overwritten)")
+    return destination
+
+
+def _make_parents(destination: str, out_dir: str) -> list[str]:
+    """Create the folders above ``destination`` that are missing (as save_pretrained would); return
+    them, outermost first, so that a failed run can remove them again."""
+    missing, folder = [], os.path.dirname(destination)
+    while folder and not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise CLIError(f"{out_dir}: {folder} is a file, not a folder")
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    created: list[str] = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except OSError as error:
+            for made in reversed(created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(made)
+            raise CLIError(f"{out_dir}: cannot create {folder} ({error.strerror or error})") from None
+        created.append(folder)
+    return created
+
+
+def _staging_folder(destination: str, out_dir: str) -> str:
+    """A new hidden folder beside ``destination`` (same file system: the final rename is atomic)."""
+    parent, name = os.path.split(destination)
+    staging = os.path.join(parent, f".{name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(staging)
+    except OSError as error:  # a read-only disk, no permission
+        raise CLIError(f"{out_dir}: cannot write in {parent} ({error.strerror or error})") from None
+    return staging
+
+
+def _move_into_place(staging: str, destination: str, out_dir: str) -> None:
+    """Rename the finished checkpoint to its place: atomically, over an empty folder too."""
+    try:
+        os.replace(staging, destination)  # POSIX replaces an empty folder
+        return
+    except OSError as error:
+        failure = error
+    if os.path.isdir(destination) and not os.listdir(destination):  # where rename does not replace a folder
+        with contextlib.suppress(OSError):
+            os.rmdir(destination)
+            os.rename(staging, destination)
+            return
+    if os.path.isdir(destination) and os.listdir(destination):
+        raise CLIError(f"{out_dir}: not empty any more (something else wrote there meanwhile; nothing is overwritten)")
+    raise CLIError(f"{out_dir}: cannot put the checkpoint there ({failure.strerror or failure})")
 
 
 def run_lm_eval(args: argparse.Namespace) -> int:
@@ -244,11 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert a checkpoint of the reference zip2zip package into one of this package",
         description="Reads REF_DIR (zip2zip_config.json, the hyper-encoders, a LoRA adapter or decoder weights) "
-        "over its base model and writes OUT_DIR: config, weights, tokenizer and remote code.",
+        "over its base model and writes OUT_DIR: config, weights, tokenizer and remote code. The checkpoint is "
+        "written beside OUT_DIR and renamed to it when complete: a failed run leaves nothing behind.",
     )
     convert.add_argument("ref_dir", metavar="REF_DIR", help="the folder the reference zip2zip saved")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="where to write the converted checkpoint (new or empty)")
-    convert.add_argument("--base", metavar="PATH", help="the base model, if not the one its config names")
+    convert.add_argument(
+        "--base", metavar="PATH", help="the base model's folder (or Hub name), if not the one its config names"
+    )
     convert.set_defaults(run=run_convert)
 
     demo = commands.add_parser(
