@@ -92,7 +92,7 @@ bench-quality: setup
 # Train the shipped SmolLM2 zip2zip adapter again (about 75 minutes on 2 CPU cores; resumes from
 # uptrain-smollm2/ if cut off) and write it into src/zip2zip_hf/embedded/smollm2-zip2zip.
 uptrain: setup
-	$(BIN)/python -m zip2zip_hf uptrain $(UPTRAIN_ARGS)
+	$(BIN)/python -m zip2zip_hf uptrain --replace-shipped-adapter $(UPTRAIN_ARGS)
 
 # Re-resolve the pins in throw-away virtualenvs: the newest releases setup.cfg allows, and the same
 # with each older transformers CI tests. Then run `make test`, `make test TRANSFORMERS=4.57` and

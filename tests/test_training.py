@@ -533,7 +533,7 @@ def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, 
     assert main([*common, "--steps", "2"]) == 0
     first = shipped_record(tmp_path / "out")
     assert first["steps"] == 2 and [entry["step"] for entry in first["curve"]] == [0, 2]
-    assert main([*common, "--steps", "4"]) == 0
+    assert main([*common, "--steps", "4", "--overwrite"]) == 0  # an earlier export is replaced only when asked
     record = shipped_record(tmp_path / "out")
     assert record["steps"] == 4 and [entry["step"] for entry in record["curve"]] == [0, 2, 4]
     assert record["training_seconds"] > first["training_seconds"]

@@ -66,6 +66,12 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{args.model}: not a saved model folder (no config.json) "
             f"nor an embedded model ({', '.join(NAMED_MODELS)})"
         )
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if args.window is not None and positions is not None and args.window + 1 > positions:
+        raise CLIError(
+            f"--window {args.window}: {args.model} has {positions} positions and a window needs one more than "
+            f"its base tokens (a prefix token first): use --window {positions - 1} or less"
+        )
     score = score_texts(model, tokenizer, texts, window=args.window, batch_size=args.batch_size, progress=True)
     if args.json:
         print(json.dumps({"model": args.model, "files": args.files, **score.to_dict()}))

