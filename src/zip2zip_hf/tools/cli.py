@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .demo import add_demo_arguments, run_demo
 from .embedded import NAMED_MODELS, load_named_model
-from .report import DEFAULT_MAX_BYTES, CLIError, describe, load_tokenizer, read_text_file, stats_table
+from .report import DEFAULT_MAX_BYTES, CLIError, at_least, describe, load_tokenizer, read_text_file, stats_table
 from .uptrain import add_uptrain_arguments, run_uptrain
 
 
@@ -242,21 +242,6 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     finally:
         sys.argv = saved_argv
     return 0
-
-
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
-        return number
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,6 +76,16 @@ def _eval_loss(model, rows, collator, batch_size: int = 4) -> tuple[float, int]:
     return total, count
 
 
+def _fit_prompt(prompt_base_ids: list[int], base_model, new_tokens: int, max_subtokens: int) -> list[int]:
+    """The prompt's last base ids, as many as leave the base model's positions room for the steps
+    of both models (a zip2zip step takes up to M positions)."""
+    max_positions = getattr(base_model.config, "max_position_embeddings", None)
+    if not max_positions:
+        return prompt_base_ids
+    room = max(1, max_positions - new_tokens * max_subtokens)
+    return prompt_base_ids[-room:]
+
+
 def _generate(model, tokenizer, prompt_ids, max_new_tokens: int, return_hypertokens: bool):
     import torch
 
@@ -138,6 +148,7 @@ def _run_demo(args) -> int:
     }
     # Generation prompt (held out), and the base model's continuation while its weights are untouched.
     prompt_base_ids = tokenizer.base_ids([prompt_text()], add_special_tokens=False)[0]
+    prompt_base_ids = _fit_prompt(prompt_base_ids, base, args.new_tokens, tokenizer.codec.max_subtokens)
     print(f"generating {args.new_tokens} steps with the base model ...", flush=True)
     base_run = _generate(base, tokenizer, prompt_base_ids, args.new_tokens, return_hypertokens=False)
     _print_losses(losses, eval_bytes)
@@ -150,7 +161,7 @@ def _run_demo(args) -> int:
     _print_losses(losses, eval_bytes)
 
     _section(start, f"6/6 greedy continuation of the first {PROMPT_LINES} lines of held-out {PROMPT_FILE}")
-    prompt_ids = tokenizer([prompt_text()], add_special_tokens=False)["input_ids"][0]
+    prompt_ids = tokenizer.codec.encode(prompt_base_ids)[0]  # the same text the base model continued
     print(f"generating {args.new_tokens} steps with the zip2zip model ...", flush=True)
     zip2zip_run = _generate(model, tokenizer, prompt_ids, args.new_tokens, return_hypertokens=True)
     _print_generations(tokenizer, prompt_ids, zip2zip_run, base_run)
@@ -199,7 +210,8 @@ def _run_shipped_demo(args) -> int:
 
     _section(start, f"3/4 greedy continuation of the first {PROMPT_LINES} lines of held-out {PROMPT_FILE}")
     prompt_base_ids = tokenizer.base_ids([prompt_text()], add_special_tokens=False)[0]
-    prompt_ids = tokenizer([prompt_text()], add_special_tokens=False)["input_ids"][0]
+    prompt_base_ids = _fit_prompt(prompt_base_ids, base, args.new_tokens, tokenizer.codec.max_subtokens)
+    prompt_ids = tokenizer.codec.encode(prompt_base_ids)[0]  # the same text the base model continued
     print(f"generating {args.new_tokens} steps with each model ...", flush=True)
     base_run = _generate(base, tokenizer, prompt_base_ids, args.new_tokens, return_hypertokens=False)
     zip2zip_run = _generate(model, tokenizer, prompt_ids, args.new_tokens, return_hypertokens=True)

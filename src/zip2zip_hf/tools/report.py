@@ -3,6 +3,7 @@ of compression statistics, coloured samples. Errors a user can fix are `CLIError
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import contextlib
 import io
@@ -173,3 +174,18 @@ def coloured_sample(tokenizer: Zip2ZipTokenizer, text: str, n_lines: int = SAMPL
     windows = [sum(hyper_counts[i : i + n_lines]) for i in range(max(1, len(lines) - n_lines + 1))]
     start = windows.index(max(windows))
     return "\n".join(lines[start : start + n_lines])
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse

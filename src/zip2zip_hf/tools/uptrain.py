@@ -785,7 +785,7 @@ def export(model, folder: Path, record: dict, base_name: str) -> None:
 
 
 def add_uptrain_arguments(command) -> None:
-    from .cli import at_least
+    from .report import at_least
 
     command.add_argument(
         "--output-dir",
