@@ -65,7 +65,8 @@ test: setup
 # compiling, speculative decoding, cropping, the compatibility layer): a couple of minutes, for the
 # releases CI checks besides the newest and the oldest (make test-generation TRANSFORMERS=5.17).
 GENERATION_TESTS := tests/test_generation.py tests/test_compat.py tests/test_crop.py \
-	tests/test_static_and_compiled.py tests/test_speculative.py
+	tests/test_static_and_compiled.py tests/test_decoding_step_guards.py tests/test_positions.py \
+	tests/test_speculative.py
 test-generation: setup
 	$(BIN)/python -m pytest -q $(GENERATION_TESTS)
 

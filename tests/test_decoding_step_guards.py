@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import CompileConfig, LogitsProcessor
 
-from utils import PAD, V, assert_same_logits, compressed, left_pad
+from utils import V, assert_same_logits, compressed, generate_ids, left_pad, padded_batch
 from zip2zip_hf import Zip2ZipStaticCache
 from zip2zip_hf.evaluation.op_counts import count_ops
 from zip2zip_hf.hyper_state import DeferredLegalityChecks
@@ -73,23 +73,6 @@ class CudaGraphEmulation:
         return model.register_forward_pre_hook(next_step)
 
 
-def generate(model, ids, mask, max_new_tokens, **kwargs):
-    kwargs.setdefault("do_sample", False)
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=PAD,
-        eos_token_id=None,
-        return_hypertokens=True,
-        **kwargs,
-    )
-
-
-def padded_batch():
-    return left_pad([compressed(24, 70), compressed(25, 35), compressed(26, 52)])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES, ids=["greedy", "beams", "sampling"])
 def test_no_step_reads_what_an_earlier_step_returned(model, mode):
@@ -101,11 +84,11 @@ def test_no_step_reads_what_an_earlier_step_returned(model, mode):
     config._compile_all_devices = True  # transformers' own switch for compiling off CUDA
     ids, mask = padded_batch()
     torch.manual_seed(0)
-    eager = generate(model, ids, mask, 40, **mode)
+    eager = generate_ids(model, ids, mask, 40, **mode)
     handle = emulation.count_steps(model)
     try:
         torch.manual_seed(0)
-        compiled = generate(model, ids, mask, 40, cache_implementation="static", compile_config=config, **mode)
+        compiled = generate_ids(model, ids, mask, 40, cache_implementation="static", compile_config=config, **mode)
     finally:
         handle.remove()
     # Beam search's steps are compiled by some transformers releases only (not 5.24).
@@ -182,7 +165,7 @@ def test_every_state_tensor_keeps_its_address(model, beams):
 
     handle = model.register_forward_hook(record, with_kwargs=True)
     try:
-        out = generate(model, ids, mask, 30, cache_implementation="static", **({"num_beams": 2} if beams else {}))
+        out = generate_ids(model, ids, mask, 30, cache_implementation="static", **({"num_beams": 2} if beams else {}))
     finally:
         handle.remove()
     assert (out[:, ids.shape[1] :] >= V).any(), "the rows must write hypertokens"
@@ -233,7 +216,7 @@ def test_generate_still_names_an_illegal_id_a_processor_forced(model):
     code = V + model.codec.max_codebook_size - 1
     processor = LogitsProcessorList([WritesAnIllegalId(ids.shape[1] + 3, code)])
     with pytest.raises(ValueError, match=rf"row 0, position {ids.shape[1] + 3}: hyper id {code} is not installed"):
-        generate(model, ids, mask, 8, logits_processor=processor, cache_implementation="static")
+        generate_ids(model, ids, mask, 8, logits_processor=processor, cache_implementation="static")
 
 
 @pytest.mark.slow

@@ -7,25 +7,19 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from utils import PAD, V, assert_same_logits, compressed, left_pad, step_by_step_logits, tiny_base, wrap
+from utils import (
+    PAD,
+    V,
+    assert_same_logits,
+    compressed,
+    generate_ids,
+    left_pad,
+    padded_batch,
+    step_by_step_logits,
+    tiny_base,
+    wrap,
+)
 from zip2zip_hf import Zip2ZipStaticCache
-
-
-def generate(model, ids, mask, **kwargs):
-    kwargs.setdefault("do_sample", False)
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=12,
-        pad_token_id=PAD,
-        eos_token_id=None,
-        return_hypertokens=True,
-        **kwargs,
-    )
-
-
-def padded_batch():
-    return left_pad([compressed(24, 70), compressed(25, 35), compressed(26, 52)])
 
 
 def caches_seen(model) -> tuple[list, torch.utils.hooks.RemovableHandle]:
@@ -47,11 +41,11 @@ def test_static_cache_generates_what_the_dynamic_cache_does(model, mode, on_devi
     monkeypatch.setattr(model, "codebooks_on_device", on_device)
     ids, mask = padded_batch()
     torch.manual_seed(0)
-    dynamic = generate(model, ids, mask, **mode)
+    dynamic = generate_ids(model, ids, mask, **mode)
     seen, handle = caches_seen(model)
     try:
         torch.manual_seed(0)
-        static = generate(model, ids, mask, cache_implementation="static", **mode)
+        static = generate_ids(model, ids, mask, cache_implementation="static", **mode)
     finally:
         handle.remove()
     assert torch.equal(static, dynamic)
@@ -66,11 +60,11 @@ def test_static_cache_from_the_generation_config_is_used_too(model):
         model.generation_config = copy.deepcopy(config)
         model.generation_config.cache_implementation = "static"
         seen, handle = caches_seen(model)
-        static = generate(model, ids, mask)
+        static = generate_ids(model, ids, mask)
         handle.remove()
     finally:
         model.generation_config = config
-    assert torch.equal(static, generate(model, ids, mask))
+    assert torch.equal(static, generate_ids(model, ids, mask))
     assert isinstance(seen[0], Zip2ZipStaticCache)
 
 
@@ -78,7 +72,7 @@ def test_a_cache_and_cache_implementation_together_are_refused(model):
     ids, mask = padded_batch()
     cache = Zip2ZipStaticCache(config=model.config.get_text_config(), max_cache_len=128)
     with pytest.raises(ValueError, match="either a cache or cache_implementation"):
-        generate(model, ids, mask, cache_implementation="static", past_key_values=cache)
+        generate_ids(model, ids, mask, cache_implementation="static", past_key_values=cache)
 
 
 @pytest.mark.parametrize("on_device", [True, False])
@@ -169,7 +163,7 @@ def test_generate_compiles_the_static_decoding_steps_and_writes_the_same_tokens(
 
     torch._dynamo.reset()
     ids, mask = padded_batch()
-    eager = generate(model, ids, mask, **mode)
+    eager = generate_ids(model, ids, mask, **mode)
     graphs = []
 
     def counting(graph_module, example_inputs):
@@ -178,7 +172,7 @@ def test_generate_compiles_the_static_decoding_steps_and_writes_the_same_tokens(
 
     compile_config = CompileConfig(backend=counting, mode=None)
     compile_config._compile_all_devices = True  # transformers' own switch for compiling off CUDA
-    compiled = generate(model, ids, mask, cache_implementation="static", compile_config=compile_config, **mode)
+    compiled = generate_ids(model, ids, mask, cache_implementation="static", compile_config=compile_config, **mode)
     compiles = "num_beams" not in mode or "get_compiled_call" in inspect.getsource(GenerationMixin._beam_search)
     assert bool(graphs) == compiles, f"{len(graphs)} graphs compiled"
     assert torch.equal(compiled, eager)
@@ -198,7 +192,7 @@ def test_cuda_static_generate_with_cuda_graphs_writes_the_same_tokens(mode, batc
     ids, mask = left_pad([compressed(24 + row, 30 + (7 * row) % 41) for row in range(batch_size)])
     ids, mask = ids.cuda(), mask.cuda()
     torch.manual_seed(0)
-    eager = generate(model, ids, mask, **mode)
+    eager = generate_ids(model, ids, mask, **mode)
     torch.manual_seed(0)
-    compiled = generate(model, ids, mask, cache_implementation="static", **mode)
+    compiled = generate_ids(model, ids, mask, cache_implementation="static", **mode)
     assert torch.equal(compiled, eager)

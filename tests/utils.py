@@ -184,6 +184,25 @@ def left_pad(rows: list[list[int]]):
     return ids, mask
 
 
+def padded_batch():
+    """Three left-padded rows of compressed ids that write hypertokens when decoded further."""
+    return left_pad([compressed(24, 70), compressed(25, 35), compressed(26, 52)])
+
+
+def generate_ids(model, ids, mask, max_new_tokens: int = 12, **kwargs):
+    """Greedy unless told otherwise, no end of sequence, the raw compressed ids returned."""
+    kwargs.setdefault("do_sample", False)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=None,
+        return_hypertokens=True,
+        **kwargs,
+    )
+
+
 def step_by_step_logits(model, ids, mask, first: int = 1):
     """Feed ``first`` ids, then one id per call with the KV cache; return the logits of every position."""
     out = model(input_ids=ids[:, :first], attention_mask=mask[:, :first], use_cache=True)
