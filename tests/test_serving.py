@@ -225,6 +225,102 @@ def test_a_bad_request_gets_a_4xx_that_says_what_was_wrong(server, checkpoint, c
     assert post(f"{server}/v1/completions", good)[0] == 200  # and the server serves on
 
 
+# Each a field of a request the server cannot honour, and a word its 4xx answer must carry.
+BAD_FIELDS = [
+    ({"seed": "x"}, "seed"),
+    ({"seed": [1]}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"generation_config": "{not json"}, "generation_config"),
+    ({"generation_config": "[1, 2]"}, "generation_config"),
+    ({"generation_config": {"max_new_tokens": 3}}, "generation_config"),
+    ({"generation_config": '{"max_new_tokens": -3}'}, "max_new_tokens"),
+    ({"generation_config": '{"temperature": "hot"}'}, "temperature"),
+    ({"stop": [1]}, "stop"),
+    ({"stop": {"a": 1}}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"frequency_penalty": -1.5}, "frequency_penalty"),
+    ({"logit_bias": {"5": 10}}, "logit_bias"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_FIELDS, ids=lambda case: json.dumps(case)[:40])
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_a_bad_setting_is_a_400_naming_it_on_both_endpoints(server, checkpoint, endpoint, change, message):
+    good = {"model": checkpoint, "max_tokens": 4}
+    good.update({"prompt": PROMPTS[0]} if endpoint == "completions" else {"messages": CHAT})
+    status, reply = post(f"{server}/v1/{endpoint}", {**good, **change})
+    assert status == 400, reply
+    assert message in json.dumps(reply)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        (None, "messages"),
+        ([], "messages"),
+        ("hello", "messages"),
+        ([{"content": "hi"}], "role"),
+        ([{"role": "user", "content": 5}], "content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "text"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "text"),
+        ([{"role": "user", "content": "\ud800x"}], "UTF-8"),
+    ],
+)
+def test_malformed_messages_are_a_400_naming_what_is_wrong(server, checkpoint, messages, message):
+    body = {"model": checkpoint, "max_tokens": 4}
+    if messages is not None:
+        body["messages"] = messages
+    status, reply = post(f"{server}/v1/chat/completions", body)  # JSON escapes a lone surrogate as \\ud800
+    assert status == 400, reply
+    assert message in json.dumps(reply)
+
+
+def test_a_prompt_with_a_lone_surrogate_is_a_400(server, checkpoint):
+    status, reply = post(f"{server}/v1/completions", {"model": checkpoint, "prompt": "\ud800x", "max_tokens": 4})
+    assert status == 400 and "UTF-8" in json.dumps(reply), reply
+
+
+def test_chat_on_a_checkpoint_without_a_chat_template_is_a_400(tmp_path, text_model, text_tok, checkpoint):
+    text_model.save_pretrained(tmp_path)
+    text_tok.save_pretrained(tmp_path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    config_path = tmp_path / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config.pop("chat_template", None)
+    config_path.write_text(json.dumps(tokenizer_config))
+    with running_server(str(tmp_path)) as url:
+        status, reply = post(f"{url}/v1/chat/completions", {"model": str(tmp_path), "messages": CHAT})
+        assert status == 400 and "chat template" in json.dumps(reply), reply
+        assert post(f"{url}/v1/completions", {"model": str(tmp_path), "prompt": PROMPTS[0], "max_tokens": 2})[0] == 200
+
+
+def test_temperature_samples_and_a_seed_makes_it_reproducible(client, checkpoint, text_model, text_tok):
+    import torch
+
+    inputs = text_tok(PROMPTS[3], return_tensors="pt")
+    greedy, _ = generated(text_model, text_tok, inputs, max_new_tokens=12)
+    settings = dict(model=checkpoint, prompt=PROMPTS[3], max_tokens=12, temperature=1.0)
+    answers = []
+    for seed in (1, 2, 3):
+        answer = client.completions.create(seed=seed, **settings).choices[0].text
+        assert client.completions.create(seed=seed, **settings).choices[0].text == answer  # same seed, same text
+        torch.manual_seed(seed)
+        out = text_model.generate(
+            **inputs, do_sample=True, temperature=1.0, max_new_tokens=12, return_hypertokens=True
+        )
+        request = RequestCodebook(text_tok.codec)
+        request.read_prompt(inputs["input_ids"][0])
+        base_ids = request.write(out[0, inputs["input_ids"].shape[1] :].tolist())
+        assert answer == text_tok.base_tokenizer.decode(base_ids, skip_special_tokens=True)  # generate's sample
+        answers.append(answer)
+    assert any(answer != greedy for answer in answers)
+    assert client.completions.create(**{**settings, "temperature": 0}).choices[0].text == greedy
+
+
 def test_malformed_json_is_a_4xx_and_the_server_serves_on(server, client, checkpoint):
     status, reply = post(f"{server}/v1/chat/completions", b'{"model": "x", "messages": [')
     assert status == 422 and "json" in json.dumps(reply).lower()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import transformers
 from transformers import AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from ..lzw_codebook import setting
+from .request_checks import MAX_TOKENS_FIELDS, BadRequest, check_messages, check_request, sampling_requested
 from .request_codebook import RequestCodebook, RequestUsage
 
 
@@ -94,19 +94,6 @@ __all__ = ["Zip2ZipChatCompletionHandler", "Zip2ZipCompletionHandler", "Zip2ZipM
 # engine numbers requests its own way).
 _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("zip2zip_request_id")
 
-# Request fields that would change the answer and are not supported, with the values that change nothing.
-_REFUSED_FIELDS = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "n": (None, 1),
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "presence_penalty": (None, 0),
-    "response_format": (None, {"type": "text"}),
-    "prediction": (None,),
-}
-# What each handler reads the completion's length from.
-_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 # The most new tokens a request gets when it names none (transformers serve's own default).
 _DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -135,7 +122,8 @@ def _check_seams() -> None:
             GenerationState: ("get_manager", "use_continuous_batching"),
         }
     needed[CompletionHandler] = handlers + building
-    needed[ChatCompletionHandler] = handlers + building
+    # Where the chat handler holds the tokenizer, before it applies the chat template.
+    needed[ChatCompletionHandler] = (*handlers, *building, "render_messages" if _ENGINE_LAYOUT else "_resolve_model")
     missing += [
         f"{owner.__name__}.{name}" for owner, names in needed.items() for name in names if not hasattr(owner, name)
     ]
@@ -474,40 +462,36 @@ class _Zip2ZipHandler:
     generation_state: Zip2ZipGenerationState
 
     def _validate_request(self, body: dict) -> None:
-        super()._validate_request(body)
-        for field, harmless in _REFUSED_FIELDS.items():
-            if field in body and body[field] not in harmless:
-                raise HTTPException(status_code=400, detail=f"{field}={body[field]!r} is not supported by this server")
-        for field in (*_MAX_TOKENS_FIELDS, "prompt_lookup_num_tokens"):
-            if body.get(field) is not None:
-                _checked_int(field, body[field])
-        for field, low, high in (("temperature", 0.0, None), ("top_p", 0.0, 1.0)):
-            value = body.get(field)
-            if value is not None and not _number_in(value, low, high):
-                bounds = f">= {low}" if high is None else f"in ({low}, {high}]"
-                raise HTTPException(status_code=400, detail=f"{field} must be a number {bounds}, got {value!r}")
+        super()._validate_request(body)  # the fields the endpoint takes (422 for others)
+        try:
+            check_request(body)
+        except BadRequest as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
 
     @staticmethod
-    def _names_no_length(body: dict) -> bool:
-        return all(body.get(field) is None for field in _MAX_TOKENS_FIELDS) and body.get("generation_config") is None
+    def _request_settings(body: dict) -> dict:
+        """What zip2zip adds to transformers' reading of a request: the length when it names none,
+        sampling when its temperature asks for it, and its prompt lookup."""
+        settings = {}
+        if all(body.get(field) is None for field in MAX_TOKENS_FIELDS) and body.get("generation_config") is None:
+            settings["max_new_tokens"] = None  # as many as fit (`_fit_to_context`)
+        sampling = sampling_requested(body)
+        if sampling is not None:
+            settings["do_sample"] = sampling  # transformers only ever switches sampling off
+        if body.get("prompt_lookup_num_tokens") is not None:
+            settings["prompt_lookup_num_tokens"] = int(body["prompt_lookup_num_tokens"])
+        return settings
 
     def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
         """The request's settings (up to 5.24)."""
         config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
-        if self._names_no_length(body):
-            config.max_new_tokens = None  # as many as fit (`_fit_to_context`)
-        if body.get("prompt_lookup_num_tokens") is not None:
-            config.prompt_lookup_num_tokens = int(body["prompt_lookup_num_tokens"])
+        for name, value in self._request_settings(body).items():
+            setattr(config, name, value)
         return config
 
     def _build_generation_kwargs(self, body: dict, model_generation_config) -> dict:
         """The request's settings (5.25 on), as `_build_generation_config`."""
-        settings = super()._build_generation_kwargs(body, model_generation_config)
-        if self._names_no_length(body):
-            settings["max_new_tokens"] = None  # as many as fit (`_fit_to_context`)
-        if body.get("prompt_lookup_num_tokens") is not None:
-            settings["prompt_lookup_num_tokens"] = int(body["prompt_lookup_num_tokens"])
-        return settings
+        return {**super()._build_generation_kwargs(body, model_generation_config), **self._request_settings(body)}
 
     def _check_prompt_length(self, engine, inputs: dict) -> None:
         """Left to `_fit_to_context` (5.25 on), which counts the positions a prompt takes (base tokens
@@ -540,20 +524,6 @@ class _Zip2ZipHandler:
                 yield chunk
         finally:
             self.generation_state.outcomes.pop(request_id, None)
-
-
-def _checked_int(field: str, value) -> int:
-    try:
-        return setting(field, value, least=1)
-    except ValueError as error:
-        raise HTTPException(status_code=400, detail=str(error)) from None
-
-
-def _number_in(value, low: float, high: float | None) -> bool:
-    """``low <= value`` (``low < value <= high`` with a high bound), for ints and floats, not bools."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return low <= value if high is None else low < value <= high
 
 
 def _with_outcome(payload: dict, outcome: _Outcome) -> dict:
@@ -597,6 +567,33 @@ class Zip2ZipChatCompletionHandler(_Zip2ZipHandler, ChatCompletionHandler):
         prompt_lookup_num_tokens: int
 
     _valid_params_class = _Params
+
+    def _validate_request(self, body: dict) -> None:
+        super()._validate_request(body)
+        try:
+            check_messages(body.get("messages"))
+        except BadRequest as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+
+    def render_messages(self, engine, messages: list[dict], body: dict) -> dict:
+        """The messages through the chat template (5.25 on), once the checkpoint is known to have one."""
+        _require_chat_template(engine.processor)
+        return super().render_messages(engine, messages, body)
+
+    def _resolve_model(self, body: dict):
+        """The model and its tokenizer (up to 5.24), once the checkpoint is known to have a chat template."""
+        model_id, model, processor = super()._resolve_model(body)
+        _require_chat_template(processor)
+        return model_id, model, processor
+
+
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise HTTPException(
+            status_code=400,
+            detail="this checkpoint's tokenizer has no chat template, so it cannot read messages: "
+            "use /v1/completions with a prompt",
+        )
 
 
 class _NotServed:
