@@ -169,6 +169,14 @@ def test_an_export_never_goes_into_the_package(base_dir, tmp_path, capsys, insid
     assert not run.exists() and not (PACKAGE / "embedded" / "another").exists()
 
 
+def test_a_run_never_goes_into_the_package(base_dir, tmp_path, capsys):
+    run = PACKAGE / "embedded" / "a-run"
+    assert main(uptrain_argv(base_dir, run, 2, None, "--export", str(tmp_path / "out"))) == 2
+    line = error_line(capsys)
+    assert "--output-dir" in line and "inside the installed zip2zip_hf package" in line
+    assert not run.exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_replace_shipped_adapter_is_the_one_way_into_it(base_dir, tmp_path, monkeypatch, capsys):
     """`make uptrain` passes --replace-shipped-adapter: it writes EMBEDDED_ZIP2ZIP (here a copy of the
@@ -308,6 +316,7 @@ def test_fewer_steps_than_the_run_has_is_nothing_to_do(base_dir, run, tmp_path, 
         ({"model": {"encoder": "mean"}}, "--recipe: model: unknown setting 'encoder'"),
         ({"model": {"position_mode": "x"}}, "--recipe: model: position_mode must be one of"),
         ({"distillation": {"ce": 0, "span": 0}}, "--recipe: distillation: every loss term is 0"),
+        ({"distillation": {"ce": 0}}, "--recipe: distillation: every loss term is 0"),  # span stays the recipe's 0
         ({"distillation": {"kl": 1}}, "--recipe: distillation: unknown term 'kl'"),
         ({"window": 256}, "--recipe: window 256 needs 257 positions (a BOS token, then the window) but the base"),
         ({"eval_window": 1024}, "--recipe: eval_window 1024 needs 1025 positions"),
@@ -320,6 +329,13 @@ def test_a_bad_recipe_is_one_line(base_dir, tmp_path, capsys, recipe, message):
     assert main([*argv, "--export", str(tmp_path / "out")]) == 2
     assert message in error_line(capsys)
     assert not run.exists() and not (tmp_path / "out").exists()
+
+
+def test_loss_terms_a_recipe_leaves_out_keep_the_recipe_defaults():
+    from zip2zip_hf.tools.uptrain import UptrainRecipe, parse_recipe
+
+    recipe = parse_recipe(json.dumps({"distillation": {"span": 0.5}}))
+    assert recipe.distillation == {**UptrainRecipe().distillation, "span": 0.5}
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,9 @@ def parse_recipe(text: str | None) -> UptrainRecipe:
                 raise CLIError(f"--recipe: distillation.correction must be true or false, got {_json(value)}")
         else:
             _number_field(f"distillation.{key}", value)
+    # A term the recipe leaves out keeps the recipe's default weight (not `DistillationConfig`'s, whose
+    # span term is on): '{"distillation": {"span": 0.5}}' adds the span term to cross-entropy.
+    recipe.distillation = {**UptrainRecipe().distillation, **recipe.distillation}
     weights = asdict(DistillationConfig(**recipe.distillation))
     if not any(weights[key] > 0 for key in terms if key != "correction"):
         raise CLIError("--recipe: distillation: every loss term is 0, there is nothing to train")
@@ -557,6 +560,10 @@ def run_uptrain(args) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise CLIError(f"--output-dir {output_dir}: exists and is not a folder")
+    if output_dir.resolve().is_relative_to(PACKAGE_DIR):
+        raise CLIError(
+            f"--output-dir {output_dir}: inside the installed zip2zip_hf package ({PACKAGE_DIR}); runs go elsewhere"
+        )
     if args.model:
         if not os.path.isdir(args.model):
             raise CLIError(
