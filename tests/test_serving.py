@@ -55,11 +55,18 @@ def running_server(checkpoint: str):
     """The app serving ``checkpoint`` on a free port of 127.0.0.1, in a thread; yields its base URL."""
     if not SERVING:
         pytest.skip("serving runs on transformers 5's serving code")
-    import uvicorn
-
     from zip2zip_hf.serving.server import build_app
 
-    config = uvicorn.Config(build_app(checkpoint, device="cpu"), host="127.0.0.1", port=0, log_level="warning")
+    with running_app(build_app(checkpoint, device="cpu")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_app(app):
+    """``app`` served on a free port of 127.0.0.1, in a thread; yields its base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     uvicorn_server = uvicorn.Server(config)
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()

@@ -137,13 +137,24 @@ def _check_seams() -> None:
 _check_seams()
 
 
+# The models served under a name that is not their folder (`build_app(name=...)`): name -> folder.
+_SERVED_FROM: dict[str, str] = {}
+
+
+def _served_from(repo: str, revision: str | None) -> tuple[str, str | None]:
+    """Where the model served as ``repo`` (at ``revision``) is read from."""
+    return (_SERVED_FROM[repo], None) if repo in _SERVED_FROM else (repo, revision)
+
+
 def _load_tokenizer(repo: str, revision: str | None):
+    repo, revision = _served_from(repo, revision)
     return AutoTokenizer.from_pretrained(repo, revision=revision)
 
 
 def _load_zip2zip_model(repo: str, revision: str | None, dtype, device, attn_implementation):
     from ..modeling_zip2zip import Zip2ZipForCausalLM
 
+    repo, revision = _served_from(repo, revision)
     model = Zip2ZipForCausalLM.from_pretrained(
         repo, revision=revision, dtype=dtype, device_map=device, attn_implementation=attn_implementation
     )
@@ -325,6 +336,10 @@ else:  # transformers 5.25 on: each model behind an EngineClient, its requests r
         def load_processor(self, model_id: str):
             repo, revision, _ = parse_model_id(model_id)
             return _load_tokenizer(repo, revision)
+
+        def load_config(self, model_id: str):
+            repo, _, _ = parse_model_id(model_id)
+            return super().load_config(_SERVED_FROM.get(repo, model_id))
 
         def _load_model(self, model_id: str, tqdm_class=None, progress_callback=None):
             repo, revision, _ = parse_model_id(model_id)
@@ -609,15 +624,19 @@ class _NotServed:
         )
 
 
-def build_app(checkpoint: str, device: str = "auto", dtype: str = "auto"):
-    """The FastAPI app serving ``checkpoint`` (loaded now) under its path as the model name."""
+def build_app(checkpoint: str, device: str = "auto", dtype: str = "auto", name: str | None = None):
+    """The FastAPI app serving ``checkpoint`` (loaded now) under ``name`` as the model name (default:
+    its path)."""
+    if name is not None and name != checkpoint:
+        _SERVED_FROM[name] = checkpoint
+    served = checkpoint if name is None else name
     generation_state = Zip2ZipGenerationState()
     if _ENGINE_LAYOUT:
         loader = Zip2ZipModelLoader(device=device, dtype=dtype)
-        model_manager = Zip2ZipModelManager(loader=loader, generation_state=generation_state, force_model=checkpoint)
+        model_manager = Zip2ZipModelManager(loader=loader, generation_state=generation_state, force_model=served)
         state = {}  # build_server takes no generation state from 5.25 on
     else:
-        model_manager = Zip2ZipModelManager(device=device, dtype=dtype, force_model=checkpoint)
+        model_manager = Zip2ZipModelManager(device=device, dtype=dtype, force_model=served)
         state = {"generation_state": generation_state}
     return build_server(
         model_manager,
@@ -630,8 +649,16 @@ def build_app(checkpoint: str, device: str = "auto", dtype: str = "auto"):
     )
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", dtype: str = "auto"):
-    """Serve ``checkpoint`` until interrupted (``python -m zip2zip_hf serve``)."""
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    dtype: str = "auto",
+    name: str | None = None,
+):
+    """Serve ``checkpoint`` under ``name`` (default: its path) until interrupted (``python -m zip2zip_hf serve``)."""
     import uvicorn
 
-    uvicorn.run(build_app(checkpoint, device=device, dtype=dtype), host=host, port=port, log_level="warning")
+    app = build_app(checkpoint, device=device, dtype=dtype, name=name)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m zip2zip_hf compress FILE...``, ``eval MODEL FILE...``, ``lm-eval ...`` and ``demo``.
+"""Command line: ``python -m zip2zip_hf compress FILE...``, ``eval MODEL FILE...``, ``lm-eval ...``, ``demo``, ...
 
 ``compress`` prints how much LZW shortens each file (each compressed on its own) and a total.
 ``eval`` scores files with a saved checkpoint, zip2zip or plain: bits per byte and steps per byte
@@ -12,8 +12,13 @@ base afresh and LoRA-finetunes it briefly instead; ``demo --compression-only`` s
 of real text (code and prose) alone.
 ``convert`` (see `zip2zip_hf.interop`) turns a checkpoint of the reference zip2zip package into ours.
 ``serve`` (see `zip2zip_hf.serving`) serves a checkpoint over the OpenAI API on transformers' own server.
-``uptrain`` (see `zip2zip_hf.tools.uptrain`) trains the shipped adapter. ``eval`` takes the embedded
-models by name (``smollm2``, ``smollm2-zip2zip``) as well as checkpoint folders.
+``uptrain`` (see `zip2zip_hf.tools.uptrain`) trains the shipped adapter.
+``export`` writes an embedded model as a standalone checkpoint folder.
+
+Every command that takes a checkpoint takes the embedded models by name (``smollm2``,
+``smollm2-zip2zip``) as well as folders: ``eval``, ``serve``, ``lm-eval`` (``pretrained=``),
+``convert --base``, ``uptrain --model`` and ``demo --finetune --model``, the last three the plain base
+only (see `zip2zip_hf.tools.embedded.checkpoint_folder`).
 
 The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.tools.smollm2`).
 """
@@ -31,12 +36,15 @@ from collections.abc import Sequence
 
 from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .demo import add_demo_arguments, run_demo
-from .embedded import NAMED_MODELS, load_named_model
+from .embedded import NAMED_MODELS, ZIP2ZIP_MODELS, checkpoint_folder, load_named_model, save_named_model
 from .report import DEFAULT_MAX_BYTES, CLIError, at_least, describe, load_tokenizer, read_text_file, stats_table
 from .uptrain import add_uptrain_arguments, run_uptrain
 
 
 __all__ = ["main"]
+
+# The installed package: no command writes into it.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -54,11 +62,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if not any(texts):
         raise CLIError(f"{', '.join(args.files)}: empty, there is no text to score")
     device = checked_device(args.device) if args.device else best_device()
-    if args.model in NAMED_MODELS:
-        model, tokenizer = load_named_model(args.model, device)
-    elif os.path.isfile(os.path.join(args.model, "config.json")):
+    folder = checkpoint_folder(args.model)
+    if os.path.isfile(os.path.join(folder, "config.json")):
         try:
-            model, tokenizer = load_for_evaluation(args.model, device)
+            model, tokenizer = load_for_evaluation(folder, device)
         except (OSError, ValueError) as error:  # no weights, mis-shaped weights, no tokenizer, ...
             raise CLIError(f"{args.model}: cannot load it ({str(error).strip().splitlines()[0]})") from None
     else:
@@ -101,48 +108,90 @@ def checked_device(name: str):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        raise CLIError(f"{args.checkpoint}: not a saved model folder (no config.json)")
+    """Serve CHECKPOINT under the name given: an embedded model's name is served from its folder."""
+    if args.checkpoint not in NAMED_MODELS and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise CLIError(
+            f"{args.checkpoint}: not a saved model folder (no config.json) "
+            f"nor an embedded model ({', '.join(sorted(ZIP2ZIP_MODELS))})"
+        )
     if args.device != "auto":
         checked_device(args.device)
     try:
         from ..serving.server import serve
     except ImportError as error:
         raise CLIError(str(error)) from None
+    folder = checkpoint_folder(
+        args.checkpoint, needs="zip2zip", why="serve serves zip2zip models: use smollm2-zip2zip"
+    )
     try:
-        serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+        serve(folder, host=args.host, port=args.port, device=args.device, dtype=args.dtype, name=args.checkpoint)
     except (OSError, ValueError) as error:  # no weights, not a zip2zip checkpoint, port taken, bad dtype
         raise CLIError(f"{args.checkpoint}: cannot serve it ({str(error).strip().splitlines()[0]})") from None
     return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Convert into a hidden sibling of OUT_DIR and rename it to OUT_DIR at the end: a run that fails
-    (a full disk, a bad checkpoint, Ctrl-C) leaves OUT_DIR as it found it, and nothing beside it."""
     from ..interop import from_reference
     from ..interop.reference import looks_like_a_path
 
     destination = _convert_destination(args.out_dir)
-    if args.base is not None and looks_like_a_path(args.base) and not os.path.isdir(os.path.expanduser(args.base)):
-        what = "not a folder" if os.path.exists(os.path.expanduser(args.base)) else "no such folder"
+    base = args.base
+    if base is not None:
+        why = "--base is the plain model the checkpoint was trained over: use smollm2"
+        base = checkpoint_folder(base, "--base", needs="plain", why=why)
+    if base is not None and looks_like_a_path(base) and not os.path.isdir(os.path.expanduser(base)):
+        what = "not a folder" if os.path.exists(os.path.expanduser(base)) else "no such folder"
         raise CLIError(f"--base {args.base}: {what} (the base model's folder, or a Hugging Face Hub name)")
-    created = _make_parents(destination, args.out_dir)
-    staging = None
-    try:
-        staging = _staging_folder(destination, args.out_dir)  # can it be written? asked before the work
+
+    def convert() -> tuple:
         try:
-            base = os.path.expanduser(args.base) if args.base is not None else None
-            model, tokenizer = from_reference(args.ref_dir, base_model=base)
+            return from_reference(args.ref_dir, base_model=os.path.expanduser(base) if base is not None else None)
         except (OSError, ValueError) as error:
             raise CLIError(f"{args.ref_dir}: cannot convert it ({_first_line(error)})") from None
+
+    _write_checkpoint(convert, _save_model_and_tokenizer, destination, args.out_dir)
+    print(f"{args.out_dir}: a zip2zip_hf checkpoint (load it with trust_remote_code=True, or after import zip2zip_hf)")
+    return 0
+
+
+def _save_model_and_tokenizer(loaded: tuple, folder: str) -> None:
+    model, tokenizer = loaded
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    destination = _convert_destination(args.out_dir)
+    _write_checkpoint(
+        lambda: load_named_model(args.model),
+        lambda loaded, folder: save_named_model(args.model, *loaded, folder),
+        destination,
+        args.out_dir,
+    )
+    if args.model in ZIP2ZIP_MODELS:
+        print(f"{args.out_dir}: {args.model} as a zip2zip_hf checkpoint (load it with trust_remote_code=True)")
+    else:
+        print(f"{args.out_dir}: {args.model} as a plain transformers checkpoint")
+    return 0
+
+
+def _write_checkpoint(load, save, destination: str, out_dir: str) -> None:
+    """Write a checkpoint into a hidden sibling of OUT_DIR and rename it to OUT_DIR at the end: a run
+    that fails (a full disk, a bad checkpoint, Ctrl-C) leaves OUT_DIR as it found it, and nothing
+    beside it. ``load()`` makes what ``save(loaded, folder)`` writes, once the place is known to be
+    writable."""
+    created = _make_parents(destination, out_dir)
+    staging = None
+    try:
+        staging = _staging_folder(destination, out_dir)  # can it be written? asked before the work
+        loaded = load()
         try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            save(loaded, staging)
         except Exception as error:  # a full disk: OSError, or the Rust writers' own errors
             raise CLIError(
-                f"{args.out_dir}: cannot write the checkpoint ({_first_line(error)}); nothing was kept"
+                f"{out_dir}: cannot write the checkpoint ({_first_line(error)}); nothing was kept"
             ) from None
-        _move_into_place(staging, destination, args.out_dir)
+        _move_into_place(staging, destination, out_dir)
         staging = created = None
     finally:  # a failed run (Ctrl-C included) takes back what it wrote
         if staging is not None:
@@ -150,8 +199,6 @@ def run_convert(args: argparse.Namespace) -> int:
         for folder in reversed(created or ()):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-    print(f"{args.out_dir}: a zip2zip_hf checkpoint (load it with trust_remote_code=True, or after import zip2zip_hf)")
-    return 0
 
 
 def _first_line(error: BaseException) -> str:
@@ -167,6 +214,10 @@ def _convert_destination(out_dir: str) -> str:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CLIError(f"{out_dir}: an existing file, not a folder (nothing is overwritten)")
     destination = os.path.realpath(out_dir)
+    if os.path.commonpath([destination, _PACKAGE_DIR]) == _PACKAGE_DIR:
+        raise CLIError(
+            f"{out_dir}: inside the installed zip2zip_hf package ({_PACKAGE_DIR}); nothing is written there"
+        )
     if os.path.isdir(destination):
         try:
             entries = os.listdir(destination)
@@ -228,15 +279,35 @@ def _move_into_place(staging: str, destination: str, out_dir: str) -> None:
 
 
 def run_lm_eval(args: argparse.Namespace) -> int:
-    # Importing zip2zip_hf registered the model; lm-eval's command line reads sys.argv.
+    """lm-eval's own command line (importing zip2zip_hf registered the model), its ``pretrained=``
+    model argument resolved first where it names an embedded model."""
     try:
-        from lm_eval.__main__ import cli_evaluate
+        import lm_eval
     except ModuleNotFoundError:
         raise CLIError("lm-evaluation-harness is not installed: pip install 'zip2zip_hf[eval]'") from None
-    saved_argv = sys.argv
-    sys.argv = ["lm-eval", *args.arguments]
     try:
-        cli_evaluate()
+        from lm_eval._cli import HarnessCLI  # what lm-eval's own cli_evaluate runs
+        from lm_eval.utils import setup_logging
+    except ImportError as error:
+        raise CLIError(f"lm-eval {getattr(lm_eval, '__version__', '')} moved its command line: {error}") from None
+    saved_argv = sys.argv
+    sys.argv = ["lm-eval", *args.arguments]  # what lm-eval's parser reads
+    try:
+        setup_logging()
+        harness = HarnessCLI()
+        parsed = harness.parse_args()
+        model_args = getattr(parsed, "model_args", None)
+        if isinstance(model_args, dict) and isinstance(model_args.get("pretrained"), str):
+            model = getattr(parsed, "model", None) or "hf"
+            if model == "zip2zip":
+                needs, why = "zip2zip", "lm-eval's 'zip2zip' model scores zip2zip models: use smollm2-zip2zip"
+            else:
+                needs, why = (
+                    "plain",
+                    f"lm-eval's {model!r} model would score its ids as base tokens: use --model zip2zip",
+                )
+            model_args["pretrained"] = checkpoint_folder(model_args["pretrained"], "pretrained=", needs, why)
+        harness.execute(parsed)
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
     finally:
@@ -282,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"refuse files larger than N bytes (default {DEFAULT_MAX_BYTES})",
         )
 
+    embedded = "or an embedded model: " + "; ".join(f"{name} ({about})" for name, about in NAMED_MODELS.items())
+
     compress = commands.add_parser("compress", help="compression statistics of text files")
     add_file_arguments(compress)
     add_tokenizer_options(compress)
@@ -289,10 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="bits per byte of text files under a saved model, zip2zip or plain")
     evaluate.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a saved checkpoint folder (model and tokenizer), or an embedded model: "
-        + "; ".join(f"{name} ({about})" for name, about in NAMED_MODELS.items()),
+        "model", metavar="MODEL", help="a saved checkpoint folder (model and tokenizer), " + embedded
     )
     add_file_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object for all files together")
@@ -312,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "lm-eval",
         help="lm-evaluation-harness's command line with the 'zip2zip' model registered",
         description="Runs `lm-eval ARGUMENTS` with `--model zip2zip` available, e.g. "
-        "`lm-eval run --model zip2zip --model_args pretrained=PATH --tasks wikitext`.",
+        "`lm-eval run --model zip2zip --model_args pretrained=PATH --tasks wikitext`. PATH may name an embedded "
+        f"model: {', '.join(NAMED_MODELS)} (the plain one with --model hf).",
     )
     harness.add_argument("arguments", nargs=argparse.REMAINDER, metavar="ARGUMENTS", help="lm-eval's arguments")
     harness.set_defaults(run=run_lm_eval)
@@ -323,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs transformers' OpenAI-compatible server on a zip2zip checkpoint; the model's name in "
         "requests is CHECKPOINT as given here. Needs zip2zip_hf[serve].",
     )
-    server.add_argument("checkpoint", metavar="CHECKPOINT", help="a saved zip2zip model folder (model and tokenizer)")
+    server.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a saved zip2zip model folder (model and tokenizer), or the embedded "
+        + ", ".join(sorted(ZIP2ZIP_MODELS)),
+    )
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=at_least(1), default=8000, help="port to listen on (default 8000)")
     server.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
@@ -340,9 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("ref_dir", metavar="REF_DIR", help="the folder the reference zip2zip saved")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="where to write the converted checkpoint (new or empty)")
     convert.add_argument(
-        "--base", metavar="PATH", help="the base model's folder (or Hub name), if not the one its config names"
+        "--base",
+        metavar="PATH",
+        help="the base model's folder (or Hub name, or smollm2, the embedded one), if not the one its config names",
     )
     convert.set_defaults(run=run_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="write an embedded model as a standalone checkpoint folder",
+        description="Writes MODEL into OUT_DIR as a checkpoint of its own: safetensors weights (float32, the LoRA "
+        "merged), the tokenizer and, for smollm2-zip2zip, the remote code, so that "
+        "AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) loads it where zip2zip_hf is not "
+        "installed; smollm2 is written as the plain transformers checkpoint it is. Written beside OUT_DIR and "
+        "renamed to it when complete: a failed run leaves nothing behind.",
+    )
+    export.add_argument("model", metavar="MODEL", choices=list(NAMED_MODELS), help=" or ".join(NAMED_MODELS))
+    export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the checkpoint (new or empty)")
+    export.set_defaults(run=run_export)
 
     demo = commands.add_parser(
         "demo",

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from .corpus import HELD_OUT, PROMPT_FILE, PROMPT_LINES, held_out_files, prompt_text, training_texts
+from .embedded import checkpoint_folder
 from .report import CLIError, coloured_sample, describe, legend, load_tokenizer, prose_samples, stats_table
 from .visualize import color_decode
 
@@ -228,14 +229,8 @@ def _load_models(args):
 
     from ..modeling_zip2zip import Zip2ZipForCausalLM
 
-    path = args.model
-    if path is None:
-        from .smollm2 import smollm2_path
-
-        try:
-            path = str(smollm2_path())
-        except (ImportError, OSError) as error:
-            raise CLIError(f"the default SmolLM2-135M-Instruct is not available: {error}") from None
+    why = "--finetune wraps a plain base model afresh: use smollm2 (the default)"
+    path = checkpoint_folder(args.model or "smollm2", "--model", needs="plain", why=why)
     if not Path(path).is_dir():
         raise CLIError(f"{path}: no such model folder")
     torch.manual_seed(args.seed)
@@ -372,7 +367,9 @@ def add_demo_arguments(demo) -> None:
         help="instead of the shipped model, wrap the base afresh and LoRA-finetune it for --steps",
     )
     demo.add_argument(
-        "--model", metavar="PATH", help="with --finetune: a base HF causal LM folder (default: SmolLM2-135M-Instruct)"
+        "--model",
+        metavar="PATH",
+        help="with --finetune: a base HF causal LM folder (default: smollm2, the embedded SmolLM2-135M-Instruct)",
     )
     demo.add_argument("--steps", type=int, default=40, help="with --finetune: LoRA training steps (default 40)")
     demo.add_argument("--batch-size", type=int, default=2, help="rows per step (default 2)")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-__all__ = ["GGUF_FILE", "smollm2_path"]
+__all__ = ["GGUF_FILE", "build_once", "smollm2_path"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when what we write changes, so stale caches are rebuilt rather than trusted.
@@ -81,10 +81,12 @@ def smollm2_path(weights: bool = True) -> Path:
     full = root / _folder_name()
     if full.is_dir():
         return full
+    _gguf_dir()  # fail fast with the install hint, before creating anything
+    source = f"SmolLM2-135M-Instruct from {GGUF_FILE}"
     if not weights:
         tokenizer_dir = root / f"{_folder_name()}-tokenizer"
         if not tokenizer_dir.is_dir():
-            _build(tokenizer_dir, _write_tokenizer, "tokenizer")
+            build_once(tokenizer_dir, _write_tokenizer, f"{source} (tokenizer)", "~20 s")
         return tokenizer_dir
 
     tokenizer_dir = smollm2_path(weights=False)
@@ -96,20 +98,21 @@ def smollm2_path(weights: bool = True) -> Path:
                 shutil.copy2(item, out / item.name)
         _write_model(out)
 
-    _build(full, write_full, "tokenizer + float32 weights")
+    build_once(full, write_full, f"{source} (tokenizer + float32 weights)", "~20 s")
     return full
 
 
-def _build(final: Path, write: Callable[[Path], None], what: str) -> None:
-    """Run ``write(tmp)`` into a fresh temp folder next to ``final``, then rename it to ``final``."""
-    _gguf_dir()  # fail fast with the install hint, before creating anything
+def build_once(final: Path, write: Callable[[Path], None], what: str, duration: str) -> None:
+    """Run ``write(tmp)`` into a fresh temp folder next to ``final``, then rename it to ``final``: a
+    crashed build leaves no half folder, and of two processes building the same folder, the second
+    keeps the first's. ``what`` and ``duration`` are for the line that says so on stderr."""
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
     for stale in final.parent.glob(prefix + "*"):
         if time.time() - stale.stat().st_mtime > _STALE_TMP_SECONDS:
             shutil.rmtree(stale, ignore_errors=True)
     print(
-        f"zip2zip_hf: building SmolLM2-135M-Instruct ({what}) from {GGUF_FILE} into {final} (~20 s, once)",
+        f"zip2zip_hf: building {what} into {final} ({duration}, once)",
         file=sys.stderr,
     )
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .corpus import HELD_OUT, HELD_OUT_CODE_BYTES, HELD_OUT_PROSE_BYTES, held_out_texts, training_corpus
-from .embedded import EMBEDDED_ZIP2ZIP
+from .embedded import EMBEDDED_ZIP2ZIP, NAMED_MODELS, checkpoint_folder
 from .report import PROSE_TOPICS, CLIError
 
 
@@ -545,13 +545,12 @@ def run_uptrain(args) -> int:
     )
     from ..modeling_zip2zip import Zip2ZipForCausalLM
     from ..tokenization_zip2zip import Zip2ZipTokenizer
-    from .smollm2 import smollm2_path
 
     # Everything is checked before the first minute of work: the recipe, the base model's folder and
     # config, the checkpoints, and every folder to be written.
     if args.replace_shipped_adapter and args.export:
         raise CLIError("--replace-shipped-adapter writes the package's own adapter: it takes no --export")
-    if args.replace_shipped_adapter and args.model:
+    if args.replace_shipped_adapter and args.model and args.model not in NAMED_MODELS:
         raise CLIError(
             "--replace-shipped-adapter: the shipped adapter is for the embedded SmolLM2-135M-Instruct, "
             "so it takes no --model (use --export for an adapter of another base)"
@@ -564,7 +563,7 @@ def run_uptrain(args) -> int:
         raise CLIError(
             f"--output-dir {output_dir}: inside the installed zip2zip_hf package ({PACKAGE_DIR}); runs go elsewhere"
         )
-    if args.model:
+    if args.model and args.model not in NAMED_MODELS:
         if not os.path.isdir(args.model):
             raise CLIError(
                 f"--model {args.model}: {'not a folder' if os.path.exists(args.model) else 'no such folder'}"
@@ -572,11 +571,9 @@ def run_uptrain(args) -> int:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise CLIError(f"--model {args.model}: not a saved model folder (no config.json)")
         path, base_id = args.model, str(Path(args.model).resolve())
-    else:
-        try:
-            path, base_id = str(smollm2_path()), SHIPPED_BASE
-        except (ImportError, OSError) as error:
-            raise CLIError(f"the embedded SmolLM2-135M-Instruct is not available: {error}") from None
+    else:  # the embedded base, by default or by name
+        why = "uptrain wraps a plain base model: use smollm2 (the default)"
+        path, base_id = checkpoint_folder(args.model or "smollm2", "--model", needs="plain", why=why), SHIPPED_BASE
     base_config = _load_base(path, "its config", AutoConfig.from_pretrained)
     positions = getattr(base_config.get_text_config(), "max_position_embeddings", None)
     for name in ("window", "eval_window"):
@@ -800,7 +797,9 @@ def add_uptrain_arguments(command) -> None:
         help="checkpoints; resumed from the newest intact one if present (default uptrain-smollm2)",
     )
     command.add_argument(
-        "--model", metavar="PATH", help="another base model, a local folder (default: SmolLM2-135M-Instruct)"
+        "--model",
+        metavar="PATH",
+        help="another base model, a local folder (default: smollm2, the embedded SmolLM2-135M-Instruct)",
     )
     command.add_argument(
         "--steps", type=at_least(1), default=600, metavar="N", help="train until step N (default 600)"
