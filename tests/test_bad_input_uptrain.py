@@ -169,6 +169,35 @@ def test_an_export_never_goes_into_the_package(base_dir, tmp_path, capsys, insid
     assert not run.exists() and not (PACKAGE / "embedded" / "another").exists()
 
 
+def test_an_exported_adapter_becomes_a_checkpoint_by_export_and_nowhere_else(trained, tmp_path, capsys):
+    """eval and serve name an adapter folder as what it is; export writes it as a checkpoint over its
+    base, which loads as the adapter does."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from zip2zip_hf import Zip2ZipForCausalLM
+    from zip2zip_hf.tools.embedded import load_uptrain_export
+
+    adapter = trained / "adapter"
+    text = tmp_path / "text.py"
+    text.write_text("x = 1\n" * 20)
+    for argv in (["eval", str(adapter), str(text)], ["serve", str(adapter)]):
+        assert main(argv) == 2
+        assert f"{adapter}: an adapter written by uptrain, not a checkpoint" in capsys.readouterr().err
+    out = tmp_path / "checkpoint"
+    assert main(["export", str(adapter), str(out)]) == 0
+    expected_model, expected_tokenizer = load_uptrain_export(adapter)
+    model, tokenizer = Zip2ZipForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("def f(x):\n    return x\n" * 3, return_tensors="pt")["input_ids"]
+    assert (
+        ids.tolist() == expected_tokenizer("def f(x):\n    return x\n" * 3, return_tensors="pt")["input_ids"].tolist()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected_model(ids).logits)
+    assert json.loads((out / "uptrain.json").read_text()) == json.loads((adapter / "uptrain.json").read_text())
+    assert main(["eval", str(out), str(text)]) == 0
+
+
 def test_a_run_never_goes_into_the_package(base_dir, tmp_path, capsys):
     run = PACKAGE / "embedded" / "a-run"
     assert main(uptrain_argv(base_dir, run, 2, None, "--export", str(tmp_path / "out"))) == 2

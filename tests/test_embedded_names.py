@@ -107,9 +107,8 @@ def test_export_refuses_a_bad_out_dir_before_any_work(embedded, tmp_path, capsys
     assert not inside.exists()
     assert embedded.loads == []  # refused before loading anything
     assert (tmp_path / "full" / "keep.txt").read_text() == (tmp_path / "file").read_text() == "mine"
-    with pytest.raises(SystemExit, match="2"):  # not a name: argparse's usage error
-        main(["export", "smollm2-zip", str(tmp_path / "out")])
-    assert "invalid choice: 'smollm2-zip'" in capsys.readouterr().err
+    error = refused(capsys, "export", "smollm2-zip", tmp_path / "out")
+    assert "smollm2-zip: neither an embedded model (smollm2, smollm2-zip2zip) nor an adapter folder" in error
 
 
 def test_a_failed_export_leaves_nothing_behind(embedded, tmp_path, capsys, monkeypatch):

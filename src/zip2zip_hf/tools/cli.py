@@ -13,7 +13,7 @@ of real text (code and prose) alone.
 ``convert`` (see `zip2zip_hf.interop`) turns a checkpoint of the reference zip2zip package into ours.
 ``serve`` (see `zip2zip_hf.serving`) serves a checkpoint over the OpenAI API on transformers' own server.
 ``uptrain`` (see `zip2zip_hf.tools.uptrain`) trains the shipped adapter.
-``export`` writes an embedded model as a standalone checkpoint folder.
+``export`` writes an embedded model, or an adapter folder ``uptrain`` wrote, as a standalone checkpoint folder.
 
 Every command that takes a checkpoint takes the embedded models by name (``smollm2``,
 ``smollm2-zip2zip``) as well as folders: ``eval``, ``serve``, ``lm-eval`` (``pretrained=``),
@@ -33,10 +33,20 @@ import shutil
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .demo import add_demo_arguments, run_demo
-from .embedded import NAMED_MODELS, ZIP2ZIP_MODELS, checkpoint_folder, load_named_model, save_named_model
+from .embedded import (
+    EMBEDDED_ZIP2ZIP,
+    NAMED_MODELS,
+    ZIP2ZIP_MODELS,
+    checkpoint_folder,
+    is_uptrain_export,
+    load_named_model,
+    load_uptrain_export,
+    save_named_model,
+)
 from .report import DEFAULT_MAX_BYTES, CLIError, at_least, describe, load_tokenizer, read_text_file, stats_table
 from .uptrain import add_uptrain_arguments, run_uptrain
 
@@ -109,11 +119,13 @@ def checked_device(name: str):
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve CHECKPOINT under the name given: an embedded model's name is served from its folder."""
-    if args.checkpoint not in NAMED_MODELS and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        raise CLIError(
-            f"{args.checkpoint}: not a saved model folder (no config.json) "
-            f"nor an embedded model ({', '.join(sorted(ZIP2ZIP_MODELS))})"
-        )
+    if args.checkpoint not in NAMED_MODELS:
+        checkpoint_folder(args.checkpoint)  # an uptrain adapter is not a checkpoint: said by name
+        if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+            raise CLIError(
+                f"{args.checkpoint}: not a saved model folder (no config.json) "
+                f"nor an embedded model ({', '.join(sorted(ZIP2ZIP_MODELS))})"
+            )
     if args.device != "auto":
         checked_device(args.device)
     try:
@@ -161,14 +173,22 @@ def _save_model_and_tokenizer(loaded: tuple, folder: str) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if is_uptrain_export(args.model):  # a zip2zip model: the adapter over the base it was trained on
+        adapter = Path(args.model)
+        name, load = "smollm2-zip2zip", lambda: load_uptrain_export(adapter)
+    elif args.model in NAMED_MODELS:
+        adapter = EMBEDDED_ZIP2ZIP
+        name, load = args.model, lambda: load_named_model(args.model)
+    else:
+        raise CLIError(
+            f"{args.model}: neither an embedded model ({', '.join(NAMED_MODELS)}) nor an adapter folder "
+            "written by uptrain (adapter_config.json and uptrain.json)"
+        )
     destination = _convert_destination(args.out_dir)
     _write_checkpoint(
-        lambda: load_named_model(args.model),
-        lambda loaded, folder: save_named_model(args.model, *loaded, folder),
-        destination,
-        args.out_dir,
+        load, lambda loaded, folder: save_named_model(name, *loaded, folder, adapter), destination, args.out_dir
     )
-    if args.model in ZIP2ZIP_MODELS:
+    if name in ZIP2ZIP_MODELS:
         print(f"{args.out_dir}: {args.model} as a zip2zip_hf checkpoint (load it with trust_remote_code=True)")
     else:
         print(f"{args.out_dir}: {args.model} as a plain transformers checkpoint")
@@ -424,14 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="write an embedded model as a standalone checkpoint folder",
+        help="write an embedded model, or an adapter uptrain wrote, as a standalone checkpoint folder",
         description="Writes MODEL into OUT_DIR as a checkpoint of its own: safetensors weights (float32, the LoRA "
-        "merged), the tokenizer and, for smollm2-zip2zip, the remote code, so that "
+        "merged), the tokenizer and, for smollm2-zip2zip or an adapter folder uptrain wrote (over the base it "
+        "was trained on), the remote code, so that "
         "AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) loads it where zip2zip_hf is not "
         "installed; smollm2 is written as the plain transformers checkpoint it is. Written beside OUT_DIR and "
         "renamed to it when complete: a failed run leaves nothing behind.",
     )
-    export.add_argument("model", metavar="MODEL", choices=list(NAMED_MODELS), help=" or ".join(NAMED_MODELS))
+    export.add_argument(
+        "model", metavar="MODEL", help=f"{' or '.join(NAMED_MODELS)}, or an adapter folder written by uptrain"
+    )
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the checkpoint (new or empty)")
     export.set_defaults(run=run_export)
 

