@@ -133,3 +133,20 @@ def test_no_import_cycles():
     for name in graph:
         cycle = cycle_from(name, [name], {name})
         assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_input_pipeline_declares_what_it_reads():
+    """`Zip2ZipInputPipeline` reads only the attributes it declares or sets itself, its own methods,
+    and what every PreTrainedModel has (``config``, ``training``): no contract lives in its host's
+    memory."""
+    tree = ast.parse((PACKAGE / "input_pipeline.py").read_text(encoding="utf-8"))
+    (pipeline,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Zip2ZipInputPipeline"]
+    own = {n.target.id for n in pipeline.body if isinstance(n, ast.AnnAssign)}
+    own |= {n.name for n in pipeline.body if isinstance(n, ast.FunctionDef)}
+    attributes = [n for n in ast.walk(pipeline) if isinstance(n, ast.Attribute)]
+    on_self = [n for n in attributes if isinstance(n.value, ast.Name) and n.value.id == "self"]
+    own |= {n.attr for n in on_self if isinstance(n.ctx, ast.Store)}
+    read = {n.attr for n in on_self if isinstance(n.ctx, ast.Load)}
+    assert read - own <= {"config", "training"}, (
+        f"read but not declared: {sorted(read - own - {'config', 'training'})}"
+    )

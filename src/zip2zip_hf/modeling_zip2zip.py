@@ -34,7 +34,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
 # imports, not theirs), so every core file the model needs is imported here by name (the F401s).
-from ._compat import cache_keyword, forget_key_mapping, output_cache_field
+from ._compat import forget_key_mapping, output_cache_field
 from .base_tokenizer import load_base_tokenizer  # noqa: F401
 from .cache_zip2zip import Zip2ZipCache  # noqa: F401
 from .codebook_blocks import ConsumedBlock, EntryBatch
@@ -80,21 +80,12 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    codebooks_on_device: bool | None = None
-    _has_head = False  # whether the codebook state keeps output vectors (an output table)
 
     def _build_input_side(self, config: Zip2ZipConfig, language_model: PreTrainedModel) -> None:
-        """What both the bare model and the LM own: the base model, the input hyper-encoder, the codec."""
-        self.language_model = language_model
+        """What both the bare model and the LM own: the input pipeline's base model, encoder and codec."""
         residual = getattr(config, "input_hyper_encoder_residual", "mean")
-        self.input_hyper_encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
-        self.codec = config.codec()
-        self._base_forward_params = set(inspect.signature(self._decoder().forward).parameters)
-        self._base_cache_keyword = cache_keyword(self._base_forward_params)
-
-    def _decoder(self) -> nn.Module:
-        """The base model's decoder: what turns input embeddings into last hidden states."""
-        return self.language_model
+        encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
+        self._init_input_pipeline(config, language_model, encoder)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The base model's own modules are initialised by its own `_init_weights` (transformers
@@ -149,12 +140,6 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
         # bare model and AutoModelForCausalLM the LM, from one checkpoint, as for built-in models.
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_MODEL_AUTO_MAP}
         return super().save_pretrained(*args, **kwargs)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
 
 
 class Zip2ZipModel(Zip2ZipPreTrainedModel):
@@ -229,6 +214,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
             codebooks=codebooks,
             validate_codebooks=validate_codebooks,
             deferred_checks=deferred_checks,
+            has_head=False,
         )
         with all_or_nothing(block, input_ids):
             _, _, outputs = self._run_decoder(input_ids, block)
@@ -249,12 +235,8 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
     ``trust_remote_code=True`` without the package.
 
     Attributes:
-        codebooks_on_device: where decoding steps keep the codebooks (`HyperState`): None (the
-            default) on the model's device when it is an accelerator, in Python streams on a CPU;
-            True or False to choose. The logits are the same either way.
+        codebooks_on_device: where decoding steps keep the codebooks (see `Zip2ZipInputPipeline`).
     """
-
-    _has_head = True
 
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
@@ -425,6 +407,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             validate_codebooks=validate_codebooks,
             score_provisional=score_provisional,
             deferred_checks=deferred_checks,
+            has_head=True,
         )
         loss = None
         with all_or_nothing(block, input_ids):
