@@ -24,6 +24,7 @@ __all__ = [
     "AttentionHyperEncoder",
     "MeanHyperEncoder",
     "build_hyper_encoder",
+    "encode_entries",
 ]
 
 HYPER_ENCODER_KINDS = ("mean", "attention", "reference")
@@ -280,3 +281,10 @@ def build_hyper_encoder(
             residual=residual,
         )
     raise ValueError(f"Unknown hyper-encoder kind {kind!r}; expected one of {HYPER_ENCODER_KINDS}")
+
+
+def encode_entries(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.LongTensor, weight: torch.Tensor):
+    """Encoder vectors of the given entries; most decoding steps have none, and skip the call."""
+    if len(subtokens) == 0:
+        return weight.new_zeros(0, weight.shape[-1])
+    return encoder(subtokens, lengths, weight)

@@ -16,7 +16,14 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .codebook_blocks import ConsumedBlock
 
 
-__all__ = ["check_head_reproduces_base", "decoder_of", "hyper_loss", "postprocess_logits", "widen_logits"]
+__all__ = [
+    "check_head_reproduces_base",
+    "decoder_of",
+    "hyper_loss",
+    "postprocess_logits",
+    "select_kept",
+    "widen_logits",
+]
 
 
 def widen_logits(
@@ -134,3 +141,10 @@ def check_head_reproduces_base(causal_lm: PreTrainedModel) -> None:
             f"{type(causal_lm).__name__} changes its head's logits in a way zip2zip cannot apply to "
             "hypertoken logits (known: logit_scale, logits_scaling, final_logit_softcapping)"
         )
+
+
+def select_kept(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
+    """Rows of ``tensor`` (``(B, T or kept, ...)``) at the kept positions."""
+    if tensor.shape[1] == len(keep):
+        return tensor
+    return tensor[:, keep] if len(keep) < length else tensor

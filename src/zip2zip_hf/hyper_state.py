@@ -135,10 +135,11 @@ class HyperState:
         self, input_ids: torch.LongTensor, mask: torch.Tensor, deferred: DeferredLegalityChecks | None = None
     ) -> Iterator[None]:
         """One block of ids, all or nothing. Inside it the model calls `consume`,
-        `unencoded_entries` and `store`; when it ends, the block's positions are counted and the
-        legality of its ids is read (on the device, a host sync), unless ``deferred`` takes this
-        state to read it later. If anything raised, the state is as it was before; else the block
-        is recorded (what `crop` rewinds with). The bookkeeping around the block stays eager."""
+        `unencoded_entries`, `write_input_vectors` and (with a head) `write_output_vectors`; when it
+        ends, the block's positions are counted and the legality of its ids is read (on the device,
+        a host sync), unless ``deferred`` takes this state to read it later. If anything raised, the
+        state is as it was before; else the block is recorded (what `crop` rewinds with). The
+        bookkeeping around the block stays eager."""
         snapshot = self.snapshot()
         try:
             yield
@@ -194,18 +195,24 @@ class HyperState:
         """The installed entries that have no vectors yet."""
         return self.rows.unencoded_entries()
 
-    def store(self, entries: EntryBatch, vectors: torch.Tensor, side: str = "input") -> None:
-        """Write the ``side`` (``"input"`` or ``"output"``) vectors of `unencoded_entries`
-        (``vectors[i]`` for entry i). The input side comes first: it counts the entries as encoded and
-        sizes the tables, and the output side (none for `Zip2ZipModel`) follows it."""
-        if side == "input":
-            current = 0 if self.input_table is None else self.input_table.shape[1]
-            capacity = self.rows.table_capacity(entries, current)
-        else:
-            capacity = 0 if self.input_table is None else self.input_table.shape[1]
+    def write_input_vectors(self, entries: EntryBatch, vectors: torch.Tensor) -> torch.Tensor | None:
+        """Write the input vectors of `unencoded_entries` (``vectors[i]`` for entry i), count those
+        entries as encoded and size the tables; return the input table. The output side of the same
+        entries, when the model has a head, follows (`write_output_vectors`)."""
+        current = 0 if self.input_table is None else self.input_table.shape[1]
+        capacity = self.rows.table_capacity(entries, current)
         if capacity and len(vectors):
-            name = f"{side}_table"
-            setattr(self, name, _write(getattr(self, name), entries, vectors, self.batch_size, capacity))
+            self.input_table = _write(self.input_table, entries, vectors, self.batch_size, capacity)
+        return self.input_table
+
+    def write_output_vectors(self, entries: EntryBatch, vectors: torch.Tensor) -> torch.Tensor | None:
+        """Write the output vectors of the entries `write_input_vectors` has just written (the output
+        table is as large as the input table); return the output table."""
+        if len(vectors):
+            if self.input_table is None:
+                raise RuntimeError("write_output_vectors follows write_input_vectors of the same entries")
+            self.output_table = _write(self.output_table, entries, vectors, self.batch_size, self.input_table.shape[1])
+        return self.output_table
 
     # ------------------------------------------------------------------ rows and snapshots
 

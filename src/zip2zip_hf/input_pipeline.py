@@ -26,12 +26,13 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from ._compat import cache_keyword, pop_cache, truncate_cache
 from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
 from .codebook_blocks import ConsumedBlock, EntryBatch
+from .hyper_encoder import encode_entries
 from .hyper_state import DeferredLegalityChecks, HyperState
 from .lzw import LZWCodec
-from .precomputed_codebooks import precomputed_block
+from .precomputed_codebooks import precomputed_block, whole_codebook_table
 
 
-__all__ = ["BlockPlan", "Zip2ZipInputPipeline", "all_or_nothing", "encode_entries", "select_kept", "stored_table"]
+__all__ = ["BlockPlan", "Zip2ZipInputPipeline", "all_or_nothing"]
 
 
 @dataclass
@@ -249,7 +250,10 @@ class Zip2ZipInputPipeline:
             subtokens, lengths = subtokens.new_zeros(1, subtokens.shape[1]), lengths.new_ones(1)
         vectors = encode_entries(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
         new_vectors = vectors if len(vectors) == n_new else vectors[:n_new]  # without the dummy
-        input_table = stored_table(block.state, entries, new_vectors, "input", input_ids.shape[0])
+        if block.state is None:
+            input_table = whole_codebook_table(new_vectors, input_ids.shape[0])
+        else:
+            input_table = block.state.write_input_vectors(entries, new_vectors)
 
         V = self.codec.initial_vocab_size
         is_hyper = input_ids >= V
@@ -316,13 +320,6 @@ def kept_positions(length: int, logits_to_keep) -> list[int]:
     return list(range(length))
 
 
-def select_kept(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
-    """Rows of ``tensor`` (``(B, T or kept, ...)``) at the kept positions."""
-    if tensor.shape[1] == len(keep):
-        return tensor
-    return tensor[:, keep] if len(keep) < length else tensor
-
-
 @contextlib.contextmanager
 def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
     """The block as one transaction of its state (`HyperState.block`: snapshot, count, legality
@@ -342,19 +339,3 @@ def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
 
 
 _truncate = torch.compiler.disable(truncate_cache)  # the rollback stays eager, whoever compiles the model
-
-
-def stored_table(state: HyperState | None, entries: EntryBatch, vectors: torch.Tensor, side: str, batch_size: int):
-    """The ``side`` table after a block: its new entries' vectors stored in the state, or, with
-    precomputed codebooks, the vectors themselves (every row's whole codebook, in order)."""
-    if state is None:
-        return vectors.reshape(batch_size, len(vectors) // batch_size, vectors.shape[-1])
-    state.store(entries, vectors, side)
-    return getattr(state, f"{side}_table")
-
-
-def encode_entries(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.LongTensor, weight: torch.Tensor):
-    """Encoder vectors of the given entries; most decoding steps have none, and skip the call."""
-    if len(subtokens) == 0:
-        return weight.new_zeros(0, weight.shape[-1])
-    return encoder(subtokens, lengths, weight)

@@ -41,14 +41,14 @@ from .codebook_blocks import ConsumedBlock, EntryBatch
 from .codebook_rows import StreamRows  # noqa: F401
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .generation_zip2zip import Zip2ZipGenerationMixin
-from .hyper_encoder import build_hyper_encoder
-from .hyper_logits import check_head_reproduces_base, decoder_of, hyper_loss, widen_logits
+from .hyper_encoder import build_hyper_encoder, encode_entries
+from .hyper_logits import check_head_reproduces_base, decoder_of, hyper_loss, select_kept, widen_logits
 from .hyper_state import DeferredLegalityChecks, HyperState
-from .input_pipeline import BlockPlan, Zip2ZipInputPipeline, all_or_nothing, encode_entries, select_kept, stored_table
+from .input_pipeline import BlockPlan, Zip2ZipInputPipeline, all_or_nothing
 from .lzw import LZWCodec  # noqa: F401
 from .lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .lzw_tensors import DeviceCodebooks  # noqa: F401
-from .precomputed_codebooks import codebook_tensors  # noqa: F401
+from .precomputed_codebooks import codebook_tensors, whole_codebook_table  # noqa: F401
 from .reference_hyper_encoders import build_reference_encoder  # noqa: F401
 from .speculative_zip2zip import speculative_decoding  # noqa: F401
 
@@ -467,7 +467,10 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         unused = 0.0 * vectors.sum() if self.training and torch.is_grad_enabled() else None
         new_vectors, provisional_vectors = vectors.split([len(subtokens), batch_size * kept])
-        output_table = stored_table(state, entries, new_vectors, "output", batch_size)
+        if state is None:
+            output_table = whole_codebook_table(new_vectors, batch_size)
+        else:
+            output_table = state.write_output_vectors(entries, new_vectors)
         return output_table, provisional_vectors.reshape(batch_size, kept, -1), unused
 
 
