@@ -258,7 +258,7 @@ def test_only_new_entries_are_encoded():
     ids = torch.tensor([row])
     with torch.no_grad():
         out = model(input_ids=ids[:, :-1], use_cache=True)
-        installed = len(out.past_key_values.hyper_state.rows.streams[0].codebook)
+        installed = len(out.past_key_values.hyper_state.store.streams[0].codebook)
         assert seen == [installed] and installed < K
         model(input_ids=ids[:, -1:], past_key_values=out.past_key_values)
     # A decoding step encodes a fixed M slots per row (the entries its id may install, the rest

@@ -231,14 +231,14 @@ class Zip2ZipInputPipeline:
         vectors for hyper ids. Returns the `ConsumedBlock`, the new entries (on the ids' device) and the
         embeddings."""
         if block.state is None:
-            step, entries = block.precomputed
+            consumed, entries = block.precomputed
         else:
-            step = block.state.consume(
+            consumed = block.state.consume(
                 input_ids, block.mask, block.keep, self.config.position_mode, block.cache_position
             )
             entries = block.state.unencoded_entries()
         device = input_ids.device
-        step = step.to(device)
+        consumed = consumed.to(device)
         entries = EntryBatch(entries.rows, entries.slots, entries.subtokens.to(device), entries.lengths.to(device))
         subtokens, lengths = entries.subtokens, entries.lengths
         # Under DDP every rank must use every encoder parameter every step, whether or not its batch
@@ -263,18 +263,20 @@ class Zip2ZipInputPipeline:
         if anchor:
             inputs_embeds = inputs_embeds + 0.0 * vectors.sum()
         if input_table is None or input_table.shape[1] == 0:
-            return step, entries, inputs_embeds  # no entry installed, so no hyper id was legal
+            return consumed, entries, inputs_embeds  # no entry installed, so no hyper id was legal
         slots = (input_ids - V).clamp(0, input_table.shape[1] - 1)
         vectors = input_table.gather(1, slots[..., None].expand(-1, -1, input_table.shape[-1]))
-        inputs_embeds = torch.where((is_hyper & step.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds)
-        return step, entries, inputs_embeds
+        inputs_embeds = torch.where(
+            (is_hyper & consumed.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds
+        )
+        return consumed, entries, inputs_embeds
 
     def _run_decoder(self, input_ids: torch.LongTensor, block: BlockPlan):
         """The input pipeline both classes share: `_embed_block`, then the base model's decoder at the
         codebook's positions. Returns the `ConsumedBlock`, the new entries and the decoder's output."""
-        step, entries, inputs_embeds = self._embed_block(input_ids, block)
-        outputs = self._decoder()(inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs)
-        return step, entries, outputs
+        consumed, entries, inputs_embeds = self._embed_block(input_ids, block)
+        outputs = self._decoder()(inputs_embeds=inputs_embeds, position_ids=consumed.positions, **block.base_kwargs)
+        return consumed, entries, outputs
 
 
 def check_input_ids(input_ids, inputs_embeds) -> None:

@@ -38,8 +38,9 @@ from ._compat import forget_key_mapping, output_cache_field
 from .base_tokenizer import load_base_tokenizer  # noqa: F401
 from .cache_zip2zip import Zip2ZipCache  # noqa: F401
 from .codebook_blocks import ConsumedBlock, EntryBatch
-from .codebook_rows import StreamRows  # noqa: F401
+from .codebook_stores import StreamStore  # noqa: F401
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
+from .device_codebooks import DeviceCodebooks  # noqa: F401
 from .generation_zip2zip import Zip2ZipGenerationMixin
 from .hyper_encoder import build_hyper_encoder, encode_entries
 from .hyper_logits import check_head_reproduces_base, decoder_of, hyper_loss, select_kept, widen_logits
@@ -47,7 +48,6 @@ from .hyper_state import DeferredLegalityChecks, HyperState
 from .input_pipeline import BlockPlan, Zip2ZipInputPipeline, all_or_nothing
 from .lzw import LZWCodec  # noqa: F401
 from .lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
-from .lzw_tensors import DeviceCodebooks  # noqa: F401
 from .precomputed_codebooks import codebook_tensors, whole_codebook_table  # noqa: F401
 from .reference_hyper_encoders import build_reference_encoder  # noqa: F401
 from .speculative_zip2zip import speculative_decoding  # noqa: F401
@@ -411,9 +411,9 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         loss = None
         with all_or_nothing(block, input_ids):
-            step, logits, outputs = self._run_block(input_ids, block)
+            consumed, logits, outputs = self._run_block(input_ids, block)
             if labels is not None:
-                loss = hyper_loss(logits, labels, step, self.codec.initial_vocab_size, num_items_in_batch)
+                loss = hyper_loss(logits, labels, consumed, self.codec.initial_vocab_size, num_items_in_batch)
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -431,13 +431,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         Tensor work only, once the codebooks are on the device: one graph for ``torch.compile``,
         while the checks and the rollback around it stay in `forward`.
         """
-        step, entries, outputs = self._run_decoder(input_ids, block)
+        consumed, entries, outputs = self._run_decoder(input_ids, block)
         hidden = select_kept(outputs.last_hidden_state, block.keep, input_ids.shape[1])
-        output_table, provisional_vectors, unused = self._output_vectors(block.state, entries, step)
+        output_table, provisional_vectors, unused = self._output_vectors(block.state, entries, consumed)
         logits = widen_logits(
             self.get_output_embeddings()(hidden),
             hidden,
-            step,
+            consumed,
             output_table,
             provisional_vectors,
             self.codec.initial_vocab_size,
@@ -447,22 +447,22 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         if unused is not None:  # keep every output-encoder parameter in the graph (DDP), adding exactly 0
             logits = logits + unused
-        return step, logits, outputs
+        return consumed, logits, outputs
 
-    def _output_vectors(self, state: HyperState | None, entries: EntryBatch, step: ConsumedBlock):
+    def _output_vectors(self, state: HyperState | None, entries: EntryBatch, consumed: ConsumedBlock):
         """Encode the output side of the new entries and the provisional contents, in one call.
 
         Returns the ``(B, capacity, D)`` output table (entry k at index k), the ``(B, kept, D)``
         provisional vectors, and a zero that ties every encoder parameter to the loss when training
         (None otherwise).
         """
-        (batch_size, kept, M), subtokens, lengths = step.provisional.shape, entries.subtokens, entries.lengths
+        (batch_size, kept, M), subtokens, lengths = consumed.provisional.shape, entries.subtokens, entries.lengths
         # The provisional content at each kept position has length 0 where none is legal: encoded
         # as one id and never read.
         vectors = encode_entries(
             self._output_hyper_encoder(),
-            torch.cat([subtokens, step.provisional.reshape(-1, M)]),
-            torch.cat([lengths, step.provisional_lengths.reshape(-1)]).clamp(min=1),
+            torch.cat([subtokens, consumed.provisional.reshape(-1, M)]),
+            torch.cat([lengths, consumed.provisional_lengths.reshape(-1)]).clamp(min=1),
             self.get_output_embeddings().weight,
         )
         unused = 0.0 * vectors.sum() if self.training and torch.is_grad_enabled() else None

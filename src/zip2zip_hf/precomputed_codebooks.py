@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .codebook_blocks import ConsumedBlock, EntryBatch
-from .codebook_rows import check_id_range, consume_rows
+from .codebook_stores import check_id_range, consume_rows
+from .device_codebooks import padded
 from .lzw import LZWCodec
-from .lzw_tensors import padded
 
 
 __all__ = ["CODEBOOK_TENSOR_KEYS", "codebook_tensors", "precomputed_block", "whole_codebook_table"]
