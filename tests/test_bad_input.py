@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from utils import K, M, V, compressed, tiny_base, tiny_causal_lm_config, wrap
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipStaticCache, Zip2ZipTokenizer
-from zip2zip_hf.lzw import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
+from zip2zip_hf.lzw_codebook import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
 from zip2zip_hf.tools.cli import main
 
 

@@ -150,3 +150,21 @@ def test_the_input_pipeline_declares_what_it_reads():
     assert read - own <= {"config", "training"}, (
         f"read but not declared: {sorted(read - own - {'config', 'training'})}"
     )
+
+
+def test_each_name_is_imported_from_the_module_that_defines_it():
+    """`lzw` uses what `lzw_codebook` defines but does not re-export it: every import of those names
+    (in the package, the tests and the benchmarks) names `lzw_codebook`."""
+    defined = {
+        node.name if hasattr(node, "name") else node.targets[0].id
+        for node in ast.parse((PACKAGE / "lzw_codebook.py").read_text(encoding="utf-8")).body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+        or isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+    }
+    roots = [PACKAGE, PACKAGE.parents[1] / "tests", PACKAGE.parents[1] / "benchmarks"]
+    for path in (p for root in roots if root.is_dir() for p in root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "lzw":
+                names = {alias.name for alias in node.names} & defined
+                assert not names, f"{path.name} imports {sorted(names)} from lzw, not lzw_codebook"

@@ -14,20 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_zip2zip import HYPER_ENCODER_RESIDUALS
+from .configuration_zip2zip import HYPER_ENCODER_KINDS, HYPER_ENCODER_RESIDUALS
 from .reference_hyper_encoders import build_reference_encoder
 
 
 __all__ = [
-    "HYPER_ENCODER_KINDS",
-    "HYPER_ENCODER_RESIDUALS",
     "AttentionHyperEncoder",
     "MeanHyperEncoder",
     "build_hyper_encoder",
     "encode_entries",
 ]
-
-HYPER_ENCODER_KINDS = ("mean", "attention", "reference")
 
 
 def _check_inputs(subtokens: torch.Tensor, lengths: torch.Tensor, embedding_weight: torch.Tensor) -> None:

@@ -63,7 +63,7 @@ class HyperState:
     """Codebooks and hypertoken vectors of a batch, one row per sequence.
 
     The codebooks live in ``store``, a `CodebookStore`: Python streams for a prompt, and, on an
-    accelerator (or when ``on_device`` says so), tensors on the device from the first decoding step
+    accelerator (or as `place_codebooks` says), tensors on the device from the first decoding step
     on (`codebook_stores`); either answers every question the same way.
 
     Attributes:
@@ -91,7 +91,8 @@ class HyperState:
         max_positions: int | None = None,
     ):
         self.codec = codec
-        self.on_device = on_device  # None: on accelerators only
+        self._on_device: bool | None = None
+        self.place_codebooks(on_device)
         self.has_head = has_head
         streams = [codec.stream() for _ in range(batch_size)]
         self.store: CodebookStore = StreamStore(codec, streams, max_positions=max_positions)
@@ -109,6 +110,15 @@ class HyperState:
 
     # ------------------------------------------------------------------ a block of ids
 
+    def place_codebooks(self, on_device: bool | None) -> None:
+        """Where the codebooks go for the decoding steps to come (`prepare` moves them): True to the
+        device of the ids (`TensorStore`), False nowhere (Python streams), None to an accelerator
+        only. The one place this policy is set: the model's ``codebooks_on_device`` when the state
+        is made, and whoever drives the steps afterwards (speculative decoding keeps streams)."""
+        if on_device not in (None, True, False):
+            raise ValueError(f"on_device must be None, True or False, got {on_device!r}")
+        self._on_device = on_device
+
     @torch.compiler.disable  # Python over the streams, once: never part of a compiled step
     def prepare(
         self, input_ids: torch.LongTensor, vector_like: torch.Tensor, max_positions: int | None = None
@@ -120,7 +130,7 @@ class HyperState:
         it ran in, and a compiled step only ever sees the final shapes and addresses."""
         if max_positions is not None and (self._fed is None or self._fed.shape[1] < max_positions):
             self._fed = static_address(_grown_fed(self._fed, self.batch_size, max_positions, input_ids))
-        on_device = self.on_device if self.on_device is not None else input_ids.device.type != "cpu"
+        on_device = self._on_device if self._on_device is not None else input_ids.device.type != "cpu"
         store = self.store.for_step(input_ids, on_device)
         if store is self.store:
             return

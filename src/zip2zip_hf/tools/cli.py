@@ -29,7 +29,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
-from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
+from ..lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .demo import add_demo_arguments, run_demo
 from .embedded import NAMED_MODELS, load_named_model
 from .report import DEFAULT_MAX_BYTES, CLIError, at_least, describe, load_tokenizer, read_text_file, stats_table
