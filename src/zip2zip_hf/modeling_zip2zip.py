@@ -81,10 +81,14 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def _build_input_side(self, config: Zip2ZipConfig, language_model: PreTrainedModel) -> None:
-        """What both the bare model and the LM own: the input pipeline's base model, encoder and codec."""
-        residual = getattr(config, "input_hyper_encoder_residual", "mean")
-        encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
+    def _build_input_side(
+        self, config: Zip2ZipConfig, language_model: PreTrainedModel, encoder: nn.Module | None = None
+    ) -> None:
+        """What both the bare model and the LM own: the input pipeline's base model, encoder (built
+        from the config unless given) and codec."""
+        if encoder is None:
+            residual = getattr(config, "input_hyper_encoder_residual", "mean")
+            encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
         self._init_input_pipeline(config, language_model, encoder)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -155,7 +159,15 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
     # (GPT-NeoX's ``embed_out``, BioGPT's ``output_projection``, ...: see `_base_head_patterns`).
     _keys_to_ignore_on_load_unexpected = [r"^output_hyper_encoder\.", r"^language_model\.lm_head\."]
 
-    def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
+    def __init__(
+        self,
+        config: Zip2ZipConfig,
+        base_model: PreTrainedModel | None = None,
+        input_hyper_encoder: nn.Module | None = None,
+    ):
+        """``base_model``: the decoder to read with (a fresh ``AutoModel`` of the text config if None);
+        ``input_hyper_encoder``: the encoder to share (a fresh one if None). To view a
+        `Zip2ZipForCausalLM` without its head, use its `bare_model`, which passes both."""
         super().__init__(config)
         self._keys_to_ignore_on_load_unexpected = [
             *type(self)._keys_to_ignore_on_load_unexpected,
@@ -163,7 +175,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         ]
         if base_model is None:
             base_model = AutoModel.from_config(config.text_config)
-        self._build_input_side(config, base_model)
+        self._build_input_side(config, base_model, input_hyper_encoder)
         self.post_init()
 
     @classmethod
@@ -319,7 +331,20 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     def get_decoder(self) -> nn.Module:
+        """The base model's decoder (``LlamaModel`` for Llama), as transformers' ``get_decoder`` means
+        it: a module of the base model, which reads base ids or embeddings only. Hyper ids (``>= V``)
+        are outside its embedding table: for compressed ids use `bare_model`."""
         return self._decoder()
+
+    def bare_model(self) -> Zip2ZipModel:
+        """This model without its head: a `Zip2ZipModel` over this model's own decoder and input
+        hyper-encoder (shared, not copied: the same parameters, so training one trains the other). It
+        reads compressed ids as this model does, and returns the last hidden states this model's
+        head reads. What ``AutoModel.from_pretrained`` gives from this model's checkpoint, without
+        saving it."""
+        bare = Zip2ZipModel(self.config, base_model=self._decoder(), input_hyper_encoder=self.input_hyper_encoder)
+        bare.codebooks_on_device = self.codebooks_on_device
+        return bare.train(self.training)
 
     def _decoder(self) -> nn.Module:
         return decoder_of(self.language_model)
