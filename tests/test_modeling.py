@@ -27,7 +27,7 @@ from utils import (
     tiny_causal_lm_config,
     wrap,
 )
-from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
+from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipModel
 from zip2zip_hf.configuration_zip2zip import ZIP2ZIP_FORMAT_VERSION
 from zip2zip_hf.modeling_zip2zip import HYPER_ENCODER_NAMES
 
@@ -454,11 +454,14 @@ def test_remote_code_load_in_fresh_process(tmp_path):
 
 
 def test_auto_class_registration():
-    from transformers import AutoConfig
+    """Importing the package maps the zip2zip config to its classes in every Auto class."""
+    from transformers import AutoConfig, AutoModel
 
     text_config = tiny_causal_lm_config("llama", V).to_dict()
-    assert AutoConfig.for_model("zip2zip", text_config=text_config).__class__ is Zip2ZipConfig
-    assert zip2zip_hf.Zip2ZipForCausalLM is Zip2ZipForCausalLM
+    config = AutoConfig.for_model("zip2zip", text_config=text_config)
+    assert type(config) is Zip2ZipConfig
+    assert type(AutoModelForCausalLM.from_config(config)) is Zip2ZipForCausalLM
+    assert type(AutoModel.from_config(config)) is Zip2ZipModel
 
 
 def test_tokenizer_config_mismatch_raises_on_load(tmp_path, tiny_base_tokenizer):

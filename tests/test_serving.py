@@ -125,6 +125,7 @@ def generated(model, tok, inputs, **settings) -> tuple[str, int]:
     return tok.base_tokenizer.decode(base_ids, skip_special_tokens=True), len(new_ids)
 
 
+@pytest.mark.slow  # starts a server
 def test_completions_give_what_generate_writes_with_usage_in_base_tokens(client, checkpoint, text_model, text_tok):
     inputs = text_tok(PROMPTS[0], return_tensors="pt")
     text, steps = generated(text_model, text_tok, inputs, max_new_tokens=24)
@@ -142,6 +143,7 @@ def test_completions_give_what_generate_writes_with_usage_in_base_tokens(client,
     assert answer.choices[0].finish_reason == ("length" if steps == 24 else "stop")
 
 
+@pytest.mark.slow  # starts a server
 def test_streamed_chunks_join_to_the_same_text_and_end_with_the_usage(client, checkpoint):
     settings = dict(model=checkpoint, prompt=PROMPTS[1], max_tokens=30, temperature=0)
     whole = client.completions.create(**settings)
@@ -153,6 +155,7 @@ def test_streamed_chunks_join_to_the_same_text_and_end_with_the_usage(client, ch
     assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == whole.choices[0].finish_reason
 
 
+@pytest.mark.slow  # starts a server
 def test_chat_goes_through_the_chat_template(client, checkpoint, text_model, text_tok):
     inputs = text_tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     text, _ = generated(text_model, text_tok, inputs, max_new_tokens=20)
@@ -164,6 +167,7 @@ def test_chat_goes_through_the_chat_template(client, checkpoint, text_model, tex
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == text
 
 
+@pytest.mark.slow  # starts a server
 def test_stop_sequences_are_matched_on_text(client, checkpoint, text_model, text_tok):
     inputs = text_tok(PROMPTS[2], return_tensors="pt")
     free, _ = generated(text_model, text_tok, inputs, max_new_tokens=40)
@@ -174,6 +178,7 @@ def test_stop_sequences_are_matched_on_text(client, checkpoint, text_model, text
     assert stop in text and len(text) < len(free)
 
 
+@pytest.mark.slow  # starts a server
 def test_prompt_lookup_per_request_writes_the_same_greedy_text(client, checkpoint):
     prompt = "value = compute(value)\n" * 6
     settings = dict(model=checkpoint, prompt=prompt, max_tokens=24, temperature=0)
@@ -183,6 +188,7 @@ def test_prompt_lookup_per_request_writes_the_same_greedy_text(client, checkpoin
     assert looked_up.usage.compressed == plain.usage.compressed
 
 
+@pytest.mark.slow  # starts a server
 def test_concurrent_clients_each_get_their_own_answer(client, checkpoint, text_model, text_tok):
     expected = [
         generated(text_model, text_tok, text_tok(p, return_tensors="pt"), max_new_tokens=16)[0] for p in PROMPTS
@@ -201,6 +207,7 @@ def test_concurrent_clients_each_get_their_own_answer(client, checkpoint, text_m
     assert answers == dict(enumerate(expected))
 
 
+@pytest.mark.slow  # starts a server
 @pytest.mark.parametrize(
     "change, status, message",
     [
@@ -225,6 +232,7 @@ def test_a_bad_request_gets_a_4xx_that_says_what_was_wrong(server, checkpoint, c
     assert post(f"{server}/v1/completions", good)[0] == 200  # and the server serves on
 
 
+@pytest.mark.slow  # starts a server
 def test_malformed_json_is_a_4xx_and_the_server_serves_on(server, client, checkpoint):
     status, reply = post(f"{server}/v1/chat/completions", b'{"model": "x", "messages": [')
     assert status == 422 and "json" in json.dumps(reply).lower()
@@ -234,6 +242,7 @@ def test_malformed_json_is_a_4xx_and_the_server_serves_on(server, client, checkp
     assert post(f"{server}/v1/responses", {"model": checkpoint, "input": "hi"})[0] == 501
 
 
+@pytest.mark.slow  # starts a server
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client, checkpoint, monkeypatch):
     from zip2zip_hf.serving import server as serving
 
