@@ -34,7 +34,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
 # imports, not theirs), so every core file the model needs is imported here by name (the F401s).
-from ._compat import forget_key_mapping, output_cache_field
+from ._compat import forget_key_mapping, output_cache_field, saved_weight_names
 from .base_tokenizer import load_base_tokenizer  # noqa: F401
 from .cache_zip2zip import Zip2ZipCache  # noqa: F401
 from .codebook_blocks import ConsumedBlock, EntryBatch
@@ -536,15 +536,9 @@ def _base_head_patterns(text_config: PretrainedConfig) -> list[str]:
 
 
 def _saved_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> list[str]:
-    """The names ``save_pretrained`` writes for ``state``: from transformers 5 on, a model's weights
-    may be renamed on saving (to the names its checkpoints have always had); 4.57 writes them as
-    they are."""
+    """`_compat.saved_weight_names`, or the module names where the conversion cannot run."""
     try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # 4.57
-        return list(state)
-    try:
-        return list(revert_weight_conversion(model, dict(state)))
+        return saved_weight_names(model, state)
     except Exception:  # a conversion that cannot run on meta tensors: the module names only
         return list(state)
 
