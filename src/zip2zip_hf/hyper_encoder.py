@@ -23,6 +23,7 @@ __all__ = [
     "MeanHyperEncoder",
     "build_hyper_encoder",
     "encode_entries",
+    "hyper_encoder_of",
 ]
 
 
@@ -284,3 +285,18 @@ def encode_entries(encoder: nn.Module, subtokens: torch.LongTensor, lengths: tor
     if len(subtokens) == 0:
         return weight.new_zeros(0, weight.shape[-1])
     return encoder(subtokens, lengths, weight)
+
+
+def hyper_encoder_of(config, residual: str = "mean") -> nn.Module:
+    """The hyper-encoder a `Zip2ZipConfig` describes (the input and output encoders share its
+    settings; the input one takes the config's ``input_hyper_encoder_residual``)."""
+    return build_hyper_encoder(
+        kind=config.hyper_encoder,
+        hidden_size=config.get_text_config().hidden_size,
+        max_subtokens=config.max_subtokens,
+        latent_size=config.hyper_encoder_hidden_size,
+        num_layers=config.hyper_encoder_num_layers,
+        num_heads=config.hyper_encoder_num_heads,
+        reference=config.reference_hyper_encoder,
+        residual=residual,
+    )

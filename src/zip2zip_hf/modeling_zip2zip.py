@@ -18,31 +18,34 @@ the same codebook, legal set and positions at every step.
 
 from __future__ import annotations
 
-import copy
 import inspect
-import json
-import os
-import re
-from types import SimpleNamespace
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, Cache, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
 # imports, not theirs), so every core file the model needs is imported here by name (the F401s).
-from ._compat import forget_key_mapping, output_cache_field, saved_weight_names
+from ._compat import forget_key_mapping, output_cache_field
 from .base_tokenizer import load_base_tokenizer  # noqa: F401
 from .cache_zip2zip import Zip2ZipCache  # noqa: F401
+from .checkpoint_loading import (
+    FORMAT_1_KEY_MAPPING,
+    HUB_KEYWORDS,
+    base_head_patterns,
+    check_saved_tokenizer,
+    damaged_weights_message,
+    decoder_key_mapping,
+    loading_problems,
+)
 from .codebook_blocks import ConsumedBlock, EntryBatch
 from .codebook_stores import StreamStore  # noqa: F401
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
 from .device_codebooks import DeviceCodebooks  # noqa: F401
 from .generation_zip2zip import Zip2ZipGenerationMixin
-from .hyper_encoder import build_hyper_encoder, encode_entries
+from .hyper_encoder import encode_entries, hyper_encoder_of
 from .hyper_logits import check_head_reproduces_base, decoder_of, hyper_loss, select_kept, widen_logits
 from .hyper_state import DeferredLegalityChecks, HyperState
 from .input_pipeline import BlockPlan, Zip2ZipInputPipeline, all_or_nothing
@@ -57,16 +60,11 @@ __all__ = ["HYPER_ENCODER_NAMES", "Zip2ZipForCausalLM", "Zip2ZipModel", "Zip2Zip
 
 # The modules this class adds to the base model (attribute and weight-name prefix).
 HYPER_ENCODER_NAMES = ("input_hyper_encoder", "output_hyper_encoder")
-# Checkpoints of format 1 named the wrapped model's weights ``model.*``; a regex no format-2 name
-# matches, so it is safe to apply to every checkpoint.
-FORMAT_1_KEY_MAPPING = {r"^model\.": "language_model."}
 # What every saved config.json lists for remote code, whichever of the two classes saved it.
 _MODEL_AUTO_MAP = {
     "AutoModel": "modeling_zip2zip.Zip2ZipModel",
     "AutoModelForCausalLM": "modeling_zip2zip.Zip2ZipForCausalLM",
 }
-# `from_pretrained` arguments that say where a checkpoint is (its config is read with the same ones).
-_HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
@@ -87,8 +85,7 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
         """What both the bare model and the LM own: the input pipeline's base model, encoder (built
         from the config unless given) and codec."""
         if encoder is None:
-            residual = getattr(config, "input_hyper_encoder_residual", "mean")
-            encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
+            encoder = hyper_encoder_of(config, residual=getattr(config, "input_hyper_encoder_residual", "mean"))
         self._init_input_pipeline(config, language_model, encoder)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -116,22 +113,14 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except SafetensorError as error:  # neither an OSError nor a ValueError: name the file
-            raise OSError(_damaged_weights_message(path, error)) from error
+            raise OSError(damaged_weights_message(path, error)) from error
         # The weights are in today's layout now, and are saved so.
         forget_key_mapping(model, mapping)
         model.config.zip2zip_format_version = ZIP2ZIP_FORMAT_VERSION
-        problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
-        problems += [_mismatch_message(m, model) for m in info.get("mismatched_keys", ())]
-        # transformers has already left out what the class ignores (`_keys_to_ignore_on_load_unexpected`);
-        # 4.57 does not apply the base model's own list, so it is applied here too.
-        ignored = [
-            re.compile(p) for p in getattr(model.language_model, "_keys_to_ignore_on_load_unexpected", None) or ()
-        ]
-        unexpected = [k for k in info.get("unexpected_keys", ()) if not any(p.search(k) for p in ignored)]
-        problems += [f"unexpected: {k}" for k in unexpected]
+        problems = loading_problems(model, info)
         if problems:
             raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
-        _check_saved_tokenizer(model.config, path)
+        check_saved_tokenizer(model.config, path)
         return (model, info) if want_info else model
 
     @classmethod
@@ -156,7 +145,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
     """
 
     # A causal-LM checkpoint's head: not part of the bare model. Each model adds its base's own head
-    # (GPT-NeoX's ``embed_out``, BioGPT's ``output_projection``, ...: see `_base_head_patterns`).
+    # (GPT-NeoX's ``embed_out``, BioGPT's ``output_projection``, ...: see `checkpoint_loading.base_head_patterns`).
     _keys_to_ignore_on_load_unexpected = [r"^output_hyper_encoder\.", r"^language_model\.lm_head\."]
 
     def __init__(
@@ -171,7 +160,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         super().__init__(config)
         self._keys_to_ignore_on_load_unexpected = [
             *type(self)._keys_to_ignore_on_load_unexpected,
-            *_base_head_patterns(config.get_text_config()),
+            *base_head_patterns(config.get_text_config()),
         ]
         if base_model is None:
             base_model = AutoModel.from_config(config.text_config)
@@ -184,11 +173,9 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         for Llama, ``transformer`` for GPT-2); here it is ``language_model.*``."""
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):
-            hub = {key: kwargs[key] for key in _HUB_KEYWORDS if key in kwargs}
+            hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
             config = cls.config_class.from_pretrained(path, **hub)
-        causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config.get_text_config()), None)
-        prefix = getattr(causal_lm, "base_model_prefix", "")
-        return {rf"^language_model\.{re.escape(prefix)}\.": "language_model."} if prefix else {}
+        return decoder_key_mapping(config.get_text_config())
 
     @torch.compiler.disable(recursive=False)
     def forward(
@@ -256,7 +243,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             config, base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
         tied = config.tie_hyper_encoders
-        self.output_hyper_encoder = None if tied else build_hyper_encoder(**_encoder_settings(config))
+        self.output_hyper_encoder = None if tied else hyper_encoder_of(config)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -497,97 +484,3 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         else:
             output_table = state.write_output_vectors(entries, new_vectors)
         return output_table, provisional_vectors.reshape(batch_size, kept, -1), unused
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _encoder_settings(config: Zip2ZipConfig) -> dict:
-    """`build_hyper_encoder` settings shared by the input and output encoders."""
-    return dict(
-        kind=config.hyper_encoder,
-        hidden_size=config.get_text_config().hidden_size,
-        max_subtokens=config.max_subtokens,
-        latent_size=config.hyper_encoder_hidden_size,
-        num_layers=config.hyper_encoder_num_layers,
-        num_heads=config.hyper_encoder_num_heads,
-        reference=config.reference_hyper_encoder,
-    )
-
-
-def _base_head_patterns(text_config: PretrainedConfig) -> list[str]:
-    """Patterns for the weights a causal-LM checkpoint holds beside the base model's decoder: the base
-    causal LM's head, under its module name and under the name ``save_pretrained`` writes for it
-    (GPT-NeoX's head is the module ``lm_head`` from transformers 5 on, saved as ``embed_out`` as
-    4.57 names it; BioGPT's is ``output_projection``). Found by building that causal LM on the meta
-    device (no memory, no weights); ``lm_head`` alone when the base is not a registered causal LM."""
-    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_config), None)
-    if causal_lm is None:
-        return [r"^language_model\.lm_head\."]
-    try:
-        with torch.device("meta"):
-            lm = causal_lm(copy.deepcopy(text_config))
-    except Exception:  # a base that cannot be built on the meta device: its head is likely lm_head
-        return [r"^language_model\.lm_head\."]
-    decoder = f"{lm.base_model_prefix}."
-    head = {key: value for key, value in lm.state_dict().items() if not key.startswith(decoder)}
-    names = {key.split(".")[0] for key in (*head, *_saved_names(lm, head))}
-    return [rf"^language_model\.{re.escape(name)}(\.|$)" for name in sorted(names)]
-
-
-def _saved_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> list[str]:
-    """`_compat.saved_weight_names`, or the module names where the conversion cannot run."""
-    try:
-        return saved_weight_names(model, state)
-    except Exception:  # a conversion that cannot run on meta tensors: the module names only
-        return list(state)
-
-
-def _mismatch_message(mismatch, model: PreTrainedModel) -> str:
-    """One mis-shaped weight, named: ``(name, checkpoint shape, model shape)`` (transformers 5), or its
-    name alone (4.57). A hyper-encoder's position table is M rows long, so a checkpoint whose table
-    is not is one whose config.json gives another ``max_subtokens`` than it was trained with."""
-    M = model.config.max_subtokens
-    key = mismatch[0] if isinstance(mismatch, tuple) else mismatch
-    parameter = model.state_dict().get(key)
-    expected = tuple(mismatch[2]) if isinstance(mismatch, tuple) else tuple(getattr(parameter, "shape", ()))
-    position_table = "hyper_encoder." in key and expected[:1] == (M,) and len(expected) == 2
-    if not isinstance(mismatch, tuple):
-        if position_table:
-            return (
-                f"mis-shaped: {key} (one row per position up to max_subtokens: M is {M} in config.json, "
-                "not the M it was trained with)"
-            )
-        return f"mis-shaped: {key}"
-    saved = tuple(mismatch[1])
-    if position_table and saved[1:] == expected[1:]:
-        return f"mis-shaped: {key} has {saved[0]} positions but max_subtokens (M) is {M} in config.json"
-    return f"mis-shaped: {key} is {saved} in the checkpoint but {expected} in the model"
-
-
-def _damaged_weights_message(path, error: Exception) -> str:
-    """What a safetensors error while loading ``path`` means, naming the damaged file when ``path`` is
-    a local folder (the error itself names none)."""
-    damaged = None
-    if path is not None and os.path.isdir(str(path)):
-        for name in sorted(os.listdir(str(path))):
-            if name.endswith(".safetensors"):
-                try:
-                    with safe_open(os.path.join(str(path), name), framework="pt"):
-                        pass
-                except (SafetensorError, OSError):
-                    damaged = os.path.join(str(path), name)
-                    break
-    where = damaged or f"{path}: a weights file"
-    return f"{where} is not a complete safetensors file ({error}): it was cut short or damaged; save it again"
-
-
-def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
-    """A tokenizer saved beside the weights must compress exactly as the config says."""
-    tokenizer_config = os.path.join(str(path), "tokenizer_config.json")
-    if not os.path.isfile(tokenizer_config):
-        return
-    with open(tokenizer_config, encoding="utf-8") as f:
-        saved = json.load(f)
-    if "max_codebook_size" in saved:  # a Zip2ZipTokenizer (a plain one is not ours to judge)
-        config.check_tokenizer(SimpleNamespace(**{key: saved.get(key) for key in COMPRESSION_KEYS}))
