@@ -24,7 +24,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-generation bench bench-gpu bench-quality bench-speculative uptrain lock lock-newest clean
+.PHONY: setup demo test test-fast test-generation bench bench-gpu bench-quality bench-speculative uptrain lock lock-newest clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The quick loop while working: everything but the tests marked slow (they start processes or
+# servers, train with a Trainer, or load the real model); `make test` and CI run them all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # What leans on transformers' decoding loops and caches (generation, beams, the static cache and
 # compiling, speculative decoding, cropping, the compatibility layer): a couple of minutes, for the

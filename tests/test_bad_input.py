@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from utils import K, M, V, compressed, tiny_base, tiny_causal_lm_config, wrap
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipStaticCache, Zip2ZipTokenizer
-from zip2zip_hf.lzw import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
+from zip2zip_hf.lzw_codebook import MAX_CODEBOOK_SIZE, MAX_SUBTOKENS
 from zip2zip_hf.tools.cli import main
 
 
@@ -24,7 +24,7 @@ TEXT_CONFIG = tiny_causal_lm_config("llama", V)
 
 def state_of(cache) -> tuple:
     """Everything a later call reads: codebooks, pending phrases, counters and the KV length."""
-    rows = cache.hyper_state.rows
+    rows = cache.hyper_state.store
     streams = [(s.codebook.to_dict(), s.mark()) for s in rows.streams]
     return streams, list(rows.num_encoded), list(rows.num_real_tokens), cache.get_seq_length()
 

@@ -6,7 +6,6 @@ are each one ``error:`` line and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zip2zip_hf.interop
-from utils import save_tiny_base_model
+from utils import edit_reference_config, reference_checkpoint, save_tiny_base_model
 from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
 from zip2zip_hf.interop import from_reference
 from zip2zip_hf.tools.cli import main
@@ -23,7 +22,6 @@ from zip2zip_hf.tools.cli import main
 
 pytest.importorskip("zip2zip", reason="the reference zip2zip package (make setup installs it)")
 pytest.importorskip("peft")
-from test_interop import reference_checkpoint  # noqa: E402 (needs the reference package)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +172,7 @@ def test_a_missing_local_base_folder_is_said_so(ref, tmp_path, capsys):
 
 
 def test_a_base_named_by_the_config_that_is_not_here_is_said_so(ref, tmp_path, capsys):
-    _edit_config(ref, base_model_name_or_path=str(tmp_path / "trained-on-another-machine"))
+    edit_reference_config(ref, base_model_name_or_path=str(tmp_path / "trained-on-another-machine"))
     message = assert_refused(capsys, "which is not here: pass base_model= (--base)", ref, tmp_path / "out")
     assert "repo" not in message.lower()
 
@@ -191,18 +189,6 @@ def test_nan_in_the_base_models_own_weights_is_said_so(saved_references, base_di
 
 
 # ---------------------------------------------------------------------- the checkpoint's files
-
-
-def _edit_config(folder, **changes):
-    path = folder / "zip2zip_config.json"
-    config = json.loads(path.read_text())
-    for key, value in changes.items():
-        if "." in key:
-            section, name = key.split(".")
-            config[section][name] = value
-        else:
-            config[key] = value
-    path.write_text(json.dumps(config))
 
 
 def _poison(file, key, value):
@@ -237,7 +223,7 @@ CONFIG_BREAKAGES = [
 
 @pytest.mark.parametrize("changes, message", CONFIG_BREAKAGES)
 def test_a_config_section_of_the_wrong_type_is_named(ref, tmp_path, capsys, changes, message):
-    _edit_config(ref, **changes)
+    edit_reference_config(ref, **changes)
     assert_refused(capsys, message, ref, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 

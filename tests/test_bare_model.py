@@ -143,7 +143,7 @@ def test_the_bare_models_cache_moves_its_rows_like_the_lms(on_device):
     table to move (and allocates none on the device). Prompt, one step, rows swapped, one more
     step: the same as running the swapped rows from the start."""
     lm = wrap(tiny_base("llama"))
-    bare = Zip2ZipModel(lm.config, base_model=lm.language_model.base_model).eval()
+    bare = lm.bare_model().eval()
     bare.codebooks_on_device = on_device
     ids, mask = left_pad([compressed(3, 40), compressed(4, 30)])
 
@@ -160,3 +160,30 @@ def test_the_bare_models_cache_moves_its_rows_like_the_lms(on_device):
         return last.last_hidden_state
 
     torch.testing.assert_close(run([0, 1], swap_before_last=True), run([1, 0]))
+
+
+def test_the_bare_view_of_a_causal_lm_shares_its_weights_and_reads_as_it_does():
+    """`bare_model` shares the LM's decoder and input encoder (no fresh encoder): the same parameter
+    objects, the LM's hidden states, and a change to one is a change to the other."""
+    lm = wrap(tiny_base("llama")).eval()
+    bare = lm.bare_model()
+    assert type(bare) is Zip2ZipModel and not bare.training
+    assert bare.input_hyper_encoder is lm.input_hyper_encoder and bare.language_model is lm.get_decoder()
+    lm_parameters = {id(p) for p in lm.parameters()}
+    assert all(id(p) in lm_parameters for p in bare.parameters())
+    ids, mask = left_pad([compressed(3, 50), compressed(4, 30)])
+    real = mask.bool()
+    with torch.no_grad():
+        hidden = bare(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(hidden[real], last_hidden_states(lm, ids, mask)[real])
+        next(lm.input_hyper_encoder.parameters()).add_(1.0)
+        moved = bare(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(moved[real], hidden[real])
+
+
+def test_get_decoder_is_the_base_decoder_and_says_so():
+    """transformers' meaning: the base model's decoder, which reads base ids only (`bare_model` reads
+    compressed ids)."""
+    lm = wrap(tiny_base("llama"))
+    assert lm.get_decoder() is lm.language_model.base_model
+    assert "bare_model" in type(lm).get_decoder.__doc__

@@ -115,10 +115,17 @@ def test_generate_compares_the_tokenizer_it_is_given(model, tiny_base_tokenizer)
         model.generate(input_ids=ids, max_new_tokens=2, tokenizer=tiny_base_tokenizer, stop_strings=["x"])
 
 
-def test_generate_with_a_matching_tokenizer_runs(text_model, text_tok):
-    batch = text_tok(["def f(x):\n    return x\n"], return_tensors="pt")
+def test_generate_with_a_matching_tokenizer_writes_what_generate_without_one_writes(text_model, text_tok):
+    """A matching tokenizer (and a stop string that never appears) changes nothing: the same base ids,
+    the prompt's first, then the three steps' expansions."""
+    prompt = "def f(x):\n    return x\n"
+    batch = text_tok([prompt], return_tensors="pt")
     out = text_model.generate(**batch, max_new_tokens=3, do_sample=False, tokenizer=text_tok, stop_strings=["@@"])
-    assert out.shape[0] == 1
+    plain = text_model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, plain)
+    prompt_base_ids = text_tok.base_ids([prompt])[0]
+    assert out[0, : len(prompt_base_ids)].tolist() == prompt_base_ids
+    assert len(prompt_base_ids) + 3 <= out.shape[1] <= len(prompt_base_ids) + 3 * text_tok.codec.max_subtokens
 
 
 def test_moved_generation_internals_fail_loudly(model, monkeypatch):

@@ -24,12 +24,12 @@ PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 
 def codebook_state(state) -> list[tuple]:
     """Per row: entry contents, pending phrase code, base ids and real ids consumed."""
-    if hasattr(state.rows, "streams"):
+    if hasattr(state.store, "streams"):
         return [
             (s.codebook.to_list(), s._w, s.num_base_ids, n)
-            for s, n in zip(state.rows.streams, state.rows.num_real_tokens, strict=True)
+            for s, n in zip(state.store.streams, state.store.num_real_tokens, strict=True)
         ]
-    c = state.rows.codebooks
+    c = state.store.codebooks
     return [
         (
             [c.content[b, k, : int(c.length[b, k])].tolist() for k in range(int(c.num_installed[b]))],

@@ -137,7 +137,7 @@ def test_a_static_decoding_loop_is_one_graph_that_never_recompiles(model):
 
 def state_tensors(state) -> dict[str, torch.Tensor]:
     """Every tensor the codebook state keeps between steps, by name."""
-    rows = state.rows
+    rows = state.store
     found = {
         "table": rows.codebooks.table,
         "state": rows.codebooks.state,

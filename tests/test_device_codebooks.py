@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from utils import codecs, legal_ids
+from zip2zip_hf.device_codebooks import DeviceCodebooks
 from zip2zip_hf.lzw import LZWCodec
-from zip2zip_hf.lzw_tensors import DeviceCodebooks
 
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -191,6 +191,7 @@ def test_batches_without_alignment_are_refused():
         Zip2ZipDistiller(DistillationConfig(span=1.0))(model, batch)
 
 
+@pytest.mark.slow  # trains with a Trainer
 def test_the_trainer_distils_with_lora_and_leaves_the_teacher_untouched(tmp_path):
     from peft import get_peft_model
 

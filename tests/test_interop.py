@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils import run_without_package, save_tiny_base_model
+from utils import REFERENCE_K as K
+from utils import REFERENCE_M as M
+from utils import edit_reference_config, reference_checkpoint, run_without_package, save_tiny_base_model
 from zip2zip_hf import Zip2ZipForCausalLM
 from zip2zip_hf.interop import from_reference
 from zip2zip_hf.tools.cli import main
@@ -21,66 +22,12 @@ from zip2zip_hf.tools.cli import main
 zip2zip = pytest.importorskip("zip2zip", reason="the reference zip2zip package (make setup installs it)")
 peft = pytest.importorskip("peft")
 
-K, M = 48, 3
 TEXT = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n" * 2
-LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "phi3": ["qkv_proj", "o_proj", "gate_up_proj"]}
 
 
 @pytest.fixture(scope="module")
 def base_dirs(tmp_path_factory):
     return {arch: save_tiny_base_model(tmp_path_factory.mktemp(arch), arch=arch) for arch in ("llama", "phi3")}
-
-
-def encoder_settings(encoder_type: str, width: int, tie: bool, **changes) -> dict:
-    if encoder_type == "transformer":
-        settings = dict(hidden_size=width, num_heads=4, num_hidden_layers=2, intermediate_size=2 * width)
-        settings["position_encoding"] = "learnable"
-    elif encoder_type == "attention":
-        settings = dict(hidden_size=width, num_heads=4)
-    else:
-        settings = dict(
-            hidden_size=16, model_hidden_size=width, num_heads=2, num_hidden_layers=2, intermediate_size=32
-        )
-    return {**settings, "tie_encoders": tie, **changes}
-
-
-def reference_checkpoint(
-    folder, base_dir, arch, encoder_type, tie=False, layout="adapter", position_mode="compressed", **changes
-):
-    """A tiny reference model, its weights perturbed so that every one of them matters, saved by the
-    reference package in its layout; returns the reference model (in eval mode)."""
-    from zip2zip.nn.encoders.config import ENCODER_CONFIG_MAPPING
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    base_tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    width = base.config.hidden_size
-    config = zip2zip.Zip2ZipConfig(
-        format_version=2 if position_mode == "base_token_end" else 1,
-        base_model_name_or_path=str(base_dir),
-        position_mode=position_mode,
-        encoder_type=encoder_type,
-        encoder=ENCODER_CONFIG_MAPPING[encoder_type](**encoder_settings(encoder_type, width, tie, **changes)),
-        compression=zip2zip.CompressionConfig.from_tokenizer(base_tokenizer, max_codebook_size=K, max_subtokens=M),
-    )
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch]) if layout == "adapter" else None
-    reference = zip2zip.Zip2ZipModel(config, base_model=base, peft_config=lora)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in reference.named_parameters():
-            touched = "encoder" in name or "lora_" in name or (layout != "adapter" and "layers.1." in name)
-            if touched:
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    reference.save_pretrained(folder)
-    if layout == "self-contained":  # zip2zip++'s hf export: the decoder, its config and tokenizer inside
-        reference.base_model.save_pretrained(folder)
-        base_tokenizer.save_pretrained(folder)
-        (folder / "zip2zip_encoders.safetensors").rename(folder / "encoders.safetensors")
-        _edit_config(folder, base_model_name_or_path=".")
-    if layout == "full":  # the research layout: the whole decoder beside the encoders
-        save_file(
-            {k: v.contiguous() for k, v in reference.base_model.state_dict().items()}, folder / "model.safetensors"
-        )
-    return reference.eval()
 
 
 def logits_of(model, ids: torch.Tensor, step_by_step: bool = False) -> torch.Tensor:
@@ -217,16 +164,19 @@ print(json.dumps(dict(
     "breakage, message",
     [
         (lambda folder: (folder / "zip2zip_config.json").unlink(), "no zip2zip_config.json"),
-        (lambda folder: _edit_config(folder, encoder_type="lstm"), "encoder_type 'lstm'"),
-        (lambda folder: _edit_config(folder, compression={"max_subtokens": 4}), "has 3 positions but"),
-        (lambda folder: _edit_config(folder, compression={"initial_vocab_size": 600}), "initial_vocab_size is 600"),
+        (lambda folder: edit_reference_config(folder, encoder_type="lstm"), "encoder_type 'lstm'"),
+        (lambda folder: edit_reference_config(folder, compression={"max_subtokens": 4}), "has 3 positions but"),
+        (
+            lambda folder: edit_reference_config(folder, compression={"initial_vocab_size": 600}),
+            "initial_vocab_size is 600",
+        ),
         (
             lambda folder: _drop_encoder_key(folder, "input_encoder.layers.1.mlp.fc1.weight"),
             "missing input_encoder.layers.1.mlp.fc1.weight",
         ),
         (lambda folder: _drop_encoder_key(folder, None), "no hyper-encoder weights"),
-        (lambda folder: _edit_config(folder, encoder={"tie_encoders": True}), "says the encoders are tied"),
-        (lambda folder: _edit_config(folder, encoder={"hidden_size": 48}), "encoder.hidden_size is 48"),
+        (lambda folder: edit_reference_config(folder, encoder={"tie_encoders": True}), "says the encoders are tied"),
+        (lambda folder: edit_reference_config(folder, encoder={"hidden_size": 48}), "encoder.hidden_size is 48"),
         (
             lambda folder: _edit_decoder(folder, "model.norm.weight", torch.ones(7)),
             r"model.norm.weight has shape \(7,\)",
@@ -246,14 +196,6 @@ def test_what_does_not_match_is_an_error_naming_the_file_and_key(tmp_path, base_
     breakage(tmp_path)
     with pytest.raises(ValueError, match=message):
         from_reference(tmp_path)
-
-
-def _edit_config(folder, **changes):
-    path = folder / "zip2zip_config.json"
-    config = json.loads(path.read_text())
-    for key, value in changes.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) else value
-    path.write_text(json.dumps(config))
 
 
 def _edit_decoder(folder, key, value):

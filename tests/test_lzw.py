@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from zip2zip_hf.lzw import Codebook, LZWCodec, LZWStream
+from zip2zip_hf.lzw import LZWCodec, LZWStream
+from zip2zip_hf.lzw_codebook import Codebook
 
 
 DATA = Path(__file__).parent / "data" / "lzw_reference_vectors.json"

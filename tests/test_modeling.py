@@ -27,7 +27,7 @@ from utils import (
     tiny_causal_lm_config,
     wrap,
 )
-from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
+from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM, Zip2ZipModel
 from zip2zip_hf.configuration_zip2zip import ZIP2ZIP_FORMAT_VERSION
 from zip2zip_hf.modeling_zip2zip import HYPER_ENCODER_NAMES
 
@@ -258,7 +258,7 @@ def test_only_new_entries_are_encoded():
     ids = torch.tensor([row])
     with torch.no_grad():
         out = model(input_ids=ids[:, :-1], use_cache=True)
-        installed = len(out.past_key_values.hyper_state.rows.streams[0].codebook)
+        installed = len(out.past_key_values.hyper_state.store.streams[0].codebook)
         assert seen == [installed] and installed < K
         model(input_ids=ids[:, -1:], past_key_values=out.past_key_values)
     # A decoding step encodes a fixed M slots per row (the entries its id may install, the rest
@@ -454,11 +454,14 @@ def test_remote_code_load_in_fresh_process(tmp_path):
 
 
 def test_auto_class_registration():
-    from transformers import AutoConfig
+    """Importing the package maps the zip2zip config to its classes in every Auto class."""
+    from transformers import AutoConfig, AutoModel
 
     text_config = tiny_causal_lm_config("llama", V).to_dict()
-    assert AutoConfig.for_model("zip2zip", text_config=text_config).__class__ is Zip2ZipConfig
-    assert zip2zip_hf.Zip2ZipForCausalLM is Zip2ZipForCausalLM
+    config = AutoConfig.for_model("zip2zip", text_config=text_config)
+    assert type(config) is Zip2ZipConfig
+    assert type(AutoModelForCausalLM.from_config(config)) is Zip2ZipForCausalLM
+    assert type(AutoModel.from_config(config)) is Zip2ZipModel
 
 
 def test_tokenizer_config_mismatch_raises_on_load(tmp_path, tiny_base_tokenizer):

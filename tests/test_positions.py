@@ -98,6 +98,7 @@ def test_a_decoding_step_past_the_positions_is_an_error_that_changes_nothing():
     assert int(cache.hyper_state.positions_held("base")[0]) == POSITIONS
 
 
+@pytest.mark.slow  # starts a server
 def test_a_served_request_that_fills_the_positions_ends_with_length(text_tok):
     """The server admits ``max_tokens`` up to the positions the prompt leaves, counting one per step;
     a request whose steps write hypertokens (several positions each) then ends on positions: no

@@ -132,6 +132,7 @@ def generated(model, tok, inputs, **settings) -> tuple[str, int]:
     return tok.base_tokenizer.decode(base_ids, skip_special_tokens=True), len(new_ids)
 
 
+@pytest.mark.slow  # starts a server
 def test_completions_give_what_generate_writes_with_usage_in_base_tokens(client, checkpoint, text_model, text_tok):
     inputs = text_tok(PROMPTS[0], return_tensors="pt")
     text, steps = generated(text_model, text_tok, inputs, max_new_tokens=24)
@@ -149,6 +150,7 @@ def test_completions_give_what_generate_writes_with_usage_in_base_tokens(client,
     assert answer.choices[0].finish_reason == ("length" if steps == 24 else "stop")
 
 
+@pytest.mark.slow  # starts a server
 def test_streamed_chunks_join_to_the_same_text_and_end_with_the_usage(client, checkpoint):
     settings = dict(model=checkpoint, prompt=PROMPTS[1], max_tokens=30, temperature=0)
     whole = client.completions.create(**settings)
@@ -160,6 +162,7 @@ def test_streamed_chunks_join_to_the_same_text_and_end_with_the_usage(client, ch
     assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == whole.choices[0].finish_reason
 
 
+@pytest.mark.slow  # starts a server
 def test_chat_goes_through_the_chat_template(client, checkpoint, text_model, text_tok):
     inputs = text_tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     text, _ = generated(text_model, text_tok, inputs, max_new_tokens=20)
@@ -171,6 +174,7 @@ def test_chat_goes_through_the_chat_template(client, checkpoint, text_model, tex
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == text
 
 
+@pytest.mark.slow  # starts a server
 def test_stop_sequences_are_matched_on_text(client, checkpoint, text_model, text_tok):
     inputs = text_tok(PROMPTS[2], return_tensors="pt")
     free, _ = generated(text_model, text_tok, inputs, max_new_tokens=40)
@@ -181,6 +185,7 @@ def test_stop_sequences_are_matched_on_text(client, checkpoint, text_model, text
     assert stop in text and len(text) < len(free)
 
 
+@pytest.mark.slow  # starts a server
 def test_prompt_lookup_per_request_writes_the_same_greedy_text(client, checkpoint):
     prompt = "value = compute(value)\n" * 6
     settings = dict(model=checkpoint, prompt=prompt, max_tokens=24, temperature=0)
@@ -190,6 +195,7 @@ def test_prompt_lookup_per_request_writes_the_same_greedy_text(client, checkpoin
     assert looked_up.usage.compressed == plain.usage.compressed
 
 
+@pytest.mark.slow  # starts a server
 def test_concurrent_clients_each_get_their_own_answer(client, checkpoint, text_model, text_tok):
     expected = [
         generated(text_model, text_tok, text_tok(p, return_tensors="pt"), max_new_tokens=16)[0] for p in PROMPTS
@@ -208,6 +214,7 @@ def test_concurrent_clients_each_get_their_own_answer(client, checkpoint, text_m
     assert answers == dict(enumerate(expected))
 
 
+@pytest.mark.slow  # starts a server
 @pytest.mark.parametrize(
     "change, status, message",
     [
@@ -253,6 +260,7 @@ BAD_FIELDS = [
 ]
 
 
+@pytest.mark.slow  # starts a server
 @pytest.mark.parametrize("change, message", BAD_FIELDS, ids=lambda case: json.dumps(case)[:40])
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
 def test_a_bad_setting_is_a_400_naming_it_on_both_endpoints(server, checkpoint, endpoint, change, message):
@@ -263,6 +271,7 @@ def test_a_bad_setting_is_a_400_naming_it_on_both_endpoints(server, checkpoint, 
     assert message in json.dumps(reply)
 
 
+@pytest.mark.slow  # starts a server
 @pytest.mark.parametrize(
     "messages, message",
     [
@@ -285,11 +294,13 @@ def test_malformed_messages_are_a_400_naming_what_is_wrong(server, checkpoint, m
     assert message in json.dumps(reply)
 
 
+@pytest.mark.slow  # starts a server
 def test_a_prompt_with_a_lone_surrogate_is_a_400(server, checkpoint):
     status, reply = post(f"{server}/v1/completions", {"model": checkpoint, "prompt": "\ud800x", "max_tokens": 4})
     assert status == 400 and "UTF-8" in json.dumps(reply), reply
 
 
+@pytest.mark.slow  # starts a server
 def test_chat_on_a_checkpoint_without_a_chat_template_is_a_400(tmp_path, text_model, text_tok, checkpoint):
     text_model.save_pretrained(tmp_path)
     text_tok.save_pretrained(tmp_path)
@@ -305,6 +316,7 @@ def test_chat_on_a_checkpoint_without_a_chat_template_is_a_400(tmp_path, text_mo
         assert post(f"{url}/v1/completions", {"model": str(tmp_path), "prompt": PROMPTS[0], "max_tokens": 2})[0] == 200
 
 
+@pytest.mark.slow  # starts a server
 def test_temperature_samples_and_a_seed_makes_it_reproducible(client, checkpoint, text_model, text_tok):
     import torch
 
@@ -328,6 +340,7 @@ def test_temperature_samples_and_a_seed_makes_it_reproducible(client, checkpoint
     assert client.completions.create(**{**settings, "temperature": 0}).choices[0].text == greedy
 
 
+@pytest.mark.slow  # starts a server
 def test_malformed_json_is_a_4xx_and_the_server_serves_on(server, client, checkpoint):
     status, reply = post(f"{server}/v1/chat/completions", b'{"model": "x", "messages": [')
     assert status == 422 and "json" in json.dumps(reply).lower()
@@ -337,6 +350,7 @@ def test_malformed_json_is_a_4xx_and_the_server_serves_on(server, client, checkp
     assert post(f"{server}/v1/responses", {"model": checkpoint, "input": "hi"})[0] == 501
 
 
+@pytest.mark.slow  # starts a server
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client, checkpoint, monkeypatch):
     from zip2zip_hf.serving import server as serving
 

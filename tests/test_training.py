@@ -286,6 +286,7 @@ def test_trainer_learns_and_model_emits_hypertokens(train_tok, rows, tmp_path):
     assert "    self." in text[len("    self.alpha = alpha\n    self.beta = beta\n") :]
 
 
+@pytest.mark.slow  # trains with a Trainer
 @pytest.mark.parametrize("workers", [0, 2])
 def test_compression_logs_count_every_training_batch_whatever_the_workers(train_tok, tmp_path, workers):
     """The counts are taken where the model reads the batches, so DataLoader workers (which collate
@@ -404,6 +405,7 @@ def test_lora_training_resume_merge_save_and_remote_code_reload(train_tok, rows,
     assert json.loads(run_without_package(script)) == text
 
 
+@pytest.mark.slow  # trains with a Trainer
 def test_lora_with_tied_encoders_trains(train_tok, rows, tmp_path):
     trainer = lora_trainer(train_tok, rows, tmp_path, max_steps=2, tie_encoders=True)
     encoder = trainer.model.get_base_model().input_hyper_encoder
@@ -434,6 +436,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(train_tok, rows):
 # ---------------------------------------------------------------------- TRL
 
 
+@pytest.mark.slow  # trains with a Trainer
 def test_trl_sft_trainer_with_our_tokenizer(train_tok, tmp_path):
     trl = pytest.importorskip("trl")
     from packaging.version import Version

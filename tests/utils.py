@@ -4,6 +4,7 @@ logits comparison, and running a script where zip2zip_hf cannot be imported."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from zip2zip_hf import LZWCodec, Zip2ZipConfig, Zip2ZipForCausalLM
@@ -281,3 +283,88 @@ def codecs(draw) -> LZWCodec:
 def legal_ids(stream) -> list[int]:
     V = stream.codec.initial_vocab_size
     return list(range(V + stream.num_legal_hyper))
+
+
+# ---------------------------------------------------------------------- reference checkpoints
+
+# What the reference zip2zip package's checkpoints in the interop tests compress with, and where
+# their LoRA adapters go (the package and peft are imported where used: both are optional).
+REFERENCE_K, REFERENCE_M = 48, 3
+REFERENCE_LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "phi3": ["qkv_proj", "o_proj", "gate_up_proj"]}
+
+
+def reference_encoder_settings(encoder_type: str, width: int, tie: bool, **changes) -> dict:
+    if encoder_type == "transformer":
+        settings = dict(hidden_size=width, num_heads=4, num_hidden_layers=2, intermediate_size=2 * width)
+        settings["position_encoding"] = "learnable"
+    elif encoder_type == "attention":
+        settings = dict(hidden_size=width, num_heads=4)
+    else:
+        settings = dict(
+            hidden_size=16, model_hidden_size=width, num_heads=2, num_hidden_layers=2, intermediate_size=32
+        )
+    return {**settings, "tie_encoders": tie, **changes}
+
+
+def reference_checkpoint(
+    folder, base_dir, arch, encoder_type, tie=False, layout="adapter", position_mode="compressed", **changes
+):
+    """A tiny reference model, its weights perturbed so that every one of them matters, saved by the
+    reference package in its layout; returns the reference model (in eval mode)."""
+    import peft
+    import zip2zip
+    from transformers import AutoTokenizer
+    from zip2zip.nn.encoders.config import ENCODER_CONFIG_MAPPING
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    base_tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    width = base.config.hidden_size
+    config = zip2zip.Zip2ZipConfig(
+        format_version=2 if position_mode == "base_token_end" else 1,
+        base_model_name_or_path=str(base_dir),
+        position_mode=position_mode,
+        encoder_type=encoder_type,
+        encoder=ENCODER_CONFIG_MAPPING[encoder_type](
+            **reference_encoder_settings(encoder_type, width, tie, **changes)
+        ),
+        compression=zip2zip.CompressionConfig.from_tokenizer(
+            base_tokenizer, max_codebook_size=REFERENCE_K, max_subtokens=REFERENCE_M
+        ),
+    )
+    lora = (
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=REFERENCE_LORA_TARGETS[arch])
+        if layout == "adapter"
+        else None
+    )
+    reference = zip2zip.Zip2ZipModel(config, base_model=base, peft_config=lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            touched = "encoder" in name or "lora_" in name or (layout != "adapter" and "layers.1." in name)
+            if touched:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    reference.save_pretrained(folder)
+    if layout == "self-contained":  # zip2zip++'s hf export: the decoder, its config and tokenizer inside
+        reference.base_model.save_pretrained(folder)
+        base_tokenizer.save_pretrained(folder)
+        (folder / "zip2zip_encoders.safetensors").rename(folder / "encoders.safetensors")
+        edit_reference_config(folder, base_model_name_or_path=".")
+    if layout == "full":  # the research layout: the whole decoder beside the encoders
+        save_file(
+            {k: v.contiguous() for k, v in reference.base_model.state_dict().items()}, folder / "model.safetensors"
+        )
+    return reference.eval()
+
+
+def edit_reference_config(folder, **changes):
+    """Change settings in a reference checkpoint's ``zip2zip_config.json``: a dict is merged into its
+    section, and ``"section.name"`` sets one field of a section."""
+    path = folder / "zip2zip_config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if "." in key:
+            section, name = key.split(".")
+            config[section][name] = value
+        else:
+            config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    path.write_text(json.dumps(config))

@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
 from .configuration_zip2zip import Zip2ZipConfig
-from .lzw import Codebook, LZWCodec, LZWStream
+from .lzw import LZWCodec, LZWStream
+from .lzw_codebook import Codebook
 from .modeling_zip2zip import Zip2ZipForCausalLM, Zip2ZipModel
 from .precomputed_codebooks import codebook_tensors
 from .tokenization_zip2zip import Zip2ZipTokenizer

@@ -37,6 +37,7 @@ __all__ = [
     "original_init_errors",
     "output_cache_field",
     "pop_cache",
+    "saved_weight_names",
     "tokenizer_init_kwargs",
     "truncate_cache",
 ]
@@ -188,7 +189,7 @@ def crop_length(current: int, argument: int) -> int:
     return length
 
 
-# ---------------------------------------------------------------------- generation
+# ---------------------------------------------------------------------- weight names (5.0)
 
 
 def forget_key_mapping(model, key_mapping: dict[str, str]) -> None:
@@ -202,6 +203,19 @@ def forget_key_mapping(model, key_mapping: dict[str, str]) -> None:
         patterns = list(key_mapping)
         model._weight_conversions = [c for c in conversions if getattr(c, "source_patterns", None) != patterns]
 
+
+def saved_weight_names(model, state: dict) -> list[str]:
+    """The names ``save_pretrained`` writes for the weights ``state`` of ``model``: from 5.0 on a
+    model's weights may be renamed on saving (``revert_weight_conversion``, to the names its
+    checkpoints have always had); 4.57 writes them as they are."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # 4.57
+        return list(state)
+    return list(revert_weight_conversion(model, dict(state)))
+
+
+# ---------------------------------------------------------------------- generation
 
 _BEAM_SEARCH_LOCK = threading.Lock()
 

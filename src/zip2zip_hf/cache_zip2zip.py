@@ -17,7 +17,7 @@ from .hyper_state import HyperState
 __all__ = ["Zip2ZipCache", "Zip2ZipStaticCache"]
 
 
-class _CodebookRows:
+class _CarriesHyperState:
     """What a zip2zip cache adds to a transformers cache: the batch's `HyperState` (``hyper_state``,
     None until first use), moved with the keys and values wherever transformers reorders, repeats
     or selects rows (beam search, ``num_return_sequences``)."""
@@ -63,11 +63,11 @@ class _CodebookRows:
         return True
 
 
-class Zip2ZipCache(_CodebookRows, DynamicCache):
+class Zip2ZipCache(_CarriesHyperState, DynamicCache):
     """A `DynamicCache` carrying the batch's `HyperState` (``hyper_state``, None until first use)."""
 
 
-class Zip2ZipStaticCache(_CodebookRows, StaticCache):
+class Zip2ZipStaticCache(_CarriesHyperState, StaticCache):
     """A `StaticCache` (keys and values preallocated for ``max_cache_len`` positions, the cache
     ``torch.compile`` wants) carrying the batch's `HyperState`. ``generate(cache_implementation="static")``
     makes one; build one yourself as ``Zip2ZipStaticCache(config=model.config.get_text_config(),

@@ -1,4 +1,4 @@
-"""What consuming a block of ids tells a forward, as tensors: the types every codebook room speaks.
+"""What consuming a block of ids tells a forward, as tensors: the types every codebook store answers with.
 
 `HyperState` (live codebooks), `DeviceCodebooks` (the same on the device) and `precomputed_block`
 (codebooks made by the collator) all answer a block with a `ConsumedBlock` and the entries to

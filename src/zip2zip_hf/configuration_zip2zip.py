@@ -17,7 +17,8 @@ __all__ = ["Zip2ZipConfig"]
 # ``language_model.*`` (``model.*`` in 1). 3: ``input_hyper_encoder_residual`` is saved (a config
 # without it, formats 1 and 2, means ``"mean"``, what those checkpoints were trained with).
 ZIP2ZIP_FORMAT_VERSION = 3
-HYPER_ENCODERS = ("mean", "attention", "reference")
+# The hyper-encoders there are (the config's ``hyper_encoder``, `build_hyper_encoder`'s ``kind``).
+HYPER_ENCODER_KINDS = ("mean", "attention", "reference")
 # What an attention encoder outputs before training (its residual): the masked mean of the
 # constituents, or the first or the last one.
 HYPER_ENCODER_RESIDUALS = ("mean", "first", "last")
@@ -88,8 +89,8 @@ class Zip2ZipConfig(PretrainedConfig):
         self.text_config = _base_model_config(text_config)
         if initial_vocab_size is None:
             initial_vocab_size = self.text_config.vocab_size
-        if hyper_encoder not in HYPER_ENCODERS:
-            raise ValueError(f"hyper_encoder must be one of {HYPER_ENCODERS}, got {hyper_encoder!r}")
+        if hyper_encoder not in HYPER_ENCODER_KINDS:
+            raise ValueError(f"hyper_encoder must be one of {HYPER_ENCODER_KINDS}, got {hyper_encoder!r}")
         if (hyper_encoder == "reference") != isinstance(reference_hyper_encoder, dict):
             raise ValueError(
                 "reference_hyper_encoder (a dict of the reference encoder's settings) goes with "

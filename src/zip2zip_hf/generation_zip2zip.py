@@ -26,7 +26,8 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, Generat
 
 from ._compat import CACHE_NAMES, beam_search_vocab_size, check_generation_internals, output_cache_field
 from .hyper_state import DeferredLegalityChecks
-from .lzw import LZWCodec, LZWStream, setting
+from .lzw import LZWCodec, LZWStream
+from .lzw_codebook import setting
 from .speculative_zip2zip import (
     DEFAULT_MAX_MATCHING_NGRAM,
     DEFAULT_NUM_ASSISTANT_TOKENS,
@@ -331,15 +332,20 @@ class PromptStreams:
 
     def __init__(self, codec: LZWCodec):
         self.codec = codec
-        self._after: dict[tuple[int, ...], LZWStream] = {}
+        self._after: dict[tuple[int, ...], tuple[LZWStream, list[int]]] = {}
 
-    def start(self, prompt: list[int]) -> LZWStream:
-        """A fresh stream that has read ``prompt`` (compressed ids)."""
+    def start(self, prompt: list[int], out: list[int] | None = None) -> LZWStream:
+        """A fresh stream that has read ``prompt`` (compressed ids); ``out``, when given, is extended
+        with the prompt's base ids."""
         key = tuple(prompt)
         if key not in self._after:
-            self._after[key] = self.codec.stream()
-            self._after[key].feed(key)
-        return self._after[key].copy()
+            stream, base_ids = self.codec.stream(), []
+            stream.feed(key, out=base_ids)
+            self._after[key] = stream, base_ids
+        stream, base_ids = self._after[key]
+        if out is not None:
+            out.extend(base_ids)
+        return stream.copy()
 
 
 def _real_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
@@ -366,7 +372,7 @@ class _BaseIdStreamer(BaseStreamer):
 
     def __init__(self, streamer: BaseStreamer, codec: LZWCodec):
         self.streamer = streamer
-        self.codec = codec
+        self.prompts = PromptStreams(codec)
         self.stream: LZWStream | None = None
 
     def put(self, value: torch.Tensor) -> None:
@@ -375,8 +381,7 @@ class _BaseIdStreamer(BaseStreamer):
         ids = value.reshape(-1).tolist()
         base_ids: list[int] = []
         if self.stream is None:  # the first call carries the prompt
-            self.stream = self.codec.stream()
-            self.stream.feed(ids, out=base_ids)
+            self.stream = self.prompts.start(ids, out=base_ids)
             self.streamer.put(torch.tensor([base_ids], dtype=value.dtype))
         else:
             self.stream.feed(ids, out=base_ids)

@@ -14,19 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_zip2zip import HYPER_ENCODER_RESIDUALS
+from .configuration_zip2zip import HYPER_ENCODER_KINDS, HYPER_ENCODER_RESIDUALS
 from .reference_hyper_encoders import build_reference_encoder
 
 
 __all__ = [
-    "HYPER_ENCODER_KINDS",
-    "HYPER_ENCODER_RESIDUALS",
     "AttentionHyperEncoder",
     "MeanHyperEncoder",
     "build_hyper_encoder",
+    "encode_entries",
+    "hyper_encoder_of",
 ]
-
-HYPER_ENCODER_KINDS = ("mean", "attention", "reference")
 
 
 def _check_inputs(subtokens: torch.Tensor, lengths: torch.Tensor, embedding_weight: torch.Tensor) -> None:
@@ -280,3 +278,25 @@ def build_hyper_encoder(
             residual=residual,
         )
     raise ValueError(f"Unknown hyper-encoder kind {kind!r}; expected one of {HYPER_ENCODER_KINDS}")
+
+
+def encode_entries(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.LongTensor, weight: torch.Tensor):
+    """Encoder vectors of the given entries; most decoding steps have none, and skip the call."""
+    if len(subtokens) == 0:
+        return weight.new_zeros(0, weight.shape[-1])
+    return encoder(subtokens, lengths, weight)
+
+
+def hyper_encoder_of(config, residual: str = "mean") -> nn.Module:
+    """The hyper-encoder a `Zip2ZipConfig` describes (the input and output encoders share its
+    settings; the input one takes the config's ``input_hyper_encoder_residual``)."""
+    return build_hyper_encoder(
+        kind=config.hyper_encoder,
+        hidden_size=config.get_text_config().hidden_size,
+        max_subtokens=config.max_subtokens,
+        latent_size=config.hyper_encoder_hidden_size,
+        num_layers=config.hyper_encoder_num_layers,
+        num_heads=config.hyper_encoder_num_heads,
+        reference=config.reference_hyper_encoder,
+        residual=residual,
+    )

@@ -16,13 +16,20 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .codebook_blocks import ConsumedBlock
 
 
-__all__ = ["check_head_reproduces_base", "decoder_of", "hyper_loss", "postprocess_logits", "widen_logits"]
+__all__ = [
+    "check_head_reproduces_base",
+    "decoder_of",
+    "hyper_loss",
+    "postprocess_logits",
+    "select_kept",
+    "widen_logits",
+]
 
 
 def widen_logits(
     base_logits: torch.Tensor,
     hidden: torch.Tensor,
-    step: ConsumedBlock,
+    consumed: ConsumedBlock,
     output_table: torch.Tensor | None,
     provisional_vectors: torch.Tensor,
     initial_vocab_size: int,
@@ -47,10 +54,10 @@ def widen_logits(
     hyper = torch.einsum("btd,bkd->btk", hidden, columns.to(hidden.dtype))
     slot = torch.arange(width, device=hidden.device)
     provisional_scores = (hidden * provisional_vectors.to(hidden.dtype)).sum(-1)
-    is_provisional = (slot == step.legal[..., None] - 1) & (step.provisional_lengths > 0)[..., None]
+    is_provisional = (slot == consumed.legal[..., None] - 1) & (consumed.provisional_lengths > 0)[..., None]
     hyper = torch.where(is_provisional, provisional_scores[..., None].to(hyper.dtype), hyper)
     # Masked after the post-processing, which would turn -inf into a finite -cap under soft-capping.
-    unscored = slot >= step.legal[..., None]
+    unscored = slot >= consumed.legal[..., None]
     if not score_provisional:
         unscored = unscored | is_provisional
     hyper = postprocess_logits(hyper, text_config).masked_fill(unscored, float("-inf"))
@@ -78,14 +85,14 @@ def postprocess_logits(logits: torch.Tensor, text_config: PretrainedConfig) -> t
 def hyper_loss(
     logits: torch.Tensor,
     labels: torch.LongTensor,
-    step: ConsumedBlock,
+    consumed: ConsumedBlock,
     initial_vocab_size: int,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy over ``V + K`` classes; a target illegal at its position raises."""
     V = initial_vocab_size
     targets = labels[:, 1:].to(logits.device)
-    legal = step.legal[:, :-1].to(logits.device)
+    legal = consumed.legal[:, :-1].to(logits.device)
     counted = targets != -100
     illegal = counted & ((targets < 0) | ((targets >= V) & (targets - V >= legal)))
     if illegal.any():
@@ -134,3 +141,10 @@ def check_head_reproduces_base(causal_lm: PreTrainedModel) -> None:
             f"{type(causal_lm).__name__} changes its head's logits in a way zip2zip cannot apply to "
             "hypertoken logits (known: logit_scale, logits_scaling, final_logit_softcapping)"
         )
+
+
+def select_kept(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
+    """Rows of ``tensor`` (``(B, T or kept, ...)``) at the kept positions."""
+    if tensor.shape[1] == len(keep):
+        return tensor
+    return tensor[:, keep] if len(keep) < length else tensor

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .codebook_blocks import ConsumedBlock, EntryBatch
-from .codebook_rows import StreamRows, TensorRows
+from .codebook_stores import CodebookStore, StreamStore
+from .device_codebooks import select_rows, static_address
 from .lzw import LZWCodec
-from .lzw_tensors import select_rows, static_address
 
 
 __all__ = ["DeferredLegalityChecks", "HyperState", "StateSnapshot"]
@@ -33,7 +33,7 @@ class StateSnapshot:
     (valid for the store that made it), and the tables."""
 
     num_positions: int
-    rows: object
+    store: object
     input_table: torch.Tensor | None
     output_table: torch.Tensor | None
 
@@ -62,13 +62,13 @@ class DeferredLegalityChecks:
 class HyperState:
     """Codebooks and hypertoken vectors of a batch, one row per sequence.
 
-    The codebooks live in ``rows``: Python streams for a prompt, and, on an accelerator (or when
-    ``on_device`` says so), tensors on the device from the first decoding step on (`codebook_rows`);
-    either answers every question the same way.
+    The codebooks live in ``store``, a `CodebookStore`: Python streams for a prompt, and, on an
+    accelerator (or as `place_codebooks` says), tensors on the device from the first decoding step
+    on (`codebook_stores`); either answers every question the same way.
 
     Attributes:
         codec: the codec whose rules the codebooks follow.
-        rows: the codebooks (`StreamRows` or `TensorRows`).
+        store: the codebooks (`StreamStore` or `TensorStore`).
         input_table / output_table: ``(B, capacity, D)`` vectors of installed entries for the input
             embedding and the unembedding, entry k at index k; rows are filled lazily (all K + M,
             the last M sinks for masked writes, once on the device). A model without a head has no
@@ -91,10 +91,11 @@ class HyperState:
         max_positions: int | None = None,
     ):
         self.codec = codec
-        self.on_device = on_device  # None: on accelerators only
+        self._on_device: bool | None = None
+        self.place_codebooks(on_device)
         self.has_head = has_head
         streams = [codec.stream() for _ in range(batch_size)]
-        self.rows: StreamRows | TensorRows = StreamRows(codec, streams, max_positions=max_positions)
+        self.store: CodebookStore = StreamStore(codec, streams, max_positions=max_positions)
         self.input_table: torch.Tensor | None = None
         self.output_table: torch.Tensor | None = None
         self.num_positions = 0
@@ -105,26 +106,35 @@ class HyperState:
 
     @property
     def batch_size(self) -> int:
-        return self.rows.batch_size
+        return self.store.batch_size
 
     # ------------------------------------------------------------------ a block of ids
+
+    def place_codebooks(self, on_device: bool | None) -> None:
+        """Where the codebooks go for the decoding steps to come (`prepare` moves them): True to the
+        device of the ids (`TensorStore`), False nowhere (Python streams), None to an accelerator
+        only. The one place this policy is set: the model's ``codebooks_on_device`` when the state
+        is made, and whoever drives the steps afterwards (speculative decoding keeps streams)."""
+        if on_device not in (None, True, False):
+            raise ValueError(f"on_device must be None, True or False, got {on_device!r}")
+        self._on_device = on_device
 
     @torch.compiler.disable  # Python over the streams, once: never part of a compiled step
     def prepare(
         self, input_ids: torch.LongTensor, vector_like: torch.Tensor, max_positions: int | None = None
     ) -> None:
         """Move the codebooks to the device when this block is a decoding step and the device
-        applies (see `codebook_rows`), with tables of every slot shaped like rows of
+        applies (see `codebook_stores`), with tables of every slot shaped like rows of
         ``vector_like``, and, for a static cache of ``max_positions``, the record of fed ids at its
         full length. Called eagerly before the block, so a failed block rolls back within the store
         it ran in, and a compiled step only ever sees the final shapes and addresses."""
         if max_positions is not None and (self._fed is None or self._fed.shape[1] < max_positions):
             self._fed = static_address(_grown_fed(self._fed, self.batch_size, max_positions, input_ids))
-        on_device = self.on_device if self.on_device is not None else input_ids.device.type != "cpu"
-        rows = self.rows.for_step(input_ids, on_device)
-        if rows is self.rows:
+        on_device = self._on_device if self._on_device is not None else input_ids.device.type != "cpu"
+        store = self.store.for_step(input_ids, on_device)
+        if store is self.store:
             return
-        self.rows, self._before_last_block = rows, None  # that snapshot belongs to the other store
+        self.store, self._before_last_block = store, None  # that snapshot belongs to the other store
         capacity = self.codec.max_codebook_size + self.codec.max_subtokens  # every slot and the sinks
         self.input_table = static_address(_grown(self.input_table, self.batch_size, capacity, vector_like))
         if self.has_head:
@@ -135,10 +145,11 @@ class HyperState:
         self, input_ids: torch.LongTensor, mask: torch.Tensor, deferred: DeferredLegalityChecks | None = None
     ) -> Iterator[None]:
         """One block of ids, all or nothing. Inside it the model calls `consume`,
-        `unencoded_entries` and `store`; when it ends, the block's positions are counted and the
-        legality of its ids is read (on the device, a host sync), unless ``deferred`` takes this
-        state to read it later. If anything raised, the state is as it was before; else the block
-        is recorded (what `crop` rewinds with). The bookkeeping around the block stays eager."""
+        `unencoded_entries`, `write_input_vectors` and (with a head) `write_output_vectors`; when it
+        ends, the block's positions are counted and the legality of its ids is read (on the device,
+        a host sync), unless ``deferred`` takes this state to read it later. If anything raised, the
+        state is as it was before; else the block is recorded (what `crop` rewinds with). The
+        bookkeeping around the block stays eager."""
         snapshot = self.snapshot()
         try:
             yield
@@ -150,7 +161,7 @@ class HyperState:
     @torch.compiler.disable
     def _commit(self, snapshot: StateSnapshot, input_ids, mask, deferred: DeferredLegalityChecks | None) -> None:
         if deferred is None:
-            self.rows.raise_if_illegal(block_start=snapshot.num_positions)
+            self.store.raise_if_illegal(block_start=snapshot.num_positions)
         else:
             deferred.add(self)
         self.num_positions += input_ids.shape[1]
@@ -160,13 +171,13 @@ class HyperState:
     def positions_held(self, position_mode: str) -> torch.LongTensor:
         """``(B,)`` the positions each row's ids take so far, where the codebooks are (``position_mode``
         as the model's: base ids, or ids)."""
-        return self.rows.positions_held(position_mode)
+        return self.store.positions_held(position_mode)
 
     @torch.compiler.disable
     def raise_if_illegal(self) -> None:
         """Raise naming the first id fed since the codebooks moved to the device that was not legal
         (a host sync); the Python streams raise for one as they read it."""
-        self.rows.raise_if_illegal()
+        self.store.raise_if_illegal()
 
     def consume(
         self,
@@ -188,24 +199,30 @@ class HyperState:
         An id outside the id space (padding included) or not legal at its position is a ValueError,
         raised here or, on the device, when the block ends (or when the caller reads it).
         """
-        return self.rows.consume(input_ids, mask, keep, position_mode, positions)
+        return self.store.consume(input_ids, mask, keep, position_mode, positions)
 
     def unencoded_entries(self) -> EntryBatch:
         """The installed entries that have no vectors yet."""
-        return self.rows.unencoded_entries()
+        return self.store.unencoded_entries()
 
-    def store(self, entries: EntryBatch, vectors: torch.Tensor, side: str = "input") -> None:
-        """Write the ``side`` (``"input"`` or ``"output"``) vectors of `unencoded_entries`
-        (``vectors[i]`` for entry i). The input side comes first: it counts the entries as encoded and
-        sizes the tables, and the output side (none for `Zip2ZipModel`) follows it."""
-        if side == "input":
-            current = 0 if self.input_table is None else self.input_table.shape[1]
-            capacity = self.rows.table_capacity(entries, current)
-        else:
-            capacity = 0 if self.input_table is None else self.input_table.shape[1]
+    def write_input_vectors(self, entries: EntryBatch, vectors: torch.Tensor) -> torch.Tensor | None:
+        """Write the input vectors of `unencoded_entries` (``vectors[i]`` for entry i), count those
+        entries as encoded and size the tables; return the input table. The output side of the same
+        entries, when the model has a head, follows (`write_output_vectors`)."""
+        current = 0 if self.input_table is None else self.input_table.shape[1]
+        capacity = self.store.table_capacity(entries, current)
         if capacity and len(vectors):
-            name = f"{side}_table"
-            setattr(self, name, _write(getattr(self, name), entries, vectors, self.batch_size, capacity))
+            self.input_table = _write(self.input_table, entries, vectors, self.batch_size, capacity)
+        return self.input_table
+
+    def write_output_vectors(self, entries: EntryBatch, vectors: torch.Tensor) -> torch.Tensor | None:
+        """Write the output vectors of the entries `write_input_vectors` has just written (the output
+        table is as large as the input table); return the output table."""
+        if len(vectors):
+            if self.input_table is None:
+                raise RuntimeError("write_output_vectors follows write_input_vectors of the same entries")
+            self.output_table = _write(self.output_table, entries, vectors, self.batch_size, self.input_table.shape[1])
+        return self.output_table
 
     # ------------------------------------------------------------------ rows and snapshots
 
@@ -213,7 +230,7 @@ class HyperState:
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep (and repeat or reorder) rows: row ``i`` becomes old row ``rows[i]``."""
         self._before_last_block = None  # a snapshot holds no rows to select
-        self.rows.select(rows)
+        self.store.select(rows)
         if self._fed is not None:
             self._fed = select_rows(self._fed, torch.as_tensor(rows, device=self._fed.device))
         for name in ("input_table", "output_table"):
@@ -225,7 +242,7 @@ class HyperState:
     def snapshot(self) -> StateSnapshot:
         """A cheap record of the state (O(rows)): `restore` returns to it after any consuming and
         storing (not after a row selection)."""
-        return StateSnapshot(self.num_positions, self.rows.snapshot(), self.input_table, self.output_table)
+        return StateSnapshot(self.num_positions, self.store.snapshot(), self.input_table, self.output_table)
 
     @torch.compiler.disable
     def restore(self, snapshot: StateSnapshot) -> None:
@@ -234,7 +251,7 @@ class HyperState:
         Vectors stored since then sit in table slots at or past the restored counts, which count as
         free again, so the tables need no copy.
         """
-        self.rows.restore(snapshot.rows)
+        self.store.restore(snapshot.store)
         self.num_positions, self.input_table, self.output_table = (
             snapshot.num_positions,
             snapshot.input_table,
@@ -269,12 +286,12 @@ class HyperState:
         if length == self.num_positions:
             return
         snapshot = self._before_last_block
-        with self.rows.keeping_vectors():
+        with self.store.keeping_vectors():
             if snapshot is not None and snapshot.num_positions <= length:
-                self.rows.restore(snapshot.rows)
+                self.store.restore(snapshot.store)
                 if length > snapshot.num_positions:
                     fed = self._fed[:, snapshot.num_positions : length]
-                    self.rows.feed_again(fed.clamp(min=0), fed >= 0)  # legal when first fed
+                    self.store.feed_again(fed.clamp(min=0), fed >= 0)  # legal when first fed
             else:
                 self._rebuild(self._fed[:, :length])
                 self._before_last_block = None
@@ -286,7 +303,7 @@ class HyperState:
         streams = [self.codec.stream() for _ in rows]
         for stream, row in zip(streams, rows):
             stream.feed(row)
-        self.rows.rebuild(streams, [len(row) for row in rows])
+        self.store.rebuild(streams, [len(row) for row in rows])
 
 
 def _write(table, entries: EntryBatch, vectors: torch.Tensor, batch_size: int, capacity: int) -> torch.Tensor:

@@ -15,21 +15,24 @@ For a block of ids, `Zip2ZipInputPipeline`:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Cache, DynamicCache
+from transformers import Cache, DynamicCache, PreTrainedModel
 
-from ._compat import pop_cache, truncate_cache
+from ._compat import cache_keyword, pop_cache, truncate_cache
 from .cache_zip2zip import Zip2ZipCache, Zip2ZipStaticCache
 from .codebook_blocks import ConsumedBlock, EntryBatch
+from .hyper_encoder import encode_entries
 from .hyper_state import DeferredLegalityChecks, HyperState
-from .precomputed_codebooks import precomputed_block
+from .lzw import LZWCodec
+from .precomputed_codebooks import precomputed_block, whole_codebook_table
 
 
-__all__ = ["BlockPlan", "Zip2ZipInputPipeline", "all_or_nothing", "encode_entries", "select_kept", "stored_table"]
+__all__ = ["BlockPlan", "Zip2ZipInputPipeline", "all_or_nothing"]
 
 
 @dataclass
@@ -64,10 +67,47 @@ class BlockPlan:
 class Zip2ZipInputPipeline:
     """The input side of both zip2zip models (a mixin of `Zip2ZipPreTrainedModel`).
 
-    Reads from its host: ``config``, ``codec``, ``input_hyper_encoder``, ``codebooks_on_device``,
-    ``_has_head``, ``_decoder()``, ``get_input_embeddings()``, and the decoder's forward parameters
-    (``_base_forward_params``, ``_base_cache_keyword``).
+    It owns what it reads: `_init_input_pipeline` sets every attribute below, and the class declares
+    them. From its host it takes only what every ``PreTrainedModel`` has: ``config`` and ``training``.
+    Whether the codebook state keeps output vectors (the host has a head) is an argument of
+    `_plan_block`, not a property of the class.
+
+    Attributes:
+        language_model: the wrapped base model (a whole ``*ForCausalLM`` for the causal LM, its
+            decoder alone for the bare model).
+        input_hyper_encoder: maps an entry's base ids to its input vector, over input-embedding rows.
+        codec: the LZW codec of the config's compression settings.
+        codebooks_on_device: where decoding steps keep the codebooks (`HyperState`): None (the
+            default) on the model's device when it is an accelerator, in Python streams on a CPU;
+            True or False to choose. The logits are the same either way.
     """
+
+    language_model: PreTrainedModel
+    input_hyper_encoder: nn.Module
+    codec: LZWCodec
+    codebooks_on_device: bool | None = None
+    # The decoder's forward parameters, and the name under which it takes the cache.
+    _base_forward_params: frozenset[str]
+    _base_cache_keyword: str
+
+    def _init_input_pipeline(self, config, language_model: PreTrainedModel, input_hyper_encoder: nn.Module) -> None:
+        """Set what the pipeline reads: the base model, the input hyper-encoder, the codec, and what
+        the decoder's signature says (asked once here, not per call)."""
+        self.language_model = language_model
+        self.input_hyper_encoder = input_hyper_encoder
+        self.codec = config.codec()
+        self._base_forward_params = frozenset(inspect.signature(self._decoder().forward).parameters)
+        self._base_cache_keyword = cache_keyword(self._base_forward_params)
+
+    def _decoder(self) -> nn.Module:
+        """The base model's decoder: what turns input embeddings into last hidden states."""
+        return self.language_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
 
     @torch.compiler.disable  # checks and Python bookkeeping: never part of a compiled step
     def _plan_block(
@@ -78,6 +118,7 @@ class Zip2ZipInputPipeline:
         use_cache,
         kwargs: dict,
         *,
+        has_head: bool,
         inputs_embeds,
         codebooks,
         validate_codebooks: bool = False,
@@ -87,7 +128,8 @@ class Zip2ZipInputPipeline:
         score_provisional: bool = True,
     ) -> BlockPlan:
         """Check the inputs and settle everything a block needs before it runs (see `BlockPlan`).
-        ``labels``, ``logits_to_keep`` and ``score_provisional`` are the causal LM's (its head's)."""
+        ``has_head``: whether a fresh codebook state keeps output vectors too; ``labels``,
+        ``logits_to_keep`` and ``score_provisional`` are the head's."""
         cache = pop_cache(kwargs, cache)
         check_input_ids(input_ids, inputs_embeds)
         batch_size, length = input_ids.shape
@@ -114,7 +156,7 @@ class Zip2ZipInputPipeline:
             cache = state = None
         else:
             use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
-            cache, state = self._resolve_state(cache, batch_size, use_cache)
+            cache, state = self._resolve_state(cache, batch_size, use_cache, has_head)
             attention_mask = checked_attention_mask(attention_mask, input_ids, state.num_positions)
             max_positions = cache.max_positions if isinstance(cache, Zip2ZipStaticCache) else None
             state.prepare(input_ids, self.get_input_embeddings().weight, max_positions)
@@ -154,7 +196,7 @@ class Zip2ZipInputPipeline:
             score_provisional,
         )
 
-    def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool):
+    def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool, has_head: bool):
         """The cache to pass on and the codebook state to continue (fresh when nothing is cached)."""
         state = getattr(cache, "hyper_state", None)
         if state is not None and state.num_positions > 0:
@@ -173,7 +215,7 @@ class Zip2ZipInputPipeline:
                 "quantized caches are not supported yet"
             )
         max_positions = getattr(self.config.get_text_config(), "max_position_embeddings", None)
-        state = HyperState(self.codec, batch_size, self.codebooks_on_device, self._has_head, max_positions)
+        state = HyperState(self.codec, batch_size, self.codebooks_on_device, has_head, max_positions)
         if not use_cache:
             return None, state
         # An empty DynamicCache from elsewhere (e.g. the one generate() makes) is replaced by ours,
@@ -189,14 +231,14 @@ class Zip2ZipInputPipeline:
         vectors for hyper ids. Returns the `ConsumedBlock`, the new entries (on the ids' device) and the
         embeddings."""
         if block.state is None:
-            step, entries = block.precomputed
+            consumed, entries = block.precomputed
         else:
-            step = block.state.consume(
+            consumed = block.state.consume(
                 input_ids, block.mask, block.keep, self.config.position_mode, block.cache_position
             )
             entries = block.state.unencoded_entries()
         device = input_ids.device
-        step = step.to(device)
+        consumed = consumed.to(device)
         entries = EntryBatch(entries.rows, entries.slots, entries.subtokens.to(device), entries.lengths.to(device))
         subtokens, lengths = entries.subtokens, entries.lengths
         # Under DDP every rank must use every encoder parameter every step, whether or not its batch
@@ -208,7 +250,10 @@ class Zip2ZipInputPipeline:
             subtokens, lengths = subtokens.new_zeros(1, subtokens.shape[1]), lengths.new_ones(1)
         vectors = encode_entries(self.input_hyper_encoder, subtokens, lengths, self.get_input_embeddings().weight)
         new_vectors = vectors if len(vectors) == n_new else vectors[:n_new]  # without the dummy
-        input_table = stored_table(block.state, entries, new_vectors, "input", input_ids.shape[0])
+        if block.state is None:
+            input_table = whole_codebook_table(new_vectors, input_ids.shape[0])
+        else:
+            input_table = block.state.write_input_vectors(entries, new_vectors)
 
         V = self.codec.initial_vocab_size
         is_hyper = input_ids >= V
@@ -218,18 +263,20 @@ class Zip2ZipInputPipeline:
         if anchor:
             inputs_embeds = inputs_embeds + 0.0 * vectors.sum()
         if input_table is None or input_table.shape[1] == 0:
-            return step, entries, inputs_embeds  # no entry installed, so no hyper id was legal
+            return consumed, entries, inputs_embeds  # no entry installed, so no hyper id was legal
         slots = (input_ids - V).clamp(0, input_table.shape[1] - 1)
         vectors = input_table.gather(1, slots[..., None].expand(-1, -1, input_table.shape[-1]))
-        inputs_embeds = torch.where((is_hyper & step.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds)
-        return step, entries, inputs_embeds
+        inputs_embeds = torch.where(
+            (is_hyper & consumed.real)[..., None], vectors.to(inputs_embeds.dtype), inputs_embeds
+        )
+        return consumed, entries, inputs_embeds
 
     def _run_decoder(self, input_ids: torch.LongTensor, block: BlockPlan):
         """The input pipeline both classes share: `_embed_block`, then the base model's decoder at the
         codebook's positions. Returns the `ConsumedBlock`, the new entries and the decoder's output."""
-        step, entries, inputs_embeds = self._embed_block(input_ids, block)
-        outputs = self._decoder()(inputs_embeds=inputs_embeds, position_ids=step.positions, **block.base_kwargs)
-        return step, entries, outputs
+        consumed, entries, inputs_embeds = self._embed_block(input_ids, block)
+        outputs = self._decoder()(inputs_embeds=inputs_embeds, position_ids=consumed.positions, **block.base_kwargs)
+        return consumed, entries, outputs
 
 
 def check_input_ids(input_ids, inputs_embeds) -> None:
@@ -275,13 +322,6 @@ def kept_positions(length: int, logits_to_keep) -> list[int]:
     return list(range(length))
 
 
-def select_kept(tensor: torch.Tensor, keep: list[int], length: int) -> torch.Tensor:
-    """Rows of ``tensor`` (``(B, T or kept, ...)``) at the kept positions."""
-    if tensor.shape[1] == len(keep):
-        return tensor
-    return tensor[:, keep] if len(keep) < length else tensor
-
-
 @contextlib.contextmanager
 def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
     """The block as one transaction of its state (`HyperState.block`: snapshot, count, legality
@@ -301,19 +341,3 @@ def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
 
 
 _truncate = torch.compiler.disable(truncate_cache)  # the rollback stays eager, whoever compiles the model
-
-
-def stored_table(state: HyperState | None, entries: EntryBatch, vectors: torch.Tensor, side: str, batch_size: int):
-    """The ``side`` table after a block: its new entries' vectors stored in the state, or, with
-    precomputed codebooks, the vectors themselves (every row's whole codebook, in order)."""
-    if state is None:
-        return vectors.reshape(batch_size, len(vectors) // batch_size, vectors.shape[-1])
-    state.store(entries, vectors, side)
-    return getattr(state, f"{side}_table")
-
-
-def encode_entries(encoder: nn.Module, subtokens: torch.LongTensor, lengths: torch.LongTensor, weight: torch.Tensor):
-    """Encoder vectors of the given entries; most decoding steps have none, and skip the call."""
-    if len(subtokens) == 0:
-        return weight.new_zeros(0, weight.shape[-1])
-    return encoder(subtokens, lengths, weight)

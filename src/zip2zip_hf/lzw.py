@@ -37,8 +37,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .lzw_codebook import (
-    DEFAULT_MAX_CODEBOOK_SIZE,
-    DEFAULT_MAX_SUBTOKENS,
     MAX_CODEBOOK_SIZE,
     MAX_SUBTOKENS,
     Codebook,
@@ -47,16 +45,7 @@ from .lzw_codebook import (
 )
 
 
-__all__ = [
-    "DEFAULT_MAX_CODEBOOK_SIZE",
-    "DEFAULT_MAX_SUBTOKENS",
-    "MAX_CODEBOOK_SIZE",
-    "MAX_SUBTOKENS",
-    "Codebook",
-    "LZWCodec",
-    "LZWStream",
-    "setting",
-]
+__all__ = ["LZWCodec", "LZWStream"]
 
 
 class LZWCodec:

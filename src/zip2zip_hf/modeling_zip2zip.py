@@ -18,37 +18,40 @@ the same codebook, legal set and positions at every step.
 
 from __future__ import annotations
 
-import copy
 import inspect
-import json
-import os
-import re
-from types import SimpleNamespace
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, Cache, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # transformers 4.57 copies a local checkpoint's remote code one import deep (the files this module
 # imports, not theirs), so every core file the model needs is imported here by name (the F401s).
-from ._compat import cache_keyword, forget_key_mapping, output_cache_field
+from ._compat import forget_key_mapping, output_cache_field
 from .base_tokenizer import load_base_tokenizer  # noqa: F401
 from .cache_zip2zip import Zip2ZipCache  # noqa: F401
+from .checkpoint_loading import (
+    FORMAT_1_KEY_MAPPING,
+    HUB_KEYWORDS,
+    base_head_patterns,
+    check_saved_tokenizer,
+    damaged_weights_message,
+    decoder_key_mapping,
+    loading_problems,
+)
 from .codebook_blocks import ConsumedBlock, EntryBatch
-from .codebook_rows import StreamRows  # noqa: F401
+from .codebook_stores import StreamStore  # noqa: F401
 from .configuration_zip2zip import COMPRESSION_KEYS, ZIP2ZIP_FORMAT_VERSION, Zip2ZipConfig
+from .device_codebooks import DeviceCodebooks  # noqa: F401
 from .generation_zip2zip import Zip2ZipGenerationMixin
-from .hyper_encoder import build_hyper_encoder
-from .hyper_logits import check_head_reproduces_base, decoder_of, hyper_loss, widen_logits
+from .hyper_encoder import encode_entries, hyper_encoder_of
+from .hyper_logits import check_head_reproduces_base, decoder_of, hyper_loss, select_kept, widen_logits
 from .hyper_state import DeferredLegalityChecks, HyperState
-from .input_pipeline import BlockPlan, Zip2ZipInputPipeline, all_or_nothing, encode_entries, select_kept, stored_table
+from .input_pipeline import BlockPlan, Zip2ZipInputPipeline, all_or_nothing
 from .lzw import LZWCodec  # noqa: F401
 from .lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
-from .lzw_tensors import DeviceCodebooks  # noqa: F401
-from .precomputed_codebooks import codebook_tensors  # noqa: F401
+from .precomputed_codebooks import codebook_tensors, whole_codebook_table  # noqa: F401
 from .reference_hyper_encoders import build_reference_encoder  # noqa: F401
 from .speculative_zip2zip import speculative_decoding  # noqa: F401
 
@@ -57,16 +60,11 @@ __all__ = ["HYPER_ENCODER_NAMES", "Zip2ZipForCausalLM", "Zip2ZipModel", "Zip2Zip
 
 # The modules this class adds to the base model (attribute and weight-name prefix).
 HYPER_ENCODER_NAMES = ("input_hyper_encoder", "output_hyper_encoder")
-# Checkpoints of format 1 named the wrapped model's weights ``model.*``; a regex no format-2 name
-# matches, so it is safe to apply to every checkpoint.
-FORMAT_1_KEY_MAPPING = {r"^model\.": "language_model."}
 # What every saved config.json lists for remote code, whichever of the two classes saved it.
 _MODEL_AUTO_MAP = {
     "AutoModel": "modeling_zip2zip.Zip2ZipModel",
     "AutoModelForCausalLM": "modeling_zip2zip.Zip2ZipForCausalLM",
 }
-# `from_pretrained` arguments that say where a checkpoint is (its config is read with the same ones).
-_HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
@@ -80,21 +78,15 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    codebooks_on_device: bool | None = None
-    _has_head = False  # whether the codebook state keeps output vectors (an output table)
 
-    def _build_input_side(self, config: Zip2ZipConfig, language_model: PreTrainedModel) -> None:
-        """What both the bare model and the LM own: the base model, the input hyper-encoder, the codec."""
-        self.language_model = language_model
-        residual = getattr(config, "input_hyper_encoder_residual", "mean")
-        self.input_hyper_encoder = build_hyper_encoder(**_encoder_settings(config), residual=residual)
-        self.codec = config.codec()
-        self._base_forward_params = set(inspect.signature(self._decoder().forward).parameters)
-        self._base_cache_keyword = cache_keyword(self._base_forward_params)
-
-    def _decoder(self) -> nn.Module:
-        """The base model's decoder: what turns input embeddings into last hidden states."""
-        return self.language_model
+    def _build_input_side(
+        self, config: Zip2ZipConfig, language_model: PreTrainedModel, encoder: nn.Module | None = None
+    ) -> None:
+        """What both the bare model and the LM own: the input pipeline's base model, encoder (built
+        from the config unless given) and codec."""
+        if encoder is None:
+            encoder = hyper_encoder_of(config, residual=getattr(config, "input_hyper_encoder_residual", "mean"))
+        self._init_input_pipeline(config, language_model, encoder)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The base model's own modules are initialised by its own `_init_weights` (transformers
@@ -121,22 +113,14 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except SafetensorError as error:  # neither an OSError nor a ValueError: name the file
-            raise OSError(_damaged_weights_message(path, error)) from error
+            raise OSError(damaged_weights_message(path, error)) from error
         # The weights are in today's layout now, and are saved so.
         forget_key_mapping(model, mapping)
         model.config.zip2zip_format_version = ZIP2ZIP_FORMAT_VERSION
-        problems = [f"missing: {k}" for k in info.get("missing_keys", ())]
-        problems += [_mismatch_message(m, model) for m in info.get("mismatched_keys", ())]
-        # transformers has already left out what the class ignores (`_keys_to_ignore_on_load_unexpected`);
-        # 4.57 does not apply the base model's own list, so it is applied here too.
-        ignored = [
-            re.compile(p) for p in getattr(model.language_model, "_keys_to_ignore_on_load_unexpected", None) or ()
-        ]
-        unexpected = [k for k in info.get("unexpected_keys", ()) if not any(p.search(k) for p in ignored)]
-        problems += [f"unexpected: {k}" for k in unexpected]
+        problems = loading_problems(model, info)
         if problems:
             raise ValueError("the checkpoint does not match the model: " + "; ".join(sorted(problems)))
-        _check_saved_tokenizer(model.config, path)
+        check_saved_tokenizer(model.config, path)
         return (model, info) if want_info else model
 
     @classmethod
@@ -150,12 +134,6 @@ class Zip2ZipPreTrainedModel(Zip2ZipInputPipeline, PreTrainedModel):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_MODEL_AUTO_MAP}
         return super().save_pretrained(*args, **kwargs)
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
-
 
 class Zip2ZipModel(Zip2ZipPreTrainedModel):
     """The bare zip2zip model: compressed ids in, the base model's last hidden states out, one per
@@ -167,18 +145,26 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
     """
 
     # A causal-LM checkpoint's head: not part of the bare model. Each model adds its base's own head
-    # (GPT-NeoX's ``embed_out``, BioGPT's ``output_projection``, ...: see `_base_head_patterns`).
+    # (GPT-NeoX's ``embed_out``, BioGPT's ``output_projection``, ...: see `checkpoint_loading.base_head_patterns`).
     _keys_to_ignore_on_load_unexpected = [r"^output_hyper_encoder\.", r"^language_model\.lm_head\."]
 
-    def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
+    def __init__(
+        self,
+        config: Zip2ZipConfig,
+        base_model: PreTrainedModel | None = None,
+        input_hyper_encoder: nn.Module | None = None,
+    ):
+        """``base_model``: the decoder to read with (a fresh ``AutoModel`` of the text config if None);
+        ``input_hyper_encoder``: the encoder to share (a fresh one if None). To view a
+        `Zip2ZipForCausalLM` without its head, use its `bare_model`, which passes both."""
         super().__init__(config)
         self._keys_to_ignore_on_load_unexpected = [
             *type(self)._keys_to_ignore_on_load_unexpected,
-            *_base_head_patterns(config.get_text_config()),
+            *base_head_patterns(config.get_text_config()),
         ]
         if base_model is None:
             base_model = AutoModel.from_config(config.text_config)
-        self._build_input_side(config, base_model)
+        self._build_input_side(config, base_model, input_hyper_encoder)
         self.post_init()
 
     @classmethod
@@ -187,11 +173,9 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
         for Llama, ``transformer`` for GPT-2); here it is ``language_model.*``."""
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):
-            hub = {key: kwargs[key] for key in _HUB_KEYWORDS if key in kwargs}
+            hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
             config = cls.config_class.from_pretrained(path, **hub)
-        causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config.get_text_config()), None)
-        prefix = getattr(causal_lm, "base_model_prefix", "")
-        return {rf"^language_model\.{re.escape(prefix)}\.": "language_model."} if prefix else {}
+        return decoder_key_mapping(config.get_text_config())
 
     @torch.compiler.disable(recursive=False)
     def forward(
@@ -229,6 +213,7 @@ class Zip2ZipModel(Zip2ZipPreTrainedModel):
             codebooks=codebooks,
             validate_codebooks=validate_codebooks,
             deferred_checks=deferred_checks,
+            has_head=False,
         )
         with all_or_nothing(block, input_ids):
             _, _, outputs = self._run_decoder(input_ids, block)
@@ -249,12 +234,8 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
     ``trust_remote_code=True`` without the package.
 
     Attributes:
-        codebooks_on_device: where decoding steps keep the codebooks (`HyperState`): None (the
-            default) on the model's device when it is an accelerator, in Python streams on a CPU;
-            True or False to choose. The logits are the same either way.
+        codebooks_on_device: where decoding steps keep the codebooks (see `Zip2ZipInputPipeline`).
     """
-
-    _has_head = True
 
     def __init__(self, config: Zip2ZipConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
@@ -262,7 +243,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             config, base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
         tied = config.tie_hyper_encoders
-        self.output_hyper_encoder = None if tied else build_hyper_encoder(**_encoder_settings(config))
+        self.output_hyper_encoder = None if tied else hyper_encoder_of(config)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -337,7 +318,20 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     def get_decoder(self) -> nn.Module:
+        """The base model's decoder (``LlamaModel`` for Llama), as transformers' ``get_decoder`` means
+        it: a module of the base model, which reads base ids or embeddings only. Hyper ids (``>= V``)
+        are outside its embedding table: for compressed ids use `bare_model`."""
         return self._decoder()
+
+    def bare_model(self) -> Zip2ZipModel:
+        """This model without its head: a `Zip2ZipModel` over this model's own decoder and input
+        hyper-encoder (shared, not copied: the same parameters, so training one trains the other). It
+        reads compressed ids as this model does, and returns the last hidden states this model's
+        head reads. What ``AutoModel.from_pretrained`` gives from this model's checkpoint, without
+        saving it."""
+        bare = Zip2ZipModel(self.config, base_model=self._decoder(), input_hyper_encoder=self.input_hyper_encoder)
+        bare.codebooks_on_device = self.codebooks_on_device
+        return bare.train(self.training)
 
     def _decoder(self) -> nn.Module:
         return decoder_of(self.language_model)
@@ -425,12 +419,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             validate_codebooks=validate_codebooks,
             score_provisional=score_provisional,
             deferred_checks=deferred_checks,
+            has_head=True,
         )
         loss = None
         with all_or_nothing(block, input_ids):
-            step, logits, outputs = self._run_block(input_ids, block)
+            consumed, logits, outputs = self._run_block(input_ids, block)
             if labels is not None:
-                loss = hyper_loss(logits, labels, step, self.codec.initial_vocab_size, num_items_in_batch)
+                loss = hyper_loss(logits, labels, consumed, self.codec.initial_vocab_size, num_items_in_batch)
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -448,13 +443,13 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         Tensor work only, once the codebooks are on the device: one graph for ``torch.compile``,
         while the checks and the rollback around it stay in `forward`.
         """
-        step, entries, outputs = self._run_decoder(input_ids, block)
+        consumed, entries, outputs = self._run_decoder(input_ids, block)
         hidden = select_kept(outputs.last_hidden_state, block.keep, input_ids.shape[1])
-        output_table, provisional_vectors, unused = self._output_vectors(block.state, entries, step)
+        output_table, provisional_vectors, unused = self._output_vectors(block.state, entries, consumed)
         logits = widen_logits(
             self.get_output_embeddings()(hidden),
             hidden,
-            step,
+            consumed,
             output_table,
             provisional_vectors,
             self.codec.initial_vocab_size,
@@ -464,125 +459,28 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         )
         if unused is not None:  # keep every output-encoder parameter in the graph (DDP), adding exactly 0
             logits = logits + unused
-        return step, logits, outputs
+        return consumed, logits, outputs
 
-    def _output_vectors(self, state: HyperState | None, entries: EntryBatch, step: ConsumedBlock):
+    def _output_vectors(self, state: HyperState | None, entries: EntryBatch, consumed: ConsumedBlock):
         """Encode the output side of the new entries and the provisional contents, in one call.
 
         Returns the ``(B, capacity, D)`` output table (entry k at index k), the ``(B, kept, D)``
         provisional vectors, and a zero that ties every encoder parameter to the loss when training
         (None otherwise).
         """
-        (batch_size, kept, M), subtokens, lengths = step.provisional.shape, entries.subtokens, entries.lengths
+        (batch_size, kept, M), subtokens, lengths = consumed.provisional.shape, entries.subtokens, entries.lengths
         # The provisional content at each kept position has length 0 where none is legal: encoded
         # as one id and never read.
         vectors = encode_entries(
             self._output_hyper_encoder(),
-            torch.cat([subtokens, step.provisional.reshape(-1, M)]),
-            torch.cat([lengths, step.provisional_lengths.reshape(-1)]).clamp(min=1),
+            torch.cat([subtokens, consumed.provisional.reshape(-1, M)]),
+            torch.cat([lengths, consumed.provisional_lengths.reshape(-1)]).clamp(min=1),
             self.get_output_embeddings().weight,
         )
         unused = 0.0 * vectors.sum() if self.training and torch.is_grad_enabled() else None
         new_vectors, provisional_vectors = vectors.split([len(subtokens), batch_size * kept])
-        output_table = stored_table(state, entries, new_vectors, "output", batch_size)
+        if state is None:
+            output_table = whole_codebook_table(new_vectors, batch_size)
+        else:
+            output_table = state.write_output_vectors(entries, new_vectors)
         return output_table, provisional_vectors.reshape(batch_size, kept, -1), unused
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _encoder_settings(config: Zip2ZipConfig) -> dict:
-    """`build_hyper_encoder` settings shared by the input and output encoders."""
-    return dict(
-        kind=config.hyper_encoder,
-        hidden_size=config.get_text_config().hidden_size,
-        max_subtokens=config.max_subtokens,
-        latent_size=config.hyper_encoder_hidden_size,
-        num_layers=config.hyper_encoder_num_layers,
-        num_heads=config.hyper_encoder_num_heads,
-        reference=config.reference_hyper_encoder,
-    )
-
-
-def _base_head_patterns(text_config: PretrainedConfig) -> list[str]:
-    """Patterns for the weights a causal-LM checkpoint holds beside the base model's decoder: the base
-    causal LM's head, under its module name and under the name ``save_pretrained`` writes for it
-    (GPT-NeoX's head is the module ``lm_head`` from transformers 5 on, saved as ``embed_out`` as
-    4.57 names it; BioGPT's is ``output_projection``). Found by building that causal LM on the meta
-    device (no memory, no weights); ``lm_head`` alone when the base is not a registered causal LM."""
-    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_config), None)
-    if causal_lm is None:
-        return [r"^language_model\.lm_head\."]
-    try:
-        with torch.device("meta"):
-            lm = causal_lm(copy.deepcopy(text_config))
-    except Exception:  # a base that cannot be built on the meta device: its head is likely lm_head
-        return [r"^language_model\.lm_head\."]
-    decoder = f"{lm.base_model_prefix}."
-    head = {key: value for key, value in lm.state_dict().items() if not key.startswith(decoder)}
-    names = {key.split(".")[0] for key in (*head, *_saved_names(lm, head))}
-    return [rf"^language_model\.{re.escape(name)}(\.|$)" for name in sorted(names)]
-
-
-def _saved_names(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> list[str]:
-    """The names ``save_pretrained`` writes for ``state``: from transformers 5 on, a model's weights
-    may be renamed on saving (to the names its checkpoints have always had); 4.57 writes them as
-    they are."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # 4.57
-        return list(state)
-    try:
-        return list(revert_weight_conversion(model, dict(state)))
-    except Exception:  # a conversion that cannot run on meta tensors: the module names only
-        return list(state)
-
-
-def _mismatch_message(mismatch, model: PreTrainedModel) -> str:
-    """One mis-shaped weight, named: ``(name, checkpoint shape, model shape)`` (transformers 5), or its
-    name alone (4.57). A hyper-encoder's position table is M rows long, so a checkpoint whose table
-    is not is one whose config.json gives another ``max_subtokens`` than it was trained with."""
-    M = model.config.max_subtokens
-    key = mismatch[0] if isinstance(mismatch, tuple) else mismatch
-    parameter = model.state_dict().get(key)
-    expected = tuple(mismatch[2]) if isinstance(mismatch, tuple) else tuple(getattr(parameter, "shape", ()))
-    position_table = "hyper_encoder." in key and expected[:1] == (M,) and len(expected) == 2
-    if not isinstance(mismatch, tuple):
-        if position_table:
-            return (
-                f"mis-shaped: {key} (one row per position up to max_subtokens: M is {M} in config.json, "
-                "not the M it was trained with)"
-            )
-        return f"mis-shaped: {key}"
-    saved = tuple(mismatch[1])
-    if position_table and saved[1:] == expected[1:]:
-        return f"mis-shaped: {key} has {saved[0]} positions but max_subtokens (M) is {M} in config.json"
-    return f"mis-shaped: {key} is {saved} in the checkpoint but {expected} in the model"
-
-
-def _damaged_weights_message(path, error: Exception) -> str:
-    """What a safetensors error while loading ``path`` means, naming the damaged file when ``path`` is
-    a local folder (the error itself names none)."""
-    damaged = None
-    if path is not None and os.path.isdir(str(path)):
-        for name in sorted(os.listdir(str(path))):
-            if name.endswith(".safetensors"):
-                try:
-                    with safe_open(os.path.join(str(path), name), framework="pt"):
-                        pass
-                except (SafetensorError, OSError):
-                    damaged = os.path.join(str(path), name)
-                    break
-    where = damaged or f"{path}: a weights file"
-    return f"{where} is not a complete safetensors file ({error}): it was cut short or damaged; save it again"
-
-
-def _check_saved_tokenizer(config: Zip2ZipConfig, path) -> None:
-    """A tokenizer saved beside the weights must compress exactly as the config says."""
-    tokenizer_config = os.path.join(str(path), "tokenizer_config.json")
-    if not os.path.isfile(tokenizer_config):
-        return
-    with open(tokenizer_config, encoding="utf-8") as f:
-        saved = json.load(f)
-    if "max_codebook_size" in saved:  # a Zip2ZipTokenizer (a plain one is not ours to judge)
-        config.check_tokenizer(SimpleNamespace(**{key: saved.get(key) for key in COMPRESSION_KEYS}))

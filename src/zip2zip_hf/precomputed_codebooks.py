@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from .codebook_blocks import ConsumedBlock, EntryBatch
-from .codebook_rows import check_id_range, consume_rows
+from .codebook_stores import check_id_range, consume_rows
+from .device_codebooks import padded
 from .lzw import LZWCodec
-from .lzw_tensors import padded
 
 
-__all__ = ["CODEBOOK_TENSOR_KEYS", "codebook_tensors", "precomputed_block"]
+__all__ = ["CODEBOOK_TENSOR_KEYS", "codebook_tensors", "precomputed_block", "whole_codebook_table"]
 
 # What `codebook_tensors` returns (and ``forward(codebooks=...)`` reads).
 CODEBOOK_TENSOR_KEYS = ("lengths", "legal", "provisional", "provisional_lengths", "entries", "entry_lengths")
@@ -219,3 +219,9 @@ def _check_against_the_ids(tensors: dict, input_ids, real, codec: LZWCodec) -> N
                 f"codebooks[{key!r}][{', '.join(map(str, index))}] = {int(given[index])}; these ids give "
                 f"{int(wanted[index])}: the codebooks are not these ids'"
             )
+
+
+def whole_codebook_table(vectors: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The ``(B, E, D)`` table of precomputed codebooks' entries: their vectors come every row's whole
+    codebook in order (`precomputed_block`'s `EntryBatch`), E per row, so no state stores them."""
+    return vectors.reshape(batch_size, len(vectors) // batch_size, vectors.shape[-1])

@@ -185,7 +185,7 @@ def speculative_decoding(
             # Python streams, even on an accelerator: an iteration reads its accepted ids on the host
             # anyway, and streams take a block of ids in one pass where `DeviceCodebooks` take M
             # masked iterations of tensor operations per id.
-            cache.hyper_state.on_device = False
+            cache.hyper_state.place_codebooks(False)
         logits = out.logits[:, -len(draft) - 1 :].float()
         try:
             accepted, processed, done = _verify(

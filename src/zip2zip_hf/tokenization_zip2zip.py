@@ -27,13 +27,9 @@ from .lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS, Code
 __all__ = ["Zip2ZipTokenizer"]
 
 
-def _as_id_list(ids: Any) -> list:
-    """A plain Python list from a list, tuple, int, numpy array or torch tensor."""
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    if isinstance(ids, int):
-        return [ids]
-    return list(ids)
+def _plain(ids: Any) -> Any:
+    """Tensors and arrays as (nested) Python lists; anything else as it is (`as_id_list` checks the ids)."""
+    return ids.tolist() if hasattr(ids, "tolist") else ids
 
 
 class Zip2ZipTokenizer(PreTrainedTokenizer):
@@ -446,8 +442,8 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         """
         if "return_codebook" in kwargs:
             raise TypeError("decode() no longer takes return_codebook: use decode_with_codebook()")
-        ids = _as_id_list(token_ids)
-        if ids and isinstance(ids[0], (list, tuple)):
+        ids = _plain(token_ids)
+        if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple)):
             return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in ids]
         return self.decode_with_codebook(ids, skip_special_tokens, clean_up_tokenization_spaces)[0]
 
@@ -455,7 +451,7 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         self, token_ids: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None
     ) -> tuple[str, Codebook]:
         """`decode` of one sequence, and the codebook its ids built (the canonical one of its text)."""
-        base_ids, codebook = self.codec.decode(_as_id_list(token_ids))
+        base_ids, codebook = self.codec.decode(token_ids)
         text = self._base.decode(base_ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
@@ -480,4 +476,4 @@ class Zip2ZipTokenizer(PreTrainedTokenizer):
         **kwargs,
     ) -> list[str]:
         """`decode` each sequence (each from its own start)."""
-        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in _as_id_list(sequences)]
+        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in _plain(sequences)]

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..lzw import LZWCodec, as_id_list, setting
+from ..lzw import LZWCodec
+from ..lzw_codebook import as_id_list, setting
 from ..precomputed_codebooks import codebook_tensors
 from .distillation import alignment_tensors
 

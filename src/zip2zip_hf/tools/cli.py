@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..lzw import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
+from ..lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
 from .demo import add_demo_arguments, run_demo
 from .embedded import (
     EMBEDDED_ZIP2ZIP,

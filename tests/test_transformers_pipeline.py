@@ -1,4 +1,5 @@
-"""pipeline("text-generation") over a zip2zip model: in-process, and from a saved checkpoint via remote code."""
+"""`transformers.pipeline("text-generation")` over a zip2zip model: in-process, and from a saved
+checkpoint via remote code."""
 
 import json
 import textwrap

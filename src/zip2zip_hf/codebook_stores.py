@@ -1,49 +1,99 @@
 """Where a batch's codebooks live: in Python streams on the host, or in tensors on the device.
 
-`HyperState` keeps its codebooks in one of two stores that answer the same questions (consume a
-block, say which entries lack vectors, select rows, snapshot and restore, feed recorded ids again,
-rebuild from ids), so that none of its methods asks which phase it is in:
+`HyperState` keeps its codebooks in one of two stores that answer the same questions, declared once
+by `CodebookStore` (consume a block, say which entries lack vectors, select rows, snapshot and
+restore, feed recorded ids again, rebuild from ids), so that none of its methods asks which phase it
+is in:
 
-* `StreamRows`: one `LZWStream` per row. A prompt (a block of many ids) is one Python pass over
+* `StreamStore`: one `LZWStream` per row. A prompt (a block of many ids) is one Python pass over
   its ids; on a CPU decoding stays here too, where a host sync costs nothing and an operation
   costs more than a Python step.
-* `TensorRows`: `DeviceCodebooks`, fixed-shape tensors on the model's device, for decoding on an
+* `TensorStore`: `DeviceCodebooks`, fixed-shape tensors on the model's device, for decoding on an
   accelerator: every step is tensor work of one shape at fixed addresses, and nothing waits for
   the host: the legality of the ids is recorded on the device and read when the caller asks
   (after a user's forward; once per `generate`).
 
-`StreamRows.for_step` hands a batch over to `TensorRows` at its first decoding step.
+`StreamStore.for_step` hands a batch over to `TensorStore` at its first decoding step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .codebook_blocks import ConsumedBlock, EntryBatch, positions_of
+from .device_codebooks import DeviceCodebooks, padded, select_rows, static_address
 from .lzw import LZWCodec, LZWStream
-from .lzw_tensors import DeviceCodebooks, padded, select_rows, static_address
 
 
-__all__ = ["StreamRows", "TensorRows", "check_id_range", "check_positions", "consume_rows"]
+__all__ = ["CodebookStore", "StreamStore", "TensorStore", "check_id_range", "check_positions", "consume_rows"]
 
-# `TensorRows.first_illegal`'s verdict past `DeviceCodebooks.expand`'s (1: outside the id space, 2: not installed).
+# `TensorStore.first_illegal`'s verdict past `DeviceCodebooks.expand`'s (1: outside the id space, 2: not installed).
 PAST_THE_POSITIONS = 3
+
+
+class CodebookStore(Protocol):
+    """What `HyperState` asks of the store its codebooks live in (`StreamStore`, `TensorStore`)."""
+
+    max_positions: int | None  # the base model's positions: an id that needs one past them is illegal
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def for_step(self, input_ids: torch.LongTensor, on_device: bool) -> CodebookStore:
+        """The store for this block: itself, or the codebooks moved to the device for a decoding step."""
+
+    def consume(
+        self, input_ids: torch.LongTensor, real: torch.Tensor, keep: list[int], position_mode: str, positions=None
+    ) -> ConsumedBlock:
+        """Feed each row's real ids to its codebook (see `HyperState.consume`)."""
+
+    def raise_if_illegal(self, block_start: int | None = None) -> None:
+        """Raise naming the first id fed that was not legal (a store that raised when fed: nothing)."""
+
+    def positions_held(self, position_mode: str) -> torch.LongTensor:
+        """``(B,)`` the positions each row's ids take so far (the next id's first position)."""
+
+    def unencoded_entries(self) -> EntryBatch:
+        """The installed entries that have no vectors yet."""
+
+    def table_capacity(self, entries: EntryBatch, current: int) -> int:
+        """Count ``entries`` as encoded; return the slots the tables need (0: nothing to store)."""
+
+    def select(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep (and repeat or reorder) rows: row ``i`` becomes old row ``rows[i]``."""
+
+    def snapshot(self) -> object:
+        """A record `restore` returns to (valid for this store only)."""
+
+    def restore(self, snapshot: object) -> None:
+        """Return to a `snapshot`: entries installed since are uninstalled, counters reset."""
+
+    def feed_again(self, ids: torch.LongTensor, real: torch.BoolTensor) -> None:
+        """Feed ids recorded when they were first fed (legal then), past a restored snapshot."""
+
+    def rebuild(self, streams: list[LZWStream], num_real_tokens: list[int]) -> None:
+        """Take the codebooks of ``streams`` (fed anew from recorded ids)."""
+
+    def keeping_vectors(self) -> contextlib.AbstractContextManager[None]:
+        """Around a rewind: the entries still installed afterwards keep the vectors they had."""
 
 
 @dataclass(frozen=True)
 class StreamMarks:
-    """A `StreamRows` snapshot: each stream's mark and the per-row counters."""
+    """A `StreamStore` snapshot: each stream's mark and the per-row counters."""
 
     marks: list
     num_encoded: list[int]
     num_real_tokens: list[int]
 
 
-class StreamRows:
+class StreamStore:
     """The codebooks of a batch as Python `LZWStream`s, one per row.
 
     Attributes:
@@ -69,11 +119,11 @@ class StreamRows:
     def batch_size(self) -> int:
         return len(self.streams)
 
-    def for_step(self, input_ids: torch.LongTensor, on_device: bool) -> StreamRows | TensorRows:
-        """The store for a block: `TensorRows` from a decoding step (one id per row) on, if ``on_device``."""
+    def for_step(self, input_ids: torch.LongTensor, on_device: bool) -> StreamStore | TensorStore:
+        """The store for a block: `TensorStore` from a decoding step (one id per row) on, if ``on_device``."""
         if input_ids.shape[1] == 1 and on_device:
             codebooks = DeviceCodebooks.from_streams(self.codec, self.streams, self.num_real_tokens, input_ids.device)
-            return TensorRows(codebooks, self.max_positions)
+            return TensorStore(codebooks, self.max_positions)
         return self
 
     # Python over every id: eager even inside a compiled step, so that a compiled prompt costs graph
@@ -161,7 +211,7 @@ class StreamRows:
         self.streams, self.num_real_tokens = streams, num_real_tokens
 
     @contextlib.contextmanager
-    def keeping_vectors(self):
+    def keeping_vectors(self) -> Iterator[None]:
         """Rewinding keeps the tables: entry k is the same phrase before and after, so the entries
         still installed afterwards keep the vectors they had."""
         encoded = self.num_encoded
@@ -169,7 +219,7 @@ class StreamRows:
         self.num_encoded = [min(e, s.num_installed) for e, s in zip(encoded, self.streams, strict=True)]
 
 
-class TensorRows:
+class TensorStore:
     """The codebooks of a batch as `DeviceCodebooks` on the model's device.
 
     Everything it keeps lives at fixed addresses, allocated once and written in place, so that a
@@ -195,7 +245,7 @@ class TensorRows:
     def batch_size(self) -> int:
         return self.codebooks.batch_size
 
-    def for_step(self, input_ids: torch.LongTensor, on_device: bool) -> TensorRows:
+    def for_step(self, input_ids: torch.LongTensor, on_device: bool) -> TensorStore:
         return self
 
     def consume(self, input_ids, real, keep: list[int], position_mode: str, positions=None) -> ConsumedBlock:
@@ -300,7 +350,7 @@ class TensorRows:
         codebooks.table.copy_(rebuilt.table)
         codebooks.state.copy_(rebuilt.state)
 
-    def keeping_vectors(self):
+    def keeping_vectors(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the tables hold every slot
 
 

@@ -1,6 +1,6 @@
 """The two codebook stores behind `HyperState` answer every question alike.
 
-`StreamRows` (Python streams) and `TensorRows` (`DeviceCodebooks`) are fed the same random legal
+`StreamStore` (Python streams) and `TensorStore` (`DeviceCodebooks`) are fed the same random legal
 blocks (model-like ids: installed, provisional, disabled, padding), with row selections and
 snapshot restores between them, and must give the same `ConsumedBlock`, the same new entries and
 the same codebooks throughout.
@@ -8,13 +8,16 @@ the same codebooks throughout.
 
 from __future__ import annotations
 
+import inspect
+
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from utils import codecs, legal_ids
-from zip2zip_hf.codebook_rows import StreamRows, TensorRows
-from zip2zip_hf.lzw_tensors import DeviceCodebooks
+from zip2zip_hf.codebook_stores import CodebookStore, StreamStore, TensorStore
+from zip2zip_hf.device_codebooks import DeviceCodebooks
 
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,11 +54,11 @@ def new_entries(rows, entries) -> set[tuple[int, int, tuple[int, ...]]]:
 
 
 def rows_codec(rows):
-    return rows.codec if isinstance(rows, StreamRows) else rows.codebooks.codec
+    return rows.codec if isinstance(rows, StreamStore) else rows.codebooks.codec
 
 
 def codebooks(rows) -> list[list[list[int]]]:
-    if isinstance(rows, StreamRows):
+    if isinstance(rows, StreamStore):
         return [stream.codebook.to_list() for stream in rows.streams]
     c = rows.codebooks
     return [
@@ -75,8 +78,8 @@ def consume(rows, ids, real, position_mode):
 @PROPERTY
 @given(codecs(), st.integers(1, 3), st.sampled_from(["base", "compressed"]), st.data())
 def test_both_stores_answer_every_question_alike(codec, batch_size, position_mode, data):
-    host = StreamRows(codec, [codec.stream() for _ in range(batch_size)])
-    device = TensorRows(DeviceCodebooks(codec, batch_size))
+    host = StreamStore(codec, [codec.stream() for _ in range(batch_size)])
+    device = TensorStore(DeviceCodebooks(codec, batch_size))
     saved = None
     for _ in range(data.draw(st.integers(1, 6), label="blocks")):
         action = data.draw(st.sampled_from(["feed", "feed", "select", "snapshot", "restore"]), label="action")
@@ -102,3 +105,20 @@ def test_both_stores_answer_every_question_alike(codec, batch_size, position_mod
             assert torch.equal(host_block.provisional * read, device_block.provisional * read)
             assert host_new == device_new
         assert codebooks(host) == codebooks(device)
+
+
+@pytest.mark.parametrize("store", [StreamStore, TensorStore])
+def test_each_store_implements_the_declared_interface(store):
+    """`CodebookStore` declares what `HyperState` asks; each store has every one of its methods, with
+    the same parameters."""
+    declared = {
+        name: member
+        for name, member in vars(CodebookStore).items()
+        if not name.startswith("_") and (callable(member) or isinstance(member, property))
+    }
+    assert declared, "CodebookStore declares no method"
+    for name, member in declared.items():
+        assert hasattr(store, name), f"{store.__name__} lacks {name}"
+        if callable(member):
+            expected = list(inspect.signature(member).parameters)
+            assert list(inspect.signature(getattr(store, name)).parameters) == expected, name
