@@ -575,9 +575,10 @@ def fsdp_arguments(base) -> dict:
     config = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
     if layers:
         config["transformer_layer_cls_to_wrap"] = layers
-    # transformers 4.57 passes FSDP settings to accelerate through the environment and has no
-    # "version" key: accelerate reads FSDP_VERSION (what `accelerate launch --fsdp_version 2` sets).
-    os.environ.setdefault("FSDP_VERSION", "2")
+    # transformers 4.57 passes FSDP settings to accelerate through the environment, without these
+    # two: accelerate reads them as `accelerate launch --fsdp_version 2 --fsdp_state_dict_type ...` sets them.
+    os.environ["FSDP_VERSION"] = "2"
+    os.environ["FSDP_STATE_DICT_TYPE"] = config["state_dict_type"]
     return {"fsdp": "full_shard auto_wrap" if layers else "full_shard", "fsdp_config": config}
 
 
