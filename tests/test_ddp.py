@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+import transformers
 
 from utils import TINY_UPTRAIN_RECIPE, save_tiny_base_model
 
@@ -389,7 +390,25 @@ def kill_after_first_checkpoint(command: list[str], run_dir: Path, timeout: floa
     assert not (run_dir / "adapter").exists(), "killed too late: the run had finished"
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+# transformers 4.57 loads a multi-process run's optimizer state with map_location=args.device, which is
+# "cpu:0" on CPU processes and which torch cannot restore to: its DDP runs resume on GPUs only.
+DDP_RESUMES_ON_CPU = int(transformers.__version__.split(".")[0]) >= 5
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(
+            "ddp",
+            marks=pytest.mark.skipif(
+                not DDP_RESUMES_ON_CPU,
+                reason="transformers 4.57 maps the optimizer state of a multi-process CPU run to 'cpu:0', which "
+                "torch.load cannot restore (a resume on GPUs is unaffected)",
+            ),
+        ),
+        "fsdp",
+    ],
+)
 def test_uptrain_killed_then_resumed_trains_as_one_process(kind, uptrain_base, one_process_run, tmp_path):
     """A run SIGKILLed (launcher and ranks) after its first checkpoint, started again with the same command,
     resumes from its newest intact checkpoint and ends as the uninterrupted one-process run. DDP runs under
