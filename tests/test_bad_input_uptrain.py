@@ -21,20 +21,13 @@ from transformers import Trainer
 import zip2zip_hf
 import zip2zip_hf.tools.smollm2
 import zip2zip_hf.tools.uptrain as uptrain
-from utils import save_tiny_base_model, stdlib_text
+from utils import TINY_UPTRAIN_RECIPE, save_tiny_base_model, stdlib_text
 from zip2zip_hf.tools.cli import main
 
 
 PACKAGE = Path(zip2zip_hf.__file__).resolve().parent
 SHIPPED = PACKAGE / "embedded" / "smollm2-zip2zip"
-RECIPE = {
-    "max_codebook_size": 64,
-    "max_subtokens": 3,
-    "window": 48,
-    "eval_window": 48,
-    "lora_r": 4,
-    "max_chars": 20000,
-}
+RECIPE = TINY_UPTRAIN_RECIPE
 STEPS = 4  # of the run every resume test starts from (checkpoints at 2 and 4)
 
 
@@ -426,3 +419,49 @@ def test_eval_window_beyond_the_model_positions(base_dir, tmp_path, capsys):
     line = error_line(capsys)
     assert "--window 256:" in line and "has 256 positions" in line and "use --window 255 or less" in line
     assert main(["eval", str(base_dir), str(text), "--window", "255", "--device", "cpu", "--json"]) == 0
+
+
+# ---------------------------------------------------------------------- several processes
+
+
+@pytest.mark.parametrize(
+    ("world", "batch_size", "more", "message"),
+    [
+        (
+            "2",
+            3,
+            [],
+            "--recipe: batch_size 3 (rows per optimizer step, over all processes) is not a multiple of the 2",
+        ),
+        ("1", 4, ["--per-device-batch-size", "3"], "--per-device-batch-size 3 does not divide the 4 rows each"),
+        ("2", 8, ["--per-device-batch-size", "3"], "use a divisor of 4"),
+    ],
+)
+def test_a_batch_the_processes_cannot_share_is_refused(
+    base_dir, tmp_path, capsys, monkeypatch, world, batch_size, more, message
+):
+    """The recipe's batch_size is the rows per step over all processes: it must split evenly (checked
+    before any process starts working; WORLD_SIZE is what torchrun and accelerate launch set)."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    assert main(uptrain_argv(base_dir, tmp_path / "run", 2, {"batch_size": batch_size}, *more)) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_resumes_only_with_the_sharding_it_was_written_with(base_dir, run, capsys, monkeypatch):
+    """A DDP / one-process checkpoint is not resumed with --fsdp (nor an FSDP one without), and an
+    accelerate FSDP configuration is refused in favour of --fsdp: before any training."""
+    assert main(uptrain_argv(base_dir, run, STEPS + 2, None, "--fsdp", "--overwrite")) == 2
+    line = error_line(capsys)
+    assert "checkpoint-4 was written by a run without --fsdp: resume it without --fsdp" in line
+    checkpoint = run / "checkpoint-4"
+    (checkpoint / "pytorch_model_fsdp.bin").write_bytes((checkpoint / "optimizer.pt").read_bytes())
+    (checkpoint / "optimizer.pt").rename(checkpoint / "optimizer.bin")
+    assert uptrain.checkpoint_damage(checkpoint) is None  # an FSDP checkpoint's files
+    assert main(uptrain_argv(base_dir, run, STEPS + 2, None, "--overwrite")) == 2
+    assert "checkpoint-4 was written by a run with --fsdp: resume it with --fsdp" in error_line(capsys)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main(uptrain_argv(base_dir, run, STEPS + 2, None, "--overwrite")) == 2
+    assert "accelerate launch was configured for FSDP: pass --fsdp to uptrain" in error_line(capsys)
+    assert steps_of(run) == [2, 4]

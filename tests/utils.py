@@ -89,6 +89,17 @@ def build_tiny_base_tokenizer(vocab_size: int = 512):
     )
 
 
+# `python -m zip2zip_hf uptrain --recipe` for a `save_tiny_base_model` base: a few seconds per step count.
+TINY_UPTRAIN_RECIPE = {
+    "max_codebook_size": 64,
+    "max_subtokens": 3,
+    "window": 48,
+    "eval_window": 48,
+    "lora_r": 4,
+    "max_chars": 20000,
+}
+
+
 def save_tiny_base_model(folder, seed: int = 0, arch: str = "llama"):
     """A tiny random causal LM (Llama unless told) and the tiny tokenizer saved as a plain HF folder
     (a stand-in base model)."""

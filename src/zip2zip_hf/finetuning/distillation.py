@@ -359,6 +359,13 @@ class Zip2ZipDistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs, terms = self.distiller(model, inputs, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # ``num_items_in_batch`` counts every process's targets, and DDP / FSDP average the
+            # gradients over the processes: scaled back as `Trainer.compute_loss` does, the step and
+            # the logged loss are those of one process reading the whole batch.
+            scale = self.accelerator.num_processes
+            loss = loss * scale
+            terms = {name: value * scale for name, value in terms.items()}
         for name, value in terms.items():
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value  # tensors: no sync per step
         self._term_count += 1
@@ -366,6 +373,12 @@ class Zip2ZipDistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._term_count:
-            logs.update({f"distill_{k}": round(float(v) / self._term_count, 4) for k, v in self._term_sums.items()})
+            sums = self._term_sums
+            if self.args.world_size > 1:  # every process logs the loss together: the terms are averaged alike
+                sums = {
+                    k: self.accelerator.reduce(torch.as_tensor(v, device=self.args.device), "mean")
+                    for k, v in sums.items()
+                }
+            logs.update({f"distill_{k}": round(float(v) / self._term_count, 4) for k, v in sums.items()})
             self._term_sums, self._term_count = {}, 0
         super().log(logs, *args, **kwargs)

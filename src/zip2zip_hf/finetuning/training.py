@@ -16,7 +16,10 @@ plain ``transformers.Trainer``::
     model.merge_and_unload().save_pretrained("final"); tokenizer.save_pretrained("final")
 
 Nothing special is needed for DDP (``torchrun`` / ``accelerate launch``): in training the model runs
-both hyper-encoders every step, whether or not a rank's batch holds a hypertoken.
+both hyper-encoders every step, whether or not a rank's batch holds a hypertoken. Under FSDP2
+(``TrainingArguments(fsdp=..., fsdp_config={"version": 2, ...})``) add `FSDPSharedWeightsCallback`:
+the hyper-encoders read rows of the input embeddings and of the head, which accelerate shards as
+units of their own.
 
 Not part of a checkpoint's remote-code closure; the release differences it meets (gradient vs
 activation checkpointing names) are in `_compat`.
@@ -34,6 +37,7 @@ from ..modeling_zip2zip import HYPER_ENCODER_NAMES
 
 __all__ = [
     "CompressionLoggingCallback",
+    "FSDPSharedWeightsCallback",
     "bf16_available",
     "default_lora_config",
     "enable_gradient_checkpointing",
@@ -230,3 +234,54 @@ class CompressionLoggingCallback(TrainerCallback):
             logs.update(stats)
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(stats)
+
+
+class FSDPSharedWeightsCallback(TrainerCallback):
+    """Under FSDP2, keeps the input embeddings and the head whole while the zip2zip model runs.
+
+    accelerate shards the base model's input embeddings and its head (with the final norm) as FSDP
+    units of their own, gathered only inside their own ``forward``. A zip2zip model also reads their
+    weights directly: the hyper-encoders encode embedding rows and head rows. Once the Trainer has
+    sharded the model, this callback gathers both units when a forward of the zip2zip model starts
+    and frees them when the step ends (after the backward), or when the forward ends where there is
+    no backward (evaluation). That is about ``2 * vocabulary * hidden`` weights more per process
+    during a step. Without FSDP2 it does nothing.
+    """
+
+    def __init__(self):
+        self._units: list = []
+        self._hooks: list = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
+        if self._hooks or model is None:
+            return
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for unit in (inner.get_input_embeddings(), inner.get_output_embeddings()):
+            if isinstance(unit, FSDPModule) and unit not in self._units:
+                self._units.append(unit)
+        if not self._units:
+            return
+        for unit in self._units:
+            unit.set_reshard_after_forward(False)
+
+        def gather(module, args):
+            for unit in self._units:
+                unit.unshard()
+
+        def free_after_evaluation(module, args, output):
+            if not (module.training and torch.is_grad_enabled()):
+                self._reshard()
+
+        self._hooks = [inner.register_forward_pre_hook(gather), inner.register_forward_hook(free_after_evaluation)]
+
+    def _reshard(self) -> None:
+        for unit in self._units:
+            unit.reshard()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._reshard()  # before any checkpoint or scoring of this step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._reshard()

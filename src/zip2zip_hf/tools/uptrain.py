@@ -20,6 +20,12 @@ recipe and the base model it was trained with (``uptrain_recipe.json``), and a r
 recipe is refused, naming what differs. A progress bar shows the steps; the held-out bits per byte and
 steps per byte are logged every ``--eval-steps``.
 
+Under ``torchrun`` / ``accelerate launch`` it trains on several processes: replicated (DDP) by default,
+sharded with FSDP2 (transformers' Trainer FSDP support) with ``--fsdp``. The recipe's ``batch_size`` is
+the rows per optimizer step over all processes, so the loss curve is the one-process one; every
+process writes its part of a checkpoint into the staging folder, one renames it; process 0 writes the
+export, the adapter gathered whole.
+
 At the end the adapter is written to ``--export`` (default: ``OUTPUT_DIR/adapter``) in bfloat16
 safetensors with ``uptrain.json``: written into a staging folder first, never into the installed
 package (``--replace-shipped-adapter``, what ``make uptrain`` passes, is the one way to replace the
@@ -61,7 +67,7 @@ RECIPE_FILE = "uptrain_recipe.json"  # in every checkpoint: the recipe and the b
 STAGING = ".checkpoint-staging"  # inside --output-dir: where a checkpoint is written before its rename
 DAMAGED = "damaged-"  # a damaged checkpoint is moved aside to damaged-checkpoint-N (not a checkpoint-* name)
 KEEP_CHECKPOINTS = 2
-# What a checkpoint needs for the Trainer to resume from it (rng_state.pth and scaler.pt are optional).
+# What a checkpoint needs for the Trainer to resume from it (rng_state*.pth and scaler.pt are optional).
 CHECKPOINT_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -69,6 +75,9 @@ CHECKPOINT_FILES = (
     "scheduler.pt",
     "trainer_state.json",
 )
+# An FSDP run's checkpoint (--fsdp) holds the whole adapter and optimizer state in the Trainer's FSDP
+# files instead of optimizer.pt: it resumes on any number of processes, but only with --fsdp.
+FSDP_CHECKPOINT_FILES = ("pytorch_model_fsdp.bin", "optimizer.bin")
 # The `Zip2ZipConfig` settings a recipe's "model" may hold (the compression ones come from K and M).
 MODEL_KEYS = (
     "hyper_encoder",
@@ -312,7 +321,9 @@ def checkpoint_damage(folder: Path) -> str | None:
     unreadable), or None when it is intact. Every file is read through once."""
     from safetensors import safe_open
 
-    for name in CHECKPOINT_FILES:
+    fsdp = (folder / FSDP_CHECKPOINT_FILES[0]).exists()
+    needed = [name for name in CHECKPOINT_FILES if not (fsdp and name == "optimizer.pt")]
+    for name in needed + list(FSDP_CHECKPOINT_FILES if fsdp else ()):
         if not (folder / name).is_file():
             return f"{name} is missing"
     for path in sorted(folder.iterdir()):
@@ -385,29 +396,35 @@ def atomic_checkpoint_trainer(trainer_class, recipe_record: dict):
             return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
         def _save_checkpoint(self, model, trial):
-            if not self.args.should_save:  # another rank: nothing of its own to write
-                return super()._save_checkpoint(model, trial)
+            # Every rank writes its part (its rng_state_N.pth; under FSDP its share of the gathering)
+            # into the staging folder; the process that saves renames it once all are done.
             run = Path(super()._get_output_dir(trial))
             staging = run / STAGING
-            shutil.rmtree(staging, ignore_errors=True)  # what a run killed mid-save left
-            staging.mkdir(parents=True)
+            saves = self.args.should_save
+            if saves:
+                shutil.rmtree(staging, ignore_errors=True)  # what a run killed mid-save left
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
             self._staging = staging
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging = None
-            name = f"checkpoint-{self.state.global_step}"
-            written = staging / name
-            (written / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=1) + "\n", encoding="utf-8")
-            _fsync_tree(written)
-            final = run / name
-            if final.exists():  # never the case in `run_uptrain`, which resumes from the newest one
-                shutil.rmtree(final)
-            os.replace(written, final)
-            staging.rmdir()
-            _fsync(run)
-            for _, old in checkpoints(run)[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            if saves:
+                name = f"checkpoint-{self.state.global_step}"
+                written = staging / name
+                (written / RECIPE_FILE).write_text(json.dumps(recipe_record, indent=1) + "\n", encoding="utf-8")
+                _fsync_tree(written)
+                final = run / name
+                if final.exists():  # never the case in `run_uptrain`, which resumes from the newest one
+                    shutil.rmtree(final)
+                os.replace(written, final)
+                staging.rmdir()
+                _fsync(run)
+                for _, old in checkpoints(run)[:-KEEP_CHECKPOINTS]:
+                    shutil.rmtree(old, ignore_errors=True)
+            self.accelerator.wait_for_everyone()  # no rank goes on (or resumes) before the checkpoint is in place
 
     return AtomicCheckpointTrainer
 
@@ -489,6 +506,12 @@ def resume_point(args, output_dir: Path, recipe: UptrainRecipe, base_id: str):
             f"{where} was trained with another recipe: {'; '.join(differences)}. Resume with the run's "
             "recipe, or start a new --output-dir"
         )
+    fsdp = (resume / FSDP_CHECKPOINT_FILES[0]).exists()
+    if fsdp != bool(args.fsdp):
+        raise CLIError(
+            f"{where} was written by a run {'with' if fsdp else 'without'} --fsdp: resume it "
+            f"{'with' if fsdp else 'without'} --fsdp (on any number of processes), or start a new --output-dir"
+        )
     if step > args.steps:
         raise CLIError(
             f"{where} is at step {step} already, past --steps {args.steps}: nothing to do (ask for more steps "
@@ -520,6 +543,93 @@ def check_fits(model, checkpoint: Path) -> None:
         )
 
 
+def launched_processes() -> tuple[int, int]:
+    """``(world size, rank)`` of this run as ``torchrun`` / ``accelerate launch`` set them; ``(1, 0)``
+    for a plain ``python -m zip2zip_hf uptrain``."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def batch_layout(batch_size: int, world: int, per_device: int | None) -> tuple[int, int]:
+    """``(rows per process and forward, forwards per step)`` for the recipe's ``batch_size`` rows per
+    optimizer step over ``world`` processes: the step is the same whatever the processes, so a run's
+    loss curve does not depend on how many there are. ``per_device`` (``--per-device-batch-size``)
+    default: the whole step in one forward per process."""
+    if batch_size % world:
+        raise CLIError(
+            f"--recipe: batch_size {batch_size} (rows per optimizer step, over all processes) is not a multiple "
+            f"of the {world} processes: use a batch_size that is"
+        )
+    share = batch_size // world
+    per_device = share if per_device is None else per_device
+    if share % per_device:
+        raise CLIError(
+            f"--per-device-batch-size {per_device} does not divide the {share} rows each of the {world} process(es) "
+            f"has per step (batch_size {batch_size}): use a divisor of {share}"
+        )
+    return per_device, share // per_device
+
+
+def fsdp_arguments(base) -> dict:
+    """``TrainingArguments`` for FSDP2 (``--fsdp``): every decoder layer of ``base`` sharded on its own
+    (its ``_no_split_modules``; accelerate adds the input embeddings and the head as units of their
+    own, `FSDPSharedWeightsCallback` gathers them for the hyper-encoders, the root holds the rest), and
+    whole (``FULL_STATE_DICT``) adapter checkpoints, which resume on any number of processes."""
+    layers = list(getattr(base, "_no_split_modules", None) or [])
+    config = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
+    if layers:
+        config["transformer_layer_cls_to_wrap"] = layers
+    # transformers 4.57 passes FSDP settings to accelerate through the environment, without these
+    # two: accelerate reads them as `accelerate launch --fsdp_version 2 --fsdp_state_dict_type ...` sets them.
+    os.environ["FSDP_VERSION"] = "2"
+    os.environ["FSDP_STATE_DICT_TYPE"] = config["state_dict_type"]
+    return {"fsdp": "full_shard auto_wrap" if layers else "full_shard", "fsdp_config": config}
+
+
+def load_fsdp_adapter(trainer, checkpoint: Path) -> None:
+    """Every process reads an FSDP checkpoint's whole adapter and keeps its own shard of it. (accelerate's
+    ``load_fsdp_model`` broadcasts it from process 0 instead, and waits forever for the adapter's
+    frozen neighbours.)"""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights = torch.load(checkpoint / FSDP_CHECKPOINT_FILES[0], map_location="cpu", weights_only=True)
+    result = set_model_state_dict(trainer.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    if result.unexpected_keys:
+        raise CLIError(f"{checkpoint}: weights this model does not have: {', '.join(result.unexpected_keys[:3])}")
+
+
+def fsdp_on_cpus(trainer) -> None:
+    """Shard with FSDP2 where accelerate would silently replicate: on CPU processes (gloo) it keeps the
+    FSDP settings out of its state and runs DDP. FSDP2 itself shards over a CPU device mesh, so the
+    Trainer's FSDP path (sharded model and optimizer, whole checkpoints) runs on CPUs as on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    settings = getattr(trainer.args, "fsdp_plugin_args", None)  # transformers 5; 4.57 sets FSDP_* variables
+    plugin = FullyShardedDataParallelPlugin(**settings) if settings is not None else FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
+def gathered_adapter_weights(trainer) -> dict | None:
+    """The trained adapter's whole weights on process 0 (every process must call it) when FSDP shards
+    the model; None otherwise (the model holds them whole). Only the trainable weights are gathered,
+    never the frozen base model's."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(trainer.model, options=options)
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _load_base(path: str, what: str, load):
     try:
         return load(path)
@@ -538,6 +648,7 @@ def run_uptrain(args) -> int:
     from ..finetuning.data import Zip2ZipDataCollator
     from ..finetuning.distillation import DistillationConfig, Zip2ZipDistillationTrainer
     from ..finetuning.training import (
+        FSDPSharedWeightsCallback,
         default_lora_config,
         prepare_model_for_training,
         training_arguments,
@@ -556,6 +667,14 @@ def run_uptrain(args) -> int:
             "so it takes no --model (use --export for an adapter of another base)"
         )
     recipe = parse_recipe(args.recipe)
+    world, rank = launched_processes()
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not args.fsdp:
+        raise CLIError(
+            "accelerate launch was configured for FSDP: pass --fsdp to uptrain instead (it sets FSDP2 up with "
+            "whole-adapter checkpoints that resume on any number of processes) and launch without the FSDP config"
+        )
+    per_device, accumulation = batch_layout(recipe.batch_size, world, args.per_device_batch_size)
+    say = print if rank == 0 else _silent  # every process checks, one speaks
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise CLIError(f"--output-dir {output_dir}: exists and is not a folder")
@@ -596,13 +715,19 @@ def run_uptrain(args) -> int:
     folder = export_target(args, output_dir)
     _check_writable(output_dir, "--output-dir")
 
-    for checkpoint, why in damaged:
+    for checkpoint, why in damaged if rank == 0 else ():
         aside = _aside(checkpoint)
         print(f"zip2zip_hf uptrain: warning: skipped {checkpoint}: {why}; moved it to {aside.name}", file=sys.stderr)
     if resume is not None:
-        print(f"resuming from {resume} (step {resumed_step})", flush=True)
+        say(f"resuming from {resume} (step {resumed_step})", flush=True)
     elif damaged:
-        print(f"no intact checkpoint in {output_dir}: starting from step 0", flush=True)
+        say(f"no intact checkpoint in {output_dir}: starting from step 0", flush=True)
+    if world > 1:
+        say(
+            f"{world} processes ({'FSDP2' if args.fsdp else 'DDP'}): {per_device} rows each per forward, "
+            f"{accumulation} forward(s) per step, {recipe.batch_size} rows per step",
+            flush=True,
+        )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -617,12 +742,12 @@ def run_uptrain(args) -> int:
             f"--recipe: no training windows (max_chars {recipe.max_chars} holds no window of {recipe.window} "
             "base tokens)"
         )
-    print(f"training rows: {data['rows']} ({data['windows']} windows of {recipe.window} base tokens)", flush=True)
+    say(f"training rows: {data['rows']} ({data['windows']} windows of {recipe.window} base tokens)", flush=True)
 
     torch.manual_seed(recipe.seed)
     base = _load_base(path, "a causal LM", lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
     base_scores = score_held_out(base, base_tokenizer, recipe.eval_window)
-    print(f"base model, held-out: {json.dumps(base_scores['all'])}", flush=True)
+    say(f"base model, held-out: {json.dumps(base_scores['all'])}", flush=True)
     model = Zip2ZipForCausalLM.from_base(base, tokenizer, **recipe.model)
     model = prepare_model_for_training(model, default_lora_config(model, r=recipe.lora_r))
     if resume is not None:
@@ -630,11 +755,41 @@ def run_uptrain(args) -> int:
 
     held_out = HeldOutLogger(tokenizer, recipe.eval_window, args.eval_steps)
     trainer_class = atomic_checkpoint_trainer(Zip2ZipDistillationTrainer, {"recipe": asdict(recipe), "base": base_id})
-    trainer = trainer_class(
+
+    class UptrainTrainer(trainer_class):
+        def create_accelerator_and_postprocess(self, *args, **kwargs):
+            super().create_accelerator_and_postprocess(*args, **kwargs)
+            if wants_fsdp and not self.is_fsdp_enabled:
+                fsdp_on_cpus(self)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not self.is_fsdp_enabled:
+                return super().save_model(output_dir, _internal_call)
+            # The adapter gathered whole (never the frozen base model), written as one process would.
+            weights = gathered_adapter_weights(self)
+            if self.args.should_save:
+                self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=weights)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if not self.is_fsdp_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_fsdp_adapter(self, Path(resume_from_checkpoint))
+
+        def create_optimizer(self, *args, **kwargs):
+            # Made here, not passed in: under FSDP the Trainer builds it over the sharded parameters.
+            if self.optimizer is None:
+                self.optimizer = zip2zip_optimizer(
+                    self.model, recipe.learning_rate, recipe.encoder_learning_rate, weight_decay=0.0
+                )
+            return self.optimizer
+
+    on_cpu, wants_fsdp = not torch.cuda.is_available(), args.fsdp
+    trainer = UptrainTrainer(
         model=model,
         args=training_arguments(
             str(output_dir),
-            per_device_train_batch_size=recipe.batch_size,
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
             max_steps=args.steps,
             learning_rate=recipe.learning_rate,
             warmup_steps=max(1, round(recipe.warmup_ratio * args.steps)),
@@ -644,16 +799,18 @@ def run_uptrain(args) -> int:
             save_steps=args.save_steps,
             save_total_limit=KEEP_CHECKPOINTS,
             seed=recipe.seed,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=on_cpu,
             disable_tqdm=False,
+            # Several processes: DDP (gloo on CPUs, NCCL on GPUs), or FSDP2 with --fsdp. The model uses
+            # every trainable parameter every step (both hyper-encoders included), so DDP looks for no
+            # unused ones.
+            ddp_backend="gloo" if world > 1 and on_cpu else None,
+            ddp_find_unused_parameters=False,
+            **(fsdp_arguments(base) if args.fsdp else {}),
         ),
         train_dataset=rows,
         data_collator=Zip2ZipDataCollator(tokenizer, distillation=True),
-        optimizers=(
-            zip2zip_optimizer(model, recipe.learning_rate, recipe.encoder_learning_rate, weight_decay=0.0),
-            None,
-        ),
-        callbacks=[held_out],
+        callbacks=[FSDPSharedWeightsCallback(), held_out],
         distillation=DistillationConfig(**recipe.distillation),
     )
     held_out.trainer = trainer
@@ -662,14 +819,15 @@ def run_uptrain(args) -> int:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        print(f"{resume} is at step {args.steps} already: nothing to train, exporting it", flush=True)
+        say(f"{resume} is at step {args.steps} already: nothing to train, exporting it", flush=True)
         set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")))
         state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
         held_out.restore(state.get("log_history", []))
-        steps = resumed_step
+        steps, weights = resumed_step, None
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         steps = trainer.state.global_step
+        weights = gathered_adapter_weights(trainer)  # every process takes part; process 0 gets them
 
     record = {
         "model": recipe.model,
@@ -692,8 +850,10 @@ def run_uptrain(args) -> int:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     base_name = EMBEDDED_BASE_NAME if args.model in (None, "smollm2") else args.model
+    if rank != 0:  # process 0 writes the export
+        return 0
     try:
-        export(model, folder, record, base_name)
+        export(model, folder, record, base_name, weights)
     except OSError as error:
         raise CLIError(
             f"{folder}: cannot write the adapter ({error.strerror or error}); the trained run is safe in "
@@ -747,14 +907,18 @@ class HeldOutLogger(TrainerCallback):
         }
         state.log_history.append(entry)  # saved with every checkpoint: a resume continues the curve
         self.curve.append(entry)
-        tqdm.write(json.dumps(entry))
+        if state.is_world_process_zero:  # every process scores (FSDP needs them all), one prints
+            tqdm.write(json.dumps(entry))
 
 
-def export(model, folder: Path, record: dict, base_name: str) -> None:
+def export(model, folder: Path, record: dict, base_name: str, state_dict: dict | None = None) -> None:
     """Write the trained adapter (LoRA and both hyper-encoders) as bfloat16 safetensors, its PEFT
     config, and ``uptrain.json`` into ``folder``: all of it into a new folder beside ``folder`` first,
     flushed to the disk, then renamed to ``folder`` (or, where ``folder`` exists, each file renamed
-    over its namesake, ``uptrain.json`` last). A failure leaves ``folder`` as it was."""
+    over its namesake, ``uptrain.json`` last). A failure leaves ``folder`` as it was.
+
+    ``state_dict``: the model's weights when ``model`` does not hold them whole (sharded by FSDP:
+    `gathered_adapter_weights`); the export is the same either way."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -764,12 +928,14 @@ def export(model, folder: Path, record: dict, base_name: str) -> None:
     staging.mkdir()
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            model.save_pretrained(scratch)
+            model.save_pretrained(scratch, **({"state_dict": state_dict} if state_dict is not None else {}))
             weights = load_file(f"{scratch}/adapter_model.safetensors")
             config = json.loads(Path(scratch, "adapter_config.json").read_text(encoding="utf-8"))
         weights = {k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}
         save_file(weights, str(staging / "adapter_model.safetensors"))
         config["base_model_name_or_path"] = base_name  # not a local path of the machine that trained it
+        if isinstance(config.get("target_modules"), list):  # PEFT's set, in the order of this process's hashing
+            config["target_modules"] = sorted(config["target_modules"])
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         (staging / "adapter_config.json").write_text(text, encoding="utf-8")
         (staging / "uptrain.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -809,6 +975,20 @@ def add_uptrain_arguments(command) -> None:
     )
     command.add_argument("--save-steps", type=at_least(1), default=50, metavar="N", help="a checkpoint every N steps")
     command.add_argument("--logging-steps", type=at_least(1), default=10, metavar="N")
+    command.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun / accelerate launch: shard the model over the processes with FSDP2 (transformers' "
+        "Trainer fsdp='full_shard', fsdp_config version 2) instead of replicating it (DDP)",
+    )
+    command.add_argument(
+        "--per-device-batch-size",
+        type=at_least(1),
+        default=None,
+        metavar="N",
+        help="rows per process and forward; the recipe's batch_size (rows per step, all processes together) is "
+        "reached by gradient accumulation (default: batch_size / processes, no accumulation)",
+    )
     command.add_argument(
         "--threads", type=at_least(1), default=None, metavar="N", help="torch threads (default: torch's choice)"
     )
