@@ -240,7 +240,8 @@ def test_uptrain_trains_on_the_broad_corpus_and_records_its_sources(tmp_path, mo
     assert data["bytes"]["python"] >= budgets["python"]
     assert sum(s["bytes"] for s in data["sources"]) == sum(data["bytes"].values())
     assert len({s["source"] for s in data["sources"] if s["kind"] == "python"}) >= 5, "many packages"
-    assert data["code"] == data["bytes"]["python"] + data["bytes"]["config"]
+    assert f"{data['bytes']['python'] + data['bytes']['config']} bytes" in data["code"]
+    assert f"{data['bytes']['markdown']} bytes" in data["prose"]
     record = shipped_record(tmp_path / "out")
     unseen = record["held_out"]["unseen"]
     assert unseen["scores"]["python"].keys() == set(MODES)

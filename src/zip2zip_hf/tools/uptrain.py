@@ -110,7 +110,7 @@ class UptrainRecipe:
     window: int = 512
     eval_window: int = 1024  # held-out text is scored in windows of this many base tokens
     batch_size: int = 2
-    prose_repeats: int = 2  # the prose windows are seen this many times per pass over the code
+    prose_repeats: int = 2  # the prose windows are seen this many times per pass over the code (both corpora)
     max_chars: int | None = None  # of each kind of training text (None: all of it); the stdlib corpus
     corpus: str = "stdlib"  # or "broad": code and prose of everything installed (`build_corpus`)
     corpus_budgets: dict | None = None  # the broad corpus: bytes of each kind (None: `DEFAULT_BUDGETS`)
@@ -157,7 +157,12 @@ def training_texts_of(recipe: UptrainRecipe) -> tuple[list[str], list[str], dict
         return (
             code,
             prose,
-            {"corpus": "broad", "code": _text_bytes(code), "prose": _text_bytes(prose), **corpus.record()},
+            {
+                "corpus": "broad",
+                "code": f"{len(code)} files of code and configuration, {_text_bytes(code)} bytes",
+                "prose": f"{len(prose)} files of prose (Markdown, documentation), {_text_bytes(prose)} bytes",
+                **corpus.record(),
+            },
         )
     code, prose = training_corpus(recipe.max_chars)
     return (
