@@ -14,12 +14,14 @@ import torch
 from utils import save_tiny_base_model
 from zip2zip_hf.evaluation import MODES, TextScore, base_mode, kinds_table, score_kinds, score_texts
 from zip2zip_hf.tools.corpus import (
+    HELD_OUT,
     UNSEEN_HELD_OUT,
     HeldOutSource,
     build_corpus,
     unseen_held_out,
 )
-from zip2zip_hf.tools.sources import KINDS, Source, strip_licence_header, text_key
+from zip2zip_hf.tools.report import PROSE_TOPICS
+from zip2zip_hf.tools.sources import KINDS, Source, installed_sources, strip_licence_header, text_key
 
 
 def python_file(name: str, lines: int = 30) -> str:
@@ -169,6 +171,9 @@ def test_the_installed_held_out_text_is_a_few_kb_a_kind_and_never_in_the_corpus(
         for part in held.texts:
             lines = [line for line in part.split("\n") if len(line.strip()) > 40]
             assert not any(line in everything for line in lines[:3]), (held.kind, held.source)
+    stdlib = next(s for s in installed_sources(tuple(HELD_OUT)) if s.name == "python-stdlib")
+    assert not {"textwrap.py", "json/encoder.py", "pydoc_data/topics.py"} & set(stdlib.paths)
+    assert not {f"pydoc:{key}" for key in PROSE_TOPICS} & {label for label, _, _ in stdlib.inline}
     whole_sources = {h.source for h in UNSEEN_HELD_OUT if not h.scope}
     assert not whole_sources & {s["source"] for s in corpus.sources}
 

@@ -255,13 +255,18 @@ def _description(dist) -> tuple[tuple[str, str, str], ...]:
     return (("METADATA", "markdown" if markdown else "docs", body),)
 
 
+# The language reference as a Python file: its sections are read one by one (`_reference_sections`).
+PYDOC_TOPICS = "pydoc_data/topics.py"
+
+
 def _stdlib_source(held_out: tuple[str, ...]) -> Source:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
     paths = sorted(
         str(p.relative_to(root))
         for p in root.rglob("*.py")
-        if not skip.intersection(p.relative_to(root).parts) and str(p.relative_to(root)) not in held_out
+        if not skip.intersection(p.relative_to(root).parts)
+        and str(p.relative_to(root)) not in (*held_out, PYDOC_TOPICS)
     )
     return Source("python-stdlib", root, tuple(paths), _reference_sections())
 
