@@ -113,7 +113,7 @@ class UptrainRecipe:
     prose_repeats: int = 2  # the prose windows are seen this many times per pass over the code (both corpora)
     max_chars: int | None = None  # of each kind of training text (None: all of it); the stdlib corpus
     corpus: str = "stdlib"  # or "broad": code and prose of everything installed (`build_corpus`)
-    corpus_budgets: dict | None = None  # the broad corpus: bytes of each kind (None: `DEFAULT_BUDGETS`)
+    corpus_budgets: dict | None = None  # the broad corpus: bytes of the kinds it names (None: `DEFAULT_BUDGETS`)
     # The loss terms (`DistillationConfig`). Cross-entropy alone: at equal wall-clock on 2 CPU cores
     # (benchmarks/bench_quality.py) no teacher term has yet paid for the teacher's forward.
     distillation: dict = field(default_factory=lambda: {"ce": 1.0, "span": 0.0, "marginal": 0.0, "hidden": 0.0})
