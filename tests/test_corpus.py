@@ -230,8 +230,8 @@ def test_uptrain_trains_on_the_broad_corpus_and_records_its_sources(tmp_path, mo
 
     texts = {kind: [t[:1500] for t in parts[:2]] for kind, parts in uptrain.held_out_texts().items()}
     monkeypatch.setattr(uptrain, "held_out_texts", lambda: texts)
-    unseen = uptrain.unseen_held_out(300)
-    monkeypatch.setattr(uptrain, "unseen_held_out", lambda: unseen)
+    short = uptrain.unseen_held_out(300)
+    monkeypatch.setattr(uptrain, "unseen_held_out", lambda: short)
     base_dir = save_tiny_base_model(tmp_path / "base")
     budgets = {"python": 20_000, "markdown": 8_000, "config": 4_000}
     recipe = {"max_codebook_size": 64, "max_subtokens": 3, "window": 48, "eval_window": 48, "lora_r": 4}
