@@ -148,6 +148,7 @@ def test_a_held_out_kind_whose_source_is_missing_is_reported_absent(tree):
 def test_a_licence_header_is_stripped_and_nothing_else():
     assert strip_licence_header(HEADER + "import os\n") == "import os\n"
     assert strip_licence_header("# A plain comment\nimport os\n") == "# A plain comment\nimport os\n"
+    assert strip_licence_header("#!/bin/sh\n" + HEADER + "set -e\n") == "#!/bin/sh\nset -e\n"
     block = "/*\n * Copyright 2020\n * Licensed under the MIT license\n */\n#include <stdio.h>\n"
     assert strip_licence_header(block) == "#include <stdio.h>\n"
     assert text_key("a  \nb\n") == text_key("a\nb")

@@ -202,6 +202,8 @@ def strip_licence_header(text: str) -> str:
     """``text`` without its leading comment block when that block speaks of a licence or a copyright
     (the lines a package repeats at the top of every file)."""
     lines = text.split("\n")
+    if lines[0].startswith("#!"):  # a script's first line stays
+        return lines[0] + "\n" + strip_licence_header("\n".join(lines[1:])) if len(lines) > 1 else text
     i, in_block = 0, False
     while i < len(lines):
         line = lines[i].strip()
