@@ -61,8 +61,10 @@ def shipped_adapter_untouched(monkeypatch):
 def short_held_out():
     """The held-out texts cut short: scoring them is most of a tiny run's time."""
     texts = {kind: [text[:1500] for text in parts[:2]] for kind, parts in uptrain.held_out_texts().items()}
+    unseen = uptrain.unseen_held_out(300)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(uptrain, "held_out_texts", lambda: texts)
+        patch.setattr(uptrain, "unseen_held_out", lambda: unseen)
         yield
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zip2zip_hf.tools.cli import main
-from zip2zip_hf.tools.corpus import held_out_texts, prompt_text
+from zip2zip_hf.tools.corpus import held_out_texts, prompt_text, unseen_held_out
 from zip2zip_hf.tools.embedded import EMBEDDED_ZIP2ZIP, load_named_model, shipped_record
 from zip2zip_hf.tools.uptrain import score_held_out
 
@@ -83,11 +83,23 @@ def test_eval_takes_the_embedded_models_by_name(tmp_path, capsys):
 def test_the_demo_shows_the_shipped_model_against_its_base(capsys):
     assert main(["demo", "--new-tokens", "8"]) == 0
     out = capsys.readouterr().out
-    for heading in ("1/4 models", "2/4 held-out text", "3/4 greedy continuation", "4/4 what each wrote"):
+    headings = ("1/5 models", "2/5 held-out text", "3/5 held-out text of other sources", "4/5 greedy", "5/5 what")
+    for heading in headings:
         assert heading in out
     record = shipped_record()
     all_row = next(line for line in out.splitlines() if line.startswith("all "))
     assert f"{record['held_out']['zip2zip']['all']['steps_per_byte']:.4f}" in all_row
+    # The held-out text of other sources: one row a kind, bits per byte three ways and both ratios.
+    section = out.split("3/5 held-out text of other sources")[1].split("4/5 greedy")[0].splitlines()
+    header = next(line for line in section if line.startswith("kind "))
+    assert "base-mode bits/byte" in header and "base-mode/base" in header
+    texts, _ = unseen_held_out()
+    for kind in (*texts, "all"):
+        row = next(line for line in section if line.startswith(kind + " ") and line.split()[1].isdigit())
+        numbers = [float(x) for x in row.split()[1:]]
+        base, zip2zip, base_mode = numbers[1:4]
+        assert numbers[4] == pytest.approx(zip2zip / base, abs=1e-3)
+        assert numbers[5] == pytest.approx(base_mode / base, abs=1e-3)
     assert out.rstrip().splitlines()[-1].startswith("demo finished in")
 
 

@@ -517,11 +517,16 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, capsys):
+def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, capsys, monkeypatch):
     """`python -m zip2zip_hf uptrain`, shrunk to a tiny base: a run cut off after 2 steps resumes from
     its checkpoint (the step count and the held-out curve continue), and the exported bf16 adapter
     loads back into a model that scores the held-out text as the record says."""
     from safetensors import safe_open
+
+    import zip2zip_hf.tools.uptrain as uptrain
+
+    unseen = uptrain.unseen_held_out(300)  # the held-out text of other sources, cut short
+    monkeypatch.setattr(uptrain, "unseen_held_out", lambda: unseen)
 
     from zip2zip_hf.tools.cli import main
     from zip2zip_hf.tools.embedded import _load_zip2zip, shipped_record

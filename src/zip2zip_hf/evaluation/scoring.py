@@ -15,6 +15,12 @@ both:
 
 ``python -m zip2zip_hf eval MODEL_PATH FILE... [--json]`` runs it on saved checkpoints, zip2zip or
 plain (detected from the config).
+
+`score_kinds` scores texts of several kinds three ways (`MODES`): the base model; the zip2zip
+model; and *base mode*, the zip2zip model's own base causal LM (its LoRA merged or active) reading
+the base ids, no hypertokens. zip2zip / base is what the zip2zip model costs; base mode / base is
+the part of it that the adapter's change to the base weights costs (drift); the rest is the cost of
+reading and writing hypertokens. `kinds_table` prints them.
 """
 
 from __future__ import annotations
@@ -27,7 +33,17 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["DEFAULT_WINDOW", "TextScore", "best_device", "load_for_evaluation", "score_texts"]
+__all__ = [
+    "DEFAULT_WINDOW",
+    "MODES",
+    "TextScore",
+    "base_mode",
+    "best_device",
+    "kinds_table",
+    "load_for_evaluation",
+    "score_kinds",
+    "score_texts",
+]
 
 # Base tokens per scored window, unless the model has fewer positions.
 DEFAULT_WINDOW = 1024
@@ -166,3 +182,105 @@ def _score_rows(model, tokenizer, rows: list[list[int]], batch_size: int, progre
             nats += float(F.cross_entropy(logits[j, : n - 1].float(), targets, reduction="sum"))
             tokens += n - 1
     return nats, tokens
+
+
+# The three ways `score_kinds` reads each text.
+MODES = ("base", "zip2zip", "base_mode")
+
+
+def base_mode(model):
+    """The causal LM inside a zip2zip model as its training left it (LoRA merged, or active in a PEFT
+    model), to read base ids: what the adapter did to the base model, without hypertokens."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.language_model
+
+
+def score_kinds(
+    texts: dict[str, Sequence[str]],
+    base,
+    base_tokenizer,
+    model,
+    tokenizer,
+    window: int | None = None,
+    batch_size: int = 4,
+    modes: Sequence[str] = MODES,
+) -> dict[str, dict[str, TextScore]]:
+    """``{kind: {"base": ..., "zip2zip": ..., "base_mode": ...}}``: the `TextScore` of each kind's
+    texts under the base model (``base`` with its ``base_tokenizer``), the zip2zip ``model`` (with its
+    ``tokenizer``) and `base_mode` of it (with ``base_tokenizer``), plus ``"all"``, every kind together.
+    ``modes`` picks some of them (the others' models may be None): a base model that training changes
+    in place (LoRA) is scored before. The models are put in eval mode while they score and put back."""
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}: the modes are {', '.join(MODES)}")
+    readers = {
+        "base": lambda: (base, base_tokenizer),
+        "zip2zip": lambda: (model, tokenizer),
+        "base_mode": lambda: (base_mode(model), base_tokenizer),
+    }
+    scores = {kind: {} for kind in texts}
+    for mode in modes:
+        scorer, scorer_tokenizer = readers[mode]()
+        was_training = scorer.training
+        scorer.eval()
+        try:
+            for kind, parts in texts.items():
+                scores[kind][mode] = score_texts(scorer, scorer_tokenizer, list(parts), window, batch_size)
+        finally:
+            scorer.train(was_training)
+    if scores:
+        scores["all"] = {mode: _together([scores[kind][mode] for kind in texts]) for mode in modes}
+    return scores
+
+
+def _together(parts: Sequence[TextScore]) -> TextScore:
+    nats, n_bytes = sum(p.nats for p in parts), sum(p.bytes for p in parts)
+    tokens, base_tokens = sum(p.tokens for p in parts), sum(p.base_tokens for p in parts)
+    return TextScore(nats / math.log(2) / n_bytes, n_bytes, tokens, base_tokens, nats)
+
+
+KIND_HEADERS = (
+    "kind",
+    "bytes",
+    "base bits/byte",
+    "zip2zip bits/byte",
+    "base-mode bits/byte",
+    "zip2zip/base",
+    "base-mode/base",
+    "base tokens/byte",
+    "zip2zip steps/byte",
+    "steps ratio",
+)
+
+
+def kinds_table(scores: dict[str, dict], markdown: bool = False) -> str:
+    """The scores of `score_kinds` (`TextScore`s, or their ``to_dict()``), one row a kind: bits per
+    byte three ways, the two ratios to the base, and steps per byte (base tokens and zip2zip steps)."""
+
+    def get(score, name):
+        return getattr(score, name) if isinstance(score, TextScore) else score[name]
+
+    rows = []
+    for kind, by_mode in scores.items():
+        b, z, m = (by_mode[mode] for mode in MODES)
+        bits = [get(s, "bits_per_byte") for s in (b, z, m)]
+        steps = [get(s, "steps_per_byte") for s in (b, z)]
+        rows.append(
+            [
+                kind,
+                str(get(b, "bytes")),
+                *(f"{x:.4f}" for x in bits),
+                f"{bits[1] / bits[0]:.3f}",
+                f"{bits[2] / bits[0]:.3f}",
+                *(f"{x:.4f}" for x in steps),
+                f"{steps[1] / steps[0]:.3f}",
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(KIND_HEADERS) + " |", "|---|" + "---:|" * (len(KIND_HEADERS) - 1)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(r[i]) for r in [list(KIND_HEADERS), *rows]) for i in range(len(KIND_HEADERS))]
+    return "\n".join(
+        "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
+        for r in [list(KIND_HEADERS), *rows]
+    )

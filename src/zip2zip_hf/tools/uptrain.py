@@ -6,10 +6,13 @@ say how much the base model itself (its LoRA disabled, reading the base ids) tea
 loss is cross-entropy on canonical ids alone: on 2 CPU cores no teacher term has yet paid for the
 teacher's forward (``benchmarks/bench_quality.py``); ``--recipe`` switches them on. The data is what
 every Python ships: the standard library's sources (code) and the
-language reference that ``pydoc`` carries (English prose), cut into windows of ``--window`` base
-tokens, each read after one BOS token as `zip2zip_hf.evaluation` reads held-out text. Held out from
-training: the demo's five standard-library files and eight reference sections
-(`zip2zip_hf.tools.corpus`).
+language reference that ``pydoc`` carries (English prose); with ``"corpus": "broad"`` in the recipe it
+is code and prose of everything installed, by kind (`zip2zip_hf.tools.corpus.build_corpus`). Either is
+cut into windows of ``--window`` base tokens, each read after one BOS token as `zip2zip_hf.evaluation`
+reads held-out text; the record lists its sources and their bytes. Held out from training: the demo's
+five standard-library files and eight reference sections, and the held-out text of other sources
+(`zip2zip_hf.tools.corpus.UNSEEN_HELD_OUT`), scored at the end three ways: the base model, the
+zip2zip model, and the zip2zip model's own base LM reading base ids (`zip2zip_hf.evaluation.score_kinds`).
 
 The run is a ``transformers.Trainer`` run in ``--output-dir``: it saves a checkpoint every
 ``--save-steps`` and, started again with the same folder, resumes from the newest intact one (a long
@@ -53,12 +56,20 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .corpus import HELD_OUT, HELD_OUT_CODE_BYTES, HELD_OUT_PROSE_BYTES, held_out_texts, training_corpus
+from .corpus import (
+    HELD_OUT,
+    HELD_OUT_CODE_BYTES,
+    HELD_OUT_PROSE_BYTES,
+    build_corpus,
+    held_out_texts,
+    training_corpus,
+    unseen_held_out,
+)
 from .embedded import EMBEDDED_BASE_NAME, EMBEDDED_ZIP2ZIP, NAMED_MODELS, checkpoint_folder
 from .report import PROSE_TOPICS, CLIError
 
 
-__all__ = ["UptrainRecipe", "checkpoint_damage", "parse_recipe", "run_uptrain", "score_held_out"]
+__all__ = ["UptrainRecipe", "checkpoint_damage", "parse_recipe", "run_uptrain", "score_held_out", "score_unseen"]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = "adapter"  # inside --output-dir
@@ -89,6 +100,7 @@ MODEL_KEYS = (
     "position_mode",
     "write_provisional_hypertokens",
 )
+CORPORA = ("stdlib", "broad")  # `zip2zip_hf.tools.corpus`: the standard library and pydoc, or everything installed
 UPTRAIN_ENCODERS = ("attention", "mean")  # "reference" describes a converted checkpoint, not a fresh wrap
 SHIPPED_BASE = "smollm2 (the embedded SmolLM2-135M-Instruct)"
 
@@ -107,8 +119,10 @@ class UptrainRecipe:
     window: int = 512
     eval_window: int = 1024  # held-out text is scored in windows of this many base tokens
     batch_size: int = 2
-    prose_repeats: int = 2  # the prose windows are seen this many times per pass over the code
-    max_chars: int | None = None  # of each kind of training text (None: all of it)
+    prose_repeats: int = 2  # the prose windows are seen this many times per pass over the code (both corpora)
+    max_chars: int | None = None  # of each kind of training text (None: all of it); the stdlib corpus
+    corpus: str = "stdlib"  # or "broad": code and prose of everything installed (`build_corpus`)
+    corpus_budgets: dict | None = None  # the broad corpus: bytes of the kinds it names (None: `DEFAULT_BUDGETS`)
     # The loss terms (`DistillationConfig`). Cross-entropy alone: at equal wall-clock on 2 CPU cores
     # (benchmarks/bench_quality.py) no teacher term has yet paid for the teacher's forward.
     distillation: dict = field(default_factory=lambda: {"ce": 1.0, "span": 0.0, "marginal": 0.0, "hidden": 0.0})
@@ -119,7 +133,7 @@ def training_rows(tokenizer, recipe: UptrainRecipe) -> tuple[list[dict], dict]:
     """Compressed training rows (``[prefix] + window`` each, compressed from an empty codebook),
     shuffled, and what they hold."""
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    code, prose = training_corpus(recipe.max_chars)
+    code, prose, record = training_texts_of(recipe)
     windows = {}
     for kind, texts in (("code", code), ("prose", prose)):
         windows[kind] = []
@@ -131,13 +145,49 @@ def training_rows(tokenizer, recipe: UptrainRecipe) -> tuple[list[dict], dict]:
     random.Random(recipe.seed).shuffle(chosen)
     rows = [{"input_ids": tokenizer.codec.encode([prefix, *w])[0]} for w in chosen]
     about = {
-        "code": f"{len(code)} top-level standard-library modules of Python {platform.python_version()}",
-        "prose": f"{len(prose)} pydoc language-reference sections",
+        **record,
         "windows": {kind: len(w) for kind, w in windows.items()},
         "base_tokens": {kind: sum(map(len, w)) for kind, w in windows.items()},
         "rows": len(rows),
     }
     return rows, about
+
+
+def _text_bytes(texts: list[str]) -> int:
+    return sum(len(text.encode("utf-8")) for text in texts)
+
+
+def training_texts_of(recipe: UptrainRecipe) -> tuple[list[str], list[str], dict]:
+    """``(code, prose, record)``: the recipe's training texts, and what ``uptrain.json`` says of them
+    (the corpus, its bytes, and every source with its files and bytes)."""
+    if recipe.corpus == "broad":
+        corpus = build_corpus(recipe.corpus_budgets, seed=recipe.seed)
+        code, prose = corpus.split()
+        return (
+            code,
+            prose,
+            {
+                "corpus": "broad",
+                "code": f"{len(code)} files of code and configuration, {_text_bytes(code)} bytes",
+                "prose": f"{len(prose)} files of prose (Markdown, documentation), {_text_bytes(prose)} bytes",
+                **corpus.record(),
+            },
+        )
+    code, prose = training_corpus(recipe.max_chars)
+    return (
+        code,
+        prose,
+        {
+            "corpus": "stdlib",
+            "code": f"{len(code)} top-level standard-library modules of Python {platform.python_version()}",
+            "prose": f"{len(prose)} pydoc language-reference sections",
+            "bytes": {"python": _text_bytes(code), "docs": _text_bytes(prose)},
+            "sources": [
+                {"source": "python-stdlib", "kind": "python", "files": len(code), "bytes": _text_bytes(code)},
+                {"source": "python-stdlib:pydoc", "kind": "docs", "files": len(prose), "bytes": _text_bytes(prose)},
+            ],
+        },
+    )
 
 
 def score_held_out(model, tokenizer, window: int) -> dict:
@@ -160,6 +210,31 @@ def score_held_out(model, tokenizer, window: int) -> dict:
         }
     )
     return out
+
+
+def score_unseen(base, base_tokenizer, model, tokenizer, window: int, modes=("base", "zip2zip", "base_mode")) -> dict:
+    """The held-out text of other sources (`unseen_held_out`), each kind scored three ways
+    (`zip2zip_hf.evaluation.score_kinds`: base, zip2zip, base mode; or those of ``modes``), as
+    ``uptrain.json`` keeps it."""
+    from ..evaluation.scoring import score_kinds
+
+    texts, absent = unseen_held_out()
+    parts = {kind: t.texts for kind, t in texts.items()}
+    scores = score_kinds(parts, base, base_tokenizer, model, tokenizer, window, modes=modes)
+    return {
+        "window": window,
+        "texts": {kind: {"source": t.source, "about": t.about, "files": t.files} for kind, t in texts.items()},
+        "absent": absent,
+        "scores": {
+            kind: {mode: _rounded(s.to_dict()) for mode, s in by_mode.items()} for kind, by_mode in scores.items()
+        },
+    }
+
+
+def _merged(first: dict, second: dict) -> dict:
+    """Two `score_unseen` records of the same texts and other modes as one."""
+    scores = {kind: {**first["scores"][kind], **second["scores"][kind]} for kind in first["scores"]}
+    return {**first, "scores": scores}
 
 
 def _rounded(numbers: dict) -> dict:
@@ -218,6 +293,23 @@ def parse_recipe(text: str | None) -> UptrainRecipe:
     if recipe.max_chars is not None:
         _int_field("max_chars", recipe.max_chars, 1)
     _int_field("seed", recipe.seed, 0, 2**32 - 1)  # the Trainer seeds numpy too, which takes 32 bits
+    if recipe.corpus not in CORPORA:
+        raise CLIError(f"--recipe: corpus must be one of {', '.join(map(repr, CORPORA))}, got {_json(recipe.corpus)}")
+    if recipe.corpus_budgets is not None:
+        from .sources import KINDS
+
+        if not isinstance(recipe.corpus_budgets, dict):
+            raise CLIError(
+                f"--recipe: corpus_budgets must be an object of bytes per kind, got {_json(recipe.corpus_budgets)}"
+            )
+        unknown = [key for key in recipe.corpus_budgets if key not in KINDS]
+        if unknown:
+            raise CLIError(
+                f"--recipe: corpus_budgets: unknown kind {', '.join(map(repr, unknown))} "
+                f"(the kinds: {', '.join(KINDS)})"
+            )
+        for key, value in recipe.corpus_budgets.items():
+            _int_field(f"corpus_budgets.{key}", value, 0)
     if not isinstance(recipe.model, dict):
         raise CLIError(f"--recipe: model must be an object of model settings, got {_json(recipe.model)}")
     unknown = [key for key in recipe.model if key not in MODEL_KEYS]
@@ -265,6 +357,9 @@ def _comparable(recipe: dict) -> dict:
 
     defaults = inspect.signature(Zip2ZipConfig.__init__).parameters
     out = dict(recipe)
+    # Fields a recipe of an earlier version lacks, at the value that version trained with.
+    out.setdefault("corpus", "stdlib")
+    out.setdefault("corpus_budgets", None)
     if isinstance(out.get("model"), dict):
         given = out["model"]
         model = {key: given.get(key, defaults[key].default) for key in MODEL_KEYS}
@@ -743,11 +838,14 @@ def run_uptrain(args) -> int:
             "base tokens)"
         )
     say(f"training rows: {data['rows']} ({data['windows']} windows of {recipe.window} base tokens)", flush=True)
+    say(f"training text ({data['corpus']} corpus), bytes: {json.dumps(data['bytes'])}", flush=True)
 
     torch.manual_seed(recipe.seed)
     base = _load_base(path, "a causal LM", lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
     base_scores = score_held_out(base, base_tokenizer, recipe.eval_window)
     say(f"base model, held-out: {json.dumps(base_scores['all'])}", flush=True)
+    # Before the wrap: LoRA goes into these very modules.
+    unseen = score_unseen(base, base_tokenizer, None, None, recipe.eval_window, modes=("base",))
     model = Zip2ZipForCausalLM.from_base(base, tokenizer, **recipe.model)
     model = prepare_model_for_training(model, default_lora_config(model, r=recipe.lora_r))
     if resume is not None:
@@ -845,6 +943,10 @@ def run_uptrain(args) -> int:
             f"{HELD_OUT_PROSE_BYTES} bytes of the pydoc sections {', '.join(PROSE_TOPICS)}",
             "base": base_scores,
             "zip2zip": held_out.scores_at(steps) or score_held_out(model, tokenizer, recipe.eval_window),
+            "unseen": _merged(
+                unseen,
+                score_unseen(None, base_tokenizer, model, tokenizer, recipe.eval_window, ("zip2zip", "base_mode")),
+            ),
         },
         "curve": held_out.curve,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
