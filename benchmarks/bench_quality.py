@@ -14,10 +14,17 @@ together) with `zip2zip_hf.evaluation.score_texts`: bits per byte, the one measu
 models whose tokens differ. At the end each zip2zip arm writes a greedy continuation of a held-out
 file: steps per byte of what it wrote against base tokens per byte of the same text.
 
+With ``--text unseen`` the arms train on the broad corpus of everything installed
+(`zip2zip_hf.tools.corpus.build_corpus`) and are scored on the held-out text of other sources, every
+kind together (`unseen_held_out`): the comparison that picks a recipe for text nobody trained on.
+``--seeds 0 1`` runs every arm once per seed (the seed shuffles the windows and starts the adapter).
+
 Prints one table per checkpoint time (ratios against the control at that time) and saves the curves
 as JSON and, with matplotlib, a PNG (``--plot``).
 
     python benchmarks/bench_quality.py [--budget 150] [--arms lora zip2zip ...] [--device cuda]
+    python benchmarks/bench_quality.py --text unseen --arms zip2zip-encoder-lr0.2x distill-span \\
+        --budget 1200 --seeds 0 1 --device cuda
 """
 
 from __future__ import annotations
@@ -90,15 +97,17 @@ class Curve:
     generation: dict = field(default_factory=dict)
 
 
-def load_arm(path: str, recipe: Recipe, device: torch.device, max_codebook_size: int, max_subtokens: int):
-    """``(model ready to train, tokenizer)`` for one arm."""
+def load_arm(
+    path: str, recipe: Recipe, device: torch.device, max_codebook_size: int, max_subtokens: int, seed: int = 0
+):
+    """``(model ready to train, tokenizer)`` for one arm, its new weights drawn from ``seed``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zip2zip_hf import Zip2ZipForCausalLM, Zip2ZipTokenizer
     from zip2zip_hf.finetuning.training import default_lora_config, prepare_model_for_training
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not recipe.compressed:
@@ -194,7 +203,9 @@ def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_ou
     from zip2zip_hf.finetuning.data import Zip2ZipDataCollator
     from zip2zip_hf.finetuning.distillation import DistillationConfig, Zip2ZipDistiller
 
-    model, tokenizer = load_arm(args.model, recipe, args.device, args.max_codebook_size, args.max_subtokens)
+    model, tokenizer = load_arm(
+        args.model, recipe, args.device, args.max_codebook_size, args.max_subtokens, seed=args.seed
+    )
     optimizer = optimizer_for(model, recipe)
     distiller = collator = None
     if recipe.compressed:
@@ -239,26 +250,36 @@ def train_arm(name: str, recipe: Recipe, args, windows: list[list[int]], held_ou
     return curve
 
 
-def training_windows(path: str, window: int, max_chars: int, seed: int) -> list[list[int]]:
+def training_windows(path: str, window: int, max_chars: int, seed: int, text: str) -> list[list[int]]:
+    """Windows of ``window`` base tokens of the training text, shuffled by ``seed``: the standard
+    library's (``text="demo"``, ``max_chars`` of each kind), or the broad corpus (``"unseen"``)."""
     from transformers import AutoTokenizer
 
-    from zip2zip_hf.tools.corpus import training_texts
+    from zip2zip_hf.tools.corpus import build_corpus, training_texts
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = training_texts(max_chars) if text == "demo" else [t for ts in build_corpus().texts.values() for t in ts]
     windows = []
-    for text in training_texts(max_chars):
+    for text in texts:
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         windows += [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
     random.Random(seed).shuffle(windows)
     return windows
 
 
-def held_out_texts(max_bytes: int) -> list[str]:
-    """The same share of each held-out file, ``max_bytes`` in all."""
-    from zip2zip_hf.tools.corpus import held_out_files
+def held_out_texts(max_bytes: int | None, text: str) -> list[str]:
+    """The same share of each held-out file, ``max_bytes`` in all: the demo's (``text="demo"``, 12,000
+    bytes unless told), or the held-out text of other sources, every installed kind (``"unseen"``, the
+    same bytes of each kind, `UNSEEN_BYTES` unless told)."""
+    from zip2zip_hf.tools.corpus import UNSEEN_BYTES, UNSEEN_HELD_OUT, held_out_files, unseen_held_out
 
+    if text == "unseen":
+        held, absent = unseen_held_out(UNSEEN_BYTES if max_bytes is None else max_bytes // len(UNSEEN_HELD_OUT))
+        if absent:
+            print(f"held-out kinds absent here: {', '.join(f'{k} ({why})' for k, why in absent.items())}")
+        return [part for kind in held.values() for part in kind.texts]
     files = [text for _, text in held_out_files()]
-    share = max_bytes // len(files)
+    share = (max_bytes or 12_000) // len(files)
     return [text.encode("utf-8")[:share].decode("utf-8", errors="ignore") for text in files]
 
 
@@ -337,7 +358,12 @@ def main() -> int:
     parser.add_argument("--checkpoints", type=int, default=3, help="evaluations after the start (default 3)")
     parser.add_argument("--window", type=int, default=256, help="base tokens per training / held-out window")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--eval-bytes", type=int, default=12_000, help="held-out bytes scored (default 12000)")
+    parser.add_argument(
+        "--eval-bytes",
+        type=int,
+        default=None,
+        help="held-out bytes scored (default 12000, or 3000 of each unseen kind)",
+    )
     parser.add_argument("--train-chars", type=int, default=2_000_000)
     parser.add_argument("--new-tokens", type=int, default=96, help="greedy steps of the final generation")
     parser.add_argument("-K", dest="max_codebook_size", type=int, default=2048)
@@ -349,26 +375,36 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a base model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--json", default="bench_quality.json", help="where to save the curves")
     parser.add_argument("--plot", default="bench_quality.png", help="where to save the PNG plot")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every arm per seed")
+    parser.add_argument(
+        "--text",
+        choices=["demo", "unseen"],
+        default="demo",
+        help="train on the standard library and score the demo's held-out files (demo), or train on the broad "
+        "corpus and score the held-out text of other sources (unseen)",
+    )
     args = parser.parse_args()
     args.device = torch.device(args.device)
     if args.bf16 is None:
         args.bf16 = args.device.type == "cuda"
     args.model = args.model or smollm2()
 
-    windows = training_windows(args.model, args.window, args.train_chars, args.seed)
-    held_out = held_out_texts(args.eval_bytes)
+    held_out = held_out_texts(args.eval_bytes, args.text)
     prompt = "".join(held_out[1].splitlines(keepends=True)[:30])
     hardware = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "CPU"
     title = (
         f"{args.budget:.0f} s per arm on {hardware} ({torch.get_num_threads()} threads); windows of {args.window} "
-        f"base tokens, batch {args.batch_size}; {sum(map(len, held_out))} held-out chars"
+        f"base tokens, batch {args.batch_size}; {sum(map(len, held_out))} held-out chars ({args.text} text)"
     )
     print(title)
     curves = []
-    for name in args.arms:
-        print(f"arm {name}: {RECIPES[name]}")
-        curves.append(train_arm(name, RECIPES[name], args, windows, held_out, prompt))
+    for seed in args.seeds:
+        args.seed = seed
+        windows = training_windows(args.model, args.window, args.train_chars, seed, args.text)
+        for name in args.arms:
+            label = name if len(args.seeds) == 1 else f"{name} (seed {seed})"
+            print(f"arm {label}: {RECIPES[name]}")
+            curves.append(train_arm(label, RECIPES[name], args, windows, held_out, prompt))
     report(curves)
     with open(args.json, "w") as f:
         json.dump({"title": title, "curves": [{**asdict(c), "recipe": asdict(c.recipe)} for c in curves]}, f, indent=1)
