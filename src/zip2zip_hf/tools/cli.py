@@ -47,7 +47,16 @@ from .embedded import (
     load_uptrain_export,
     save_named_model,
 )
-from .report import DEFAULT_MAX_BYTES, CLIError, at_least, describe, load_tokenizer, read_text_file, stats_table
+from .report import (
+    DEFAULT_MAX_BYTES,
+    CLIError,
+    at_least,
+    describe,
+    first_line,
+    load_tokenizer,
+    read_text_file,
+    stats_table,
+)
 from .uptrain import add_uptrain_arguments, run_uptrain
 
 
@@ -159,7 +168,7 @@ def run_convert(args: argparse.Namespace) -> int:
         try:
             return from_reference(args.ref_dir, base_model=os.path.expanduser(base) if base is not None else None)
         except (OSError, ValueError) as error:
-            raise CLIError(f"{args.ref_dir}: cannot convert it ({_first_line(error)})") from None
+            raise CLIError(f"{args.ref_dir}: cannot convert it ({first_line(error)})") from None
 
     _write_checkpoint(convert, _save_model_and_tokenizer, destination, args.out_dir)
     print(f"{args.out_dir}: a zip2zip_hf checkpoint (load it with trust_remote_code=True, or after import zip2zip_hf)")
@@ -208,9 +217,7 @@ def _write_checkpoint(load, save, destination: str, out_dir: str) -> None:
         try:
             save(loaded, staging)
         except Exception as error:  # a full disk: OSError, or the Rust writers' own errors
-            raise CLIError(
-                f"{out_dir}: cannot write the checkpoint ({_first_line(error)}); nothing was kept"
-            ) from None
+            raise CLIError(f"{out_dir}: cannot write the checkpoint ({first_line(error)}); nothing was kept") from None
         _move_into_place(staging, destination, out_dir)
         staging = created = None
     finally:  # a failed run (Ctrl-C included) takes back what it wrote
@@ -219,11 +226,6 @@ def _write_checkpoint(load, save, destination: str, out_dir: str) -> None:
         for folder in reversed(created or ()):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _convert_destination(out_dir: str) -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "CLIError",
     "coloured_sample",
     "describe",
+    "first_line",
     "legend",
     "load_tokenizer",
     "prose_samples",
@@ -39,6 +40,12 @@ HEADERS = ("text", "bytes", "base tokens", "zip2zip tokens", "ratio", "bytes/bas
 
 class CLIError(Exception):
     """A problem with the user's input: reported as one line on stderr, without a traceback."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (what a one-line `CLIError` quotes of it), or its type's name when it says nothing."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def read_text_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
@@ -98,8 +105,7 @@ def load_tokenizer(path: str | None, max_codebook_size: int | None, max_subtoken
             return Zip2ZipTokenizer.from_pretrained(folder, **overrides)
         return Zip2ZipTokenizer.from_base(folder, **overrides)
     except (OSError, ValueError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"cannot load a tokenizer from {path}: {first_line}") from None
+        raise CLIError(f"cannot load a tokenizer from {path}: {first_line(error)}") from None
 
 
 def stats_table(tokenizer: Zip2ZipTokenizer, named_texts: Sequence[tuple[str, str]]) -> str:
