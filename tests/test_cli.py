@@ -178,3 +178,16 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, capsys):
     if int(transformers.__version__.split(".")[0]) >= 5:
         assert main(["serve", str(tmp_path), "--device", "cpu"]) == 2
         assert "cannot serve it" in bad_input_message(capsys)
+
+
+def test_a_load_failure_that_says_nothing_is_still_one_line(tmp_path, files, monkeypatch, capsys):
+    import zip2zip_hf.evaluation.scoring as scoring
+
+    def silent_failure(*args, **kwargs):
+        raise ValueError()
+
+    save_tiny_base_model(tmp_path / "model")
+    capsys.readouterr()  # the save's progress bar
+    monkeypatch.setattr(scoring, "load_for_evaluation", silent_failure)
+    assert main(["eval", str(tmp_path / "model"), str(files[0])]) == 2
+    assert "cannot load it (ValueError)" in bad_input_message(capsys)

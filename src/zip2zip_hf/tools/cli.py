@@ -86,7 +86,7 @@ def run_eval(args: argparse.Namespace) -> int:
         try:
             model, tokenizer = load_for_evaluation(folder, device)
         except (OSError, ValueError) as error:  # no weights, mis-shaped weights, no tokenizer, ...
-            raise CLIError(f"{args.model}: cannot load it ({str(error).strip().splitlines()[0]})") from None
+            raise CLIError(f"{args.model}: cannot load it ({first_line(error)})") from None
     else:
         raise CLIError(
             f"{args.model}: not a saved model folder (no config.json) "
@@ -147,7 +147,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         serve(folder, host=args.host, port=args.port, device=args.device, dtype=args.dtype, name=args.checkpoint)
     except (OSError, ValueError) as error:  # no weights, not a zip2zip checkpoint, port taken, bad dtype
-        raise CLIError(f"{args.checkpoint}: cannot serve it ({str(error).strip().splitlines()[0]})") from None
+        raise CLIError(f"{args.checkpoint}: cannot serve it ({first_line(error)})") from None
     return 0
 
 
