@@ -39,6 +39,7 @@ __all__ = [
     "TextScore",
     "base_mode",
     "best_device",
+    "combined_score",
     "kinds_table",
     "load_for_evaluation",
     "score_kinds",
@@ -229,11 +230,12 @@ def score_kinds(
         finally:
             scorer.train(was_training)
     if scores:
-        scores["all"] = {mode: _together([scores[kind][mode] for kind in texts]) for mode in modes}
+        scores["all"] = {mode: combined_score([scores[kind][mode] for kind in texts]) for mode in modes}
     return scores
 
 
-def _together(parts: Sequence[TextScore]) -> TextScore:
+def combined_score(parts: Sequence[TextScore]) -> TextScore:
+    """The `TextScore` of several scores' texts together."""
     nats, n_bytes = sum(p.nats for p in parts), sum(p.bytes for p in parts)
     tokens, base_tokens = sum(p.tokens for p in parts), sum(p.base_tokens for p in parts)
     return TextScore(nats / math.log(2) / n_bytes, n_bytes, tokens, base_tokens, nats)

@@ -33,7 +33,6 @@ module, so each is looked up here where it is used.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -74,23 +73,16 @@ __all__ = [
 
 def score_held_out(model, tokenizer, window: int) -> dict:
     """Bits per byte and steps per byte on each held-out kind and on both together."""
-    from ..evaluation.scoring import score_texts
+    from ..evaluation.scoring import combined_score, score_texts
 
     texts = held_out_texts()
     was_training = model.training
     model.eval()
     scores = {kind: score_texts(model, tokenizer, parts, window=window) for kind, parts in texts.items()}
     model.train(was_training)
-    nats = sum(s.nats for s in scores.values())
-    n_bytes = sum(s.bytes for s in scores.values())
     out = {kind: _rounded(s.to_dict()) for kind, s in scores.items()}
-    out["all"] = _rounded(
-        {
-            "bits_per_byte": nats / math.log(2) / n_bytes,
-            "steps_per_byte": sum(s.tokens for s in scores.values()) / n_bytes,
-            "bytes": n_bytes,
-        }
-    )
+    together = combined_score(list(scores.values())).to_dict()
+    out["all"] = _rounded({name: together[name] for name in ("bits_per_byte", "steps_per_byte", "bytes")})
     return out
 
 
