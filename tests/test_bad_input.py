@@ -184,6 +184,14 @@ def test_saved_model_config_with_float_settings_is_rejected():
         )
 
 
+@pytest.mark.parametrize("key", ["canonical_ids_only", "write_provisional_hypertokens", "tie_hyper_encoders"])
+@pytest.mark.parametrize("value", ["false", 1, None])
+def test_a_switch_of_the_model_config_must_be_a_bool(key, value):
+    """A hand-edited ``"canonical_ids_only": "false"`` would be truthy: refused, not read as True."""
+    with pytest.raises(ValueError, match=f"{key} must be a bool, got {value!r}"):
+        Zip2ZipConfig.from_dict({"text_config": TEXT_CONFIG.to_dict(), "initial_vocab_size": V, key: value})
+
+
 def test_absurd_settings_are_refused_up_front(tiny_base_tokenizer):
     with pytest.raises(ValueError, match=f"max_codebook_size must be <= {MAX_CODEBOOK_SIZE}"):
         Zip2ZipTokenizer.from_base(tiny_base_tokenizer, max_codebook_size=10**9)

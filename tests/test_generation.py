@@ -284,6 +284,81 @@ def test_sampled_ids_are_always_legal_for_their_row(model):
     assert hyper_written > 0
 
 
+def _extends(stream, previous: int, code: int) -> bool:
+    """Whether ``code``'s first base id extends ``previous``'s phrase to an installed entry (what
+    greedy LZW would have written instead: ``code`` is not canonical after ``previous``)."""
+    first = stream.expand(code)[0]
+    return previous * V + first in stream.codebook._lookup
+
+
+class TemptedByIdsThatExtend(LogitsProcessor):
+    """Adds 100 to every legal id whose first base id extends the id before it: greedy decoding then
+    writes one wherever the model's logits leave one finite. Counts the steps that had any."""
+
+    def __init__(self, prompt_length: int):
+        self.prompt_length, self.tempted = prompt_length, 0
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for b, row in enumerate(input_ids.tolist()):
+            stream = CODEC.stream()
+            stream.feed([i for i in row[: self.prompt_length] if i != PAD] + row[self.prompt_length :])
+            legal = range(V + stream.num_legal_hyper)
+            extending = [code for code in legal if _extends(stream, row[-1], code)]
+            if len(row) > self.prompt_length and extending:  # after the first written id
+                self.tempted += 1
+                scores[b, extending] += 100.0
+        return scores
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["python-streams", "device-codebooks"])
+def test_written_ids_are_canonical_after_the_first(model, on_device, monkeypatch):
+    """After the first id (which may go on inside the prompt's last phrase) no written id starts with
+    a base id that extends the id before it, even where a processor pushes such ids to the top."""
+    monkeypatch.setattr(model, "codebooks_on_device", on_device)
+    rows = [compressed(40, 60), compressed(41, 30)]
+    ids, mask = left_pad(rows)
+    tempt = TemptedByIdsThatExtend(ids.shape[1])
+    processors = LogitsProcessorList([tempt])
+    out = generate(model, ids, mask, logits_processor=processors, max_new_tokens=30, return_hypertokens=True)
+    assert tempt.tempted > 20
+    for b, row in enumerate(out.tolist()):
+        stream = CODEC.stream()
+        stream.feed(rows[b])
+        previous = rows[b][-1]
+        for step, code in enumerate(row[ids.shape[1] :]):
+            assert step == 0 or not _extends(stream, previous, code), f"row {b} step {step}: {code} extends {previous}"
+            stream.feed(code)
+            previous = code
+    monkeypatch.setattr(model.config, "canonical_ids_only", False)  # the same run without the rule gives in
+    unruled = generate(model, ids, mask, logits_processor=processors, max_new_tokens=30, return_hypertokens=True)
+    assert not torch.equal(unruled, out)
+
+
+def test_the_prompts_last_phrase_stays_open_for_the_first_id(model):
+    """A prompt that ends with a phrase that has children: a plain forward rules out the ids that
+    extend it, the first step of `generate` does not (the text may go on inside that phrase)."""
+    codes, codebook = CODEC.encode([5, 6, 7, 5, 6, 7, 5, 6, 5, 6])  # ends with [5, 6], which [5, 6, 7] extends
+    stream = CODEC.stream()
+    stream.feed(codes)
+    assert _extends(stream, codes[-1], 7)
+    with torch.no_grad():
+        plain = model(input_ids=torch.tensor([codes])).logits[0, -1]
+    assert plain[7] == float("-inf")
+    seen = []
+
+    class Spy(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(scores.clone())
+            return scores
+
+    generate(model, torch.tensor([codes]), logits_processor=LogitsProcessorList([Spy()]), max_new_tokens=3)
+    assert torch.isfinite(seen[0][0, 7])
+    assert torch.equal(torch.isfinite(seen[0][0]), torch.isfinite(plain) | (seen[0][0] > float("-inf")))
+    with pytest.raises(ValueError, match="open_phrase_at must be an index"):
+        model(input_ids=torch.tensor([codes]), open_phrase_at=len(codes))
+
+
 # ---------------------------------------------------------------------- with a real tokenizer: streamers, stop strings
 
 

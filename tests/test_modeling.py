@@ -158,18 +158,35 @@ def test_bad_precomputed_codebooks_raise():
 # ---------------------------------------------------------------------- legal set
 
 
-def test_finite_logits_are_exactly_the_legal_ids():
-    model = wrap(tiny_base("llama", rows=V + 20))  # model rows beyond the tokenizer are never legal
+def _canonical_next(codec: LZWCodec, prefix: list[int], candidates) -> list[int]:
+    """The ids of ``candidates`` that greedy LZW may write after the canonical ``prefix``: those with
+    which the stream stays what `LZWCodec.encode` makes of its text (the oracle, id by id)."""
+    return [u for u in candidates if codec.encode(codec.decode([*prefix, u])[0])[0] == [*prefix, u]]
+
+
+@pytest.mark.parametrize("canonical_ids_only", [True, False])
+@pytest.mark.parametrize("on_device", [False, True], ids=["python-streams", "device-codebooks"])
+@pytest.mark.parametrize("seed", [8, 9])
+def test_finite_logits_are_exactly_the_legal_ids(seed, on_device, canonical_ids_only):
+    """Finite logits are the legal ids that are canonical next (all legal ids with
+    ``canonical_ids_only=False``), in a whole-sequence forward and step by step."""
+    model = wrap(tiny_base("llama", rows=V + 20), on_device=on_device)  # rows past the tokenizer: never legal
+    model.config.canonical_ids_only = canonical_ids_only
     codec = LZWCodec(V, K, M, DISABLED)
-    row = compressed(8, 150)
+    row = compressed(seed, 150)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([row])).logits[0]
+        stepped = step_by_step_logits(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0]
     assert logits.shape[-1] == V + K
-    stream = codec.stream()
+    stream, ruled_out = codec.stream(), 0
     for t, code in enumerate(row):
         stream.feed(code)
-        finite = torch.isfinite(logits[t]).nonzero().flatten().tolist()
-        assert finite == list(range(V + stream.num_legal_hyper)), f"position {t}"
+        legal = list(range(V + stream.num_legal_hyper))
+        expected = _canonical_next(codec, row[: t + 1], legal) if canonical_ids_only else legal
+        ruled_out += len(legal) - len(expected)
+        assert torch.isfinite(logits[t]).nonzero().flatten().tolist() == expected, f"position {t}"
+        assert torch.isfinite(stepped[t]).nonzero().flatten().tolist() == expected, f"position {t}, step by step"
+    assert (ruled_out > 0) == canonical_ids_only
 
 
 def test_provisional_slot_lets_runs_compress():
@@ -329,6 +346,20 @@ def test_illegal_label_raises():
     labels = torch.tensor([[5, 6, V + 10, 8]])
     with pytest.raises(ValueError, match=r"labels\[0, 2\]"):
         model(input_ids=ids, labels=labels)
+
+
+def test_a_label_that_is_not_canonical_raises_unless_the_rule_is_off():
+    """The text 5 6 7 5 6 7 8 5 6 7 is [5, 6, 7, V, 7, 8, V + 3] canonically: V + 3 = [5, 6, 7] is an entry
+    by then, so greedy LZW never writes 7 after the second V = [5, 6], as the spelling below does."""
+    codec = LZWCodec(V, K, M, DISABLED)
+    spelled = [5, 6, 7, V, 7, 8, V, 7]
+    assert codec.encode(codec.decode(spelled)[0])[0] == [5, 6, 7, V, 7, 8, V + 3]
+    model = wrap(tiny_base("llama"))
+    ids = torch.tensor([spelled])
+    with pytest.raises(ValueError, match=r"labels\[0, 7\] = 7 is not canonical there"):
+        model(input_ids=ids, labels=ids)
+    model.config.canonical_ids_only = False
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
 # ---------------------------------------------------------------------- bad input

@@ -59,6 +59,11 @@ CHEAP = {
     "provisional length 99": (replaced("provisional_lengths", lambda t: t[1].__setitem__(-1, 99)), "= 99 is outside"),
     "legal 10**6": (replaced("legal", lambda t: t[0].__setitem__(5, 10**6)), r"\['legal'\]\[0, 5\] = 1000000"),
     "entry length past M": (replaced("entry_lengths", lambda t: t[1].__setitem__(0, M + 1)), "is outside"),
+    "extending id past V": (replaced("extending", lambda t: t[0, 3].__setitem__(0, V)), rf"= {V} is outside \[-1,"),
+    "extending without a column": (
+        lambda c: {**c, "extending": c["extending"][..., :0]},
+        r"codebooks\['extending'\] has shape",
+    ),
     "float tensors": (
         lambda c: {**c, "legal": c["legal"].float()},
         "must be an integer tensor .* got a torch.float32",
@@ -94,6 +99,15 @@ def test_another_rows_codebooks_of_the_same_shape_are_refused(model):
     swapped = {key: value.flip(0) for key, value in codebooks.items()}
     with pytest.raises(ValueError, match="not these ids'|not a legal id"):
         loss(model, ids, mask, swapped)
+
+
+def test_a_child_left_out_of_extending_is_found_by_the_full_check(model):
+    ids, mask, codebooks = batch()
+    b, t, c = (int(i) for i in torch.nonzero(codebooks["extending"] >= 0)[0])
+    corrupt = replaced("extending", lambda e: e[b, t].__setitem__(c, -1))(codebooks)
+    loss(model, ids, mask, corrupt)  # the cheap checks cannot know: the logits allow one more id there
+    with pytest.raises(ValueError, match=rf"codebooks\['extending'\]\[{b}, {t}, {c}\] = -1; these ids give"):
+        loss(model, ids, mask, corrupt, validate_codebooks=True)
 
 
 def test_reordered_entries_are_found_by_the_full_check(model):

@@ -31,6 +31,12 @@ class ConsumedBlock:
         provisional: ``(B, kept, M)`` the base ids of that provisional slot (what lies past
             ``provisional_lengths`` is never read).
         provisional_lengths: ``(B, kept)`` how many; 0 where no provisional slot is legal.
+        extending: ``(B, kept, C)`` the base ids that would extend the phrase of the id at each kept
+            position to an installed entry (-1 pads): greedy LZW never writes an id that starts with
+            one of them next (it would have written the longer entry), so such ids are not canonical
+            there.
+        entry_first_ids: ``(B, E)`` the first base id of each installed entry, entry k at index k
+            (as far as the block's legal counts reach; 0-padded).
     """
 
     lengths: torch.LongTensor
@@ -38,6 +44,8 @@ class ConsumedBlock:
     legal: torch.LongTensor
     provisional: torch.LongTensor
     provisional_lengths: torch.LongTensor
+    extending: torch.LongTensor
+    entry_first_ids: torch.LongTensor
 
     @property
     def real(self) -> torch.BoolTensor:
@@ -58,6 +66,8 @@ class ConsumedBlock:
             legal=tensors["legal"][:, kept],
             provisional=tensors["provisional"][:, kept],
             provisional_lengths=tensors["provisional_lengths"][:, kept],
+            extending=tensors["extending"][:, kept],
+            entry_first_ids=tensors["entries"][..., 0],
         )
 
 

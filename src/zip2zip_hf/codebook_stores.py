@@ -134,7 +134,7 @@ class StreamStore:
         check_id_range(ids, self.codec.total_vocab_size)
         base_offsets = torch.tensor([stream.num_base_ids for stream in self.streams])
         real_offsets = torch.tensor(self.num_real_tokens)
-        lengths, legal, provisional, provisional_lengths = consume_rows(
+        lengths, legal, provisional, provisional_lengths, extending, entry_first_ids = consume_rows(
             self.streams, ids, real, keep, self.codec.max_subtokens
         )
         self.num_real_tokens = [n + sum(row) for n, row in zip(self.num_real_tokens, real)]
@@ -146,6 +146,8 @@ class StreamStore:
             legal=legal,
             provisional=provisional,
             provisional_lengths=provisional_lengths,
+            extending=extending,
+            entry_first_ids=entry_first_ids,
         )
 
     def raise_if_illegal(self, block_start: int | None = None) -> None:
@@ -255,6 +257,7 @@ class TensorStore:
         offsets = codebooks.state[:, -2:].clone()  # base ids and real ids before the block (`feed` updates in place)
         kept_at = set(keep)
         lengths, created, legality, legal, provisional, provisional_lengths = [], [], [], [], [], []
+        extending = []
         for t in range(input_ids.shape[1]):
             fed, new, verdict = codebooks.feed(input_ids[:, t], real[:, t])
             lengths.append(fed)
@@ -265,6 +268,7 @@ class TensorStore:
                 legal.append(codebooks.num_installed + (content_length > 0))
                 provisional.append(content)
                 provisional_lengths.append(content_length)
+                extending.append(codebooks.extending(torch.where(real[:, t], input_ids[:, t], -1)))
         lengths, legality = _stacked(lengths), _stacked(legality)
         model_positions = positions_of(lengths, position_mode, offsets[:, 0], offsets[:, 1])
         if self.max_positions is not None:  # recorded as illegal, and never an index past the base's table
@@ -278,6 +282,8 @@ class TensorStore:
             legal=_stacked(legal),
             provisional=_stacked(provisional),
             provisional_lengths=_stacked(provisional_lengths),
+            extending=_stacked(extending),
+            entry_first_ids=codebooks.content[:, : codebooks.codec.max_codebook_size, 0],
         )
 
     def _record_illegal(self, legality: torch.LongTensor, input_ids: torch.LongTensor, positions) -> None:
@@ -384,7 +390,8 @@ def check_id_range(ids: list[list[int]], total: int) -> None:
 
 def consume_rows(streams, ids: list[list[int]], real: list[list[bool]], keep, max_subtokens: int):
     """Feed each row's real ids to its stream; return `ConsumedBlock`'s ``lengths``, ``legal``,
-    ``provisional`` and ``provisional_lengths`` (at the ``keep`` positions).
+    ``provisional`` and ``provisional_lengths`` (at the ``keep`` positions), ``extending`` (there)
+    and ``entry_first_ids``.
 
     The ids between two kept positions go to the stream in one call (a prompt whose last logits
     alone are kept: one call per row), as a call costs more than an id.
@@ -396,6 +403,7 @@ def consume_rows(streams, ids: list[list[int]], real: list[list[bool]], keep, ma
     legal = [[0] * len(kept_at) for _ in ids]
     provisional = [[[0] * max_subtokens for _ in kept_at] for _ in ids]
     provisional_lengths = [[0] * len(kept_at) for _ in ids]
+    last_ids = [[(-1, 0)] * len(kept_at) for _ in ids]  # (the id there, entries installed) at each kept position
     for b, (row, row_real, stream) in enumerate(zip(ids, real, streams)):
         start = 0
         for end in ends:
@@ -413,9 +421,47 @@ def consume_rows(streams, ids: list[list[int]], real: list[list[bool]], keep, ma
                 continue
             content = stream.provisional_subtokens()
             legal[b][j] = stream.num_installed + (content is not None)
+            last_ids[b][j] = (row[end] if row_real[end] else -1, stream.num_installed)
             if content is not None:
                 provisional[b][j][: len(content)] = content
                 provisional_lengths[b][j] = len(content)
     as_tensor = functools.partial(torch.tensor, dtype=torch.long)
     provisional = as_tensor(provisional).reshape(len(ids), len(kept_at), max_subtokens)
-    return as_tensor(lengths), as_tensor(legal), provisional, as_tensor(provisional_lengths)
+    extending, entry_first_ids = _extending(streams, last_ids)
+    return (
+        as_tensor(lengths),
+        as_tensor(legal),
+        provisional,
+        as_tensor(provisional_lengths),
+        extending,
+        entry_first_ids,
+    )
+
+
+def _extending(streams, last_ids: list[list[tuple[int, int]]]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`ConsumedBlock`'s ``extending`` (``(B, kept, C)``, -1 padded, C >= 1) at the kept positions,
+    each given as its id (-1 on padding) and the entries installed there, and ``entry_first_ids``.
+
+    One pass over each row's codebook keys (``prefix * V + last``, in creation order) finds the
+    children of every phrase and the first base id of every entry; a kept position extends by the
+    last ids of its id's children installed by then (entry k was installed by then iff k is below
+    that count). A phrase has one id, so its children are keyed by that id."""
+    rows, firsts = [], []
+    for stream, row_last_ids in zip(streams, last_ids):
+        V = stream.codec.initial_vocab_size
+        children: dict[int, list[tuple[int, int]]] = {}
+        first: list[int] = []
+        for k, key in enumerate(stream.codebook._lookup):
+            prefix, last = divmod(key, V)
+            children.setdefault(prefix, []).append((k, last))
+            first.append(prefix if prefix < V else first[prefix - V])
+        rows.append([[last for k, last in children.get(code, ()) if k < n] for code, n in row_last_ids])
+        firsts.append(first)
+    width = max((len(ids) for row in rows for ids in row), default=0) or 1
+    kept = len(rows[0]) if rows else 0
+    extending = torch.tensor(
+        [[ids + [-1] * (width - len(ids)) for ids in row] for row in rows], dtype=torch.long
+    ).reshape(len(rows), kept, width)
+    num_entries = max(map(len, firsts), default=0)
+    entry_first_ids = torch.tensor([f + [0] * (num_entries - len(f)) for f in firsts], dtype=torch.long)
+    return extending, entry_first_ids.reshape(len(firsts), num_entries)

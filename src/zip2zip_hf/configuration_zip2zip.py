@@ -59,6 +59,12 @@ class Zip2ZipConfig(PretrainedConfig):
         write_provisional_hypertokens: whether `generate` may write the provisional id (the entry the
             next id would create, e.g. in ``=====``). False for checkpoints converted from the
             reference package, whose generation never writes it; the forward scores it either way.
+        canonical_ids_only: whether the forward gives ``-inf`` to every id that is not canonical at
+            its position: one whose first base id would extend the phrase before it, which greedy LZW
+            never writes (`hyper_logits.not_canonical`). Each text then has one id sequence, so the
+            probability of its canonical ids is the text's (bits per byte are exact, not a bound)
+            and `generate` writes only what training reads. False: the probability mass a model
+            puts on other spellings of a text is kept (the reference package's logits).
     """
 
     model_type = "zip2zip"
@@ -83,6 +89,7 @@ class Zip2ZipConfig(PretrainedConfig):
         position_mode: str = "base",
         reference_hyper_encoder: dict | None = None,
         write_provisional_hypertokens: bool = True,
+        canonical_ids_only: bool = True,
         zip2zip_format_version: int = ZIP2ZIP_FORMAT_VERSION,
         **kwargs,
     ):
@@ -148,6 +155,9 @@ class Zip2ZipConfig(PretrainedConfig):
         if not isinstance(write_provisional_hypertokens, bool):
             raise ValueError(f"write_provisional_hypertokens must be a bool, got {write_provisional_hypertokens!r}")
         self.write_provisional_hypertokens = write_provisional_hypertokens
+        if not isinstance(canonical_ids_only, bool):
+            raise ValueError(f"canonical_ids_only must be a bool, got {canonical_ids_only!r}")
+        self.canonical_ids_only = canonical_ids_only
         self.zip2zip_format_version = zip2zip_format_version
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         # transformers propagates the attention implementation down to sub-configs; without this the

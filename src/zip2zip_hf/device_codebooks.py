@@ -108,6 +108,16 @@ class DeviceCodebooks:
         slot = self.table[self._row_ids, self.num_installed]
         return slot[:, :M], slot[:, M + 1]
 
+    def extending(self, codes: torch.LongTensor) -> torch.LongTensor:
+        """``(B, K)`` the base ids that would extend the phrase of ``codes`` (``(B,)``, -1 for none):
+        the last id of each installed entry whose prefix it is, -1 elsewhere. An id starting with
+        one is not what greedy LZW writes after it. Slots past the installed entries hold no key
+        any prefix matches."""
+        V, K = self.codec.initial_vocab_size, self.codec.max_codebook_size
+        keys = self.keys[:, :K]
+        child = torch.div(keys, V, rounding_mode="floor") == codes[:, None]
+        return torch.where(child, keys.remainder(V), -1)
+
     @property
     def num_legal_hyper(self) -> torch.LongTensor:
         return self.num_installed + (self.provisional()[1] > 0)

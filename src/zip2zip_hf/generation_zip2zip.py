@@ -100,6 +100,9 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             streamer = _BaseIdStreamer(streamer, self.codec)
         if not self.config.write_provisional_hypertokens:
             kwargs.setdefault("score_provisional", False)  # reaches every step's forward
+        # The prompt's end may cut its last phrase short: the first id written may go on inside it.
+        # The prefill's forward alone takes this (`_update_model_kwargs_for_generation` drops it).
+        kwargs["open_phrase_at"] = -1
         # The ids come from masked logits: the steps record their legality on the device, read
         # once here at the end (a processor that unmasks an illegal id is still named).
         checks = kwargs["deferred_checks"] = kwargs.get("deferred_checks") or DeferredLegalityChecks()
@@ -125,6 +128,13 @@ class Zip2ZipGenerationMixin(GenerationMixin):
             return expanded
         output.sequences = expanded
         return output
+
+    def _update_model_kwargs_for_generation(self, *args, **kwargs) -> dict:
+        """transformers' update after each forward, and the prompt's open phrase dropped after the
+        first (the prefill): the ids after it are the model's own, canonical by its logits."""
+        model_kwargs = super()._update_model_kwargs_for_generation(*args, **kwargs)
+        model_kwargs.pop("open_phrase_at", None)
+        return model_kwargs
 
     def _stop_before_the_positions_run_out(self, checks: DeferredLegalityChecks, kwargs: dict) -> None:
         """Add `PositionLimit` to the call's stopping criteria when the base model has a last position."""

@@ -20,6 +20,7 @@ __all__ = [
     "check_head_reproduces_base",
     "decoder_of",
     "hyper_loss",
+    "not_canonical",
     "postprocess_logits",
     "select_kept",
     "widen_logits",
@@ -36,9 +37,12 @@ def widen_logits(
     max_codebook_size: int,
     text_config: PretrainedConfig,
     score_provisional: bool = True,
+    canonical_ids_only: bool = True,
+    open_kept: int | None = None,
 ) -> torch.Tensor:
     """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf (and
-    the provisional entry too, unless ``score_provisional``).
+    the provisional entry too, unless ``score_provisional``; and, with ``canonical_ids_only``, every
+    id that is not canonical there, but after the kept position ``open_kept``: see `not_canonical`).
 
     ``base_logits`` are the head's raw output (model rows past V, if any, are dropped).
     Fixed work per position, no host sync: hyper logits are computed for every slot the table holds
@@ -60,10 +64,41 @@ def widen_logits(
     unscored = slot >= consumed.legal[..., None]
     if not score_provisional:
         unscored = unscored | is_provisional
+    base = postprocess_logits(base_logits[..., :V], text_config)
+    if canonical_ids_only:
+        base_extends, hyper_extends = not_canonical(consumed, V, width)
+        if open_kept is not None:  # a prompt's end: its last phrase may go on
+            base_extends[:, open_kept] = False
+            hyper_extends[:, open_kept] = False
+        base = base.masked_fill(base_extends, float("-inf"))
+        unscored = unscored | (hyper_extends & ~is_provisional)
     hyper = postprocess_logits(hyper, text_config).masked_fill(unscored, float("-inf"))
     tail = base_logits.new_full((*base_logits.shape[:2], K - width), float("-inf"))
-    base = postprocess_logits(base_logits[..., :V], text_config)
     return torch.cat([base, hyper.to(base_logits.dtype), tail], dim=-1)
+
+
+def not_canonical(consumed: ConsumedBlock, initial_vocab_size: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, kept, V)`` and ``(B, kept, width)``: the base and hyper ids that are not canonical after
+    each kept position, those whose first base id would extend the phrase of the id there.
+
+    Greedy LZW writes a phrase only when the next base id does not extend it to an entry, so after
+    the phrase ``w`` its next id never starts with such an id. Every text then has exactly one id
+    sequence these logits allow, the canonical one: its probability is the text's, and `generate`
+    writes what training reads. Tensor work of fixed shape, no host sync.
+
+    The provisional id's slot is left to its own rule by the caller: after a canonical prefix it is
+    ``w + w[0]`` and legal only where it extends nothing, and its slot holds another entry later in
+    the sequence (whose first id is what ``entry_first_ids`` gives).
+    """
+    V, extending = initial_vocab_size, consumed.extending
+    batch_size, kept = extending.shape[:2]
+    # Column V takes the padding (-1) and is dropped: every write is True, so duplicates are harmless.
+    hit = torch.zeros(batch_size, kept, V + 1, dtype=torch.bool, device=extending.device)
+    hit.scatter_(-1, torch.where(extending >= 0, extending, V), True)
+    first_ids = consumed.entry_first_ids[:, :width]
+    first_ids = F.pad(first_ids, (0, width - first_ids.shape[1]), value=V)  # slots past the entries: unscored anyway
+    hyper = hit.gather(-1, first_ids[:, None, :].expand(batch_size, kept, width))
+    return hit[..., :V], hyper
 
 
 def postprocess_logits(logits: torch.Tensor, text_config: PretrainedConfig) -> torch.Tensor:
@@ -89,17 +124,27 @@ def hyper_loss(
     initial_vocab_size: int,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy over ``V + K`` classes; a target illegal at its position raises."""
+    """Next-token cross-entropy over ``V + K`` classes; a target illegal at its position, or one its
+    logits rule out (not canonical there), raises."""
     V = initial_vocab_size
     targets = labels[:, 1:].to(logits.device)
     legal = consumed.legal[:, :-1].to(logits.device)
     counted = targets != -100
     illegal = counted & ((targets < 0) | ((targets >= V) & (targets - V >= legal)))
-    if illegal.any():
-        b, t = (int(i) for i in torch.nonzero(illegal)[0])
+    ruled_out = (
+        counted & logits[:, :-1].gather(-1, targets.clamp(0, logits.shape[-1] - 1)[..., None])[..., 0].isneginf()
+    )
+    if (illegal | ruled_out).any():
+        b, t = (int(i) for i in torch.nonzero(illegal | ruled_out)[0])
+        if illegal[b, t]:
+            raise ValueError(
+                f"labels[{b}, {t + 1}] = {int(targets[b, t])} is not a legal target there "
+                f"(legal hyper ids: {V}..{V + int(legal[b, t]) - 1})"
+            )
         raise ValueError(
-            f"labels[{b}, {t + 1}] = {int(targets[b, t])} is not a legal target there "
-            f"(legal hyper ids: {V}..{V + int(legal[b, t]) - 1})"
+            f"labels[{b}, {t + 1}] = {int(targets[b, t])} is not canonical there: its first base id extends the "
+            "phrase before it, so greedy LZW never writes it and the logits rule it out (train on the ids the "
+            "tokenizer writes, or set config.canonical_ids_only=False)"
         )
     loss = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"

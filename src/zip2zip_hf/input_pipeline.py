@@ -50,6 +50,8 @@ class BlockPlan:
         deferred_checks: where the block's legality check goes instead of being read when it ends
             (`DeferredLegalityChecks`, from `generate`), or None.
         score_provisional: whether the provisional entry gets a logit (the causal LM's head).
+        open_kept: the kept position (an index into ``keep``) after which any legal id may follow,
+            canonical or not: the end of a prompt (``open_phrase_at``), or None.
     """
 
     cache: Cache | None
@@ -62,6 +64,7 @@ class BlockPlan:
     cache_position: torch.LongTensor
     deferred_checks: DeferredLegalityChecks | None = None
     score_provisional: bool = True
+    open_kept: int | None = None
 
 
 class Zip2ZipInputPipeline:
@@ -126,16 +129,18 @@ class Zip2ZipInputPipeline:
         labels=None,
         logits_to_keep=0,
         score_provisional: bool = True,
+        open_phrase_at: int | None = None,
     ) -> BlockPlan:
         """Check the inputs and settle everything a block needs before it runs (see `BlockPlan`).
         ``has_head``: whether a fresh codebook state keeps output vectors too; ``labels``,
-        ``logits_to_keep`` and ``score_provisional`` are the head's."""
+        ``logits_to_keep``, ``score_provisional`` and ``open_phrase_at`` are the head's."""
         cache = pop_cache(kwargs, cache)
         check_input_ids(input_ids, inputs_embeds)
         batch_size, length = input_ids.shape
         if labels is not None and tuple(labels.shape) != (batch_size, length):
             raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
         keep = kept_positions(length, 0 if labels is not None else logits_to_keep)
+        open_kept = _kept_index(open_phrase_at, length, keep)
         # No mask given means no padding. With a cache the base model is told so (None): a mask of
         # ones would make it read the mask back to find that out (a host sync per step). Without a
         # cache it gets the ones, or it would take the jumps of base positions for packed sequences.
@@ -194,6 +199,7 @@ class Zip2ZipInputPipeline:
             cache_position,
             deferred_checks,
             score_provisional,
+            open_kept,
         )
 
     def _resolve_state(self, cache: Cache | None, batch_size: int, use_cache: bool, has_head: bool):
@@ -341,3 +347,18 @@ def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
 
 
 _truncate = torch.compiler.disable(truncate_cache)  # the rollback stays eager, whoever compiles the model
+
+
+def _kept_index(open_phrase_at, length: int, keep: list[int]) -> int | None:
+    """The index into ``keep`` of block position ``open_phrase_at`` (negative counts from the end),
+    None when it is None or its logits are not kept; a ValueError for a position the block lacks."""
+    if open_phrase_at is None:
+        return None
+    if (
+        isinstance(open_phrase_at, bool)
+        or not isinstance(open_phrase_at, int)
+        or not -length <= open_phrase_at < length
+    ):
+        raise ValueError(f"open_phrase_at must be an index into this block's {length} ids, got {open_phrase_at!r}")
+    position = open_phrase_at % length
+    return keep.index(position) if position in keep else None

@@ -362,6 +362,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         codebooks: dict[str, torch.Tensor] | None = None,
         validate_codebooks: bool = False,
         score_provisional: bool = True,
+        open_phrase_at: int | None = None,
         deferred_checks: DeferredLegalityChecks | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -388,6 +389,10 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             score_provisional: False makes the provisional entry's logit ``-inf`` (it stays legal to
                 read): what `generate` passes for a model that does not write it
                 (``config.write_provisional_hypertokens``).
+            open_phrase_at: the index in ``input_ids`` of a prompt's last id (negative from the end):
+                the text may go on inside the phrase pending there, which the prompt's end cut short,
+                so the logits there allow every legal id, not only canonical ones
+                (``config.canonical_ids_only``). `generate` passes -1 for the prompt.
             deferred_checks: a `DeferredLegalityChecks` that takes this call's legality check, to be
                 read later, instead of reading it before returning (a host sync once the codebooks
                 are on the device): what `generate` passes, whose ids come from masked logits, so
@@ -418,6 +423,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             logits_to_keep=logits_to_keep,
             validate_codebooks=validate_codebooks,
             score_provisional=score_provisional,
+            open_phrase_at=open_phrase_at,
             deferred_checks=deferred_checks,
             has_head=True,
         )
@@ -456,6 +462,8 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             self.codec.max_codebook_size,
             self.config.get_text_config(),
             block.score_provisional,
+            self.config.canonical_ids_only,
+            block.open_kept,
         )
         if unused is not None:  # keep every output-encoder parameter in the graph (DDP), adding exactly 0
             logits = logits + unused

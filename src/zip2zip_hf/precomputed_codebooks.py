@@ -23,7 +23,15 @@ from .lzw import LZWCodec
 __all__ = ["CODEBOOK_TENSOR_KEYS", "codebook_tensors", "precomputed_block", "whole_codebook_table"]
 
 # What `codebook_tensors` returns (and ``forward(codebooks=...)`` reads).
-CODEBOOK_TENSOR_KEYS = ("lengths", "legal", "provisional", "provisional_lengths", "entries", "entry_lengths")
+CODEBOOK_TENSOR_KEYS = (
+    "lengths",
+    "legal",
+    "provisional",
+    "provisional_lengths",
+    "extending",
+    "entries",
+    "entry_lengths",
+)
 
 
 def codebook_tensors(
@@ -34,7 +42,7 @@ def codebook_tensors(
     Made where batches are made (`Zip2ZipDataCollator`, in DataLoader workers, in parallel with the
     device) and passed as ``forward(input_ids, ..., codebooks=...)``, so the step has no Python pass
     over the ids. Keys (`CODEBOOK_TENSOR_KEYS`): ``lengths``, ``legal``, ``provisional`` and
-    ``provisional_lengths`` as in `ConsumedBlock` with every position kept; ``entries`` ``(B, E, M)``
+    ``provisional_lengths`` and ``extending`` as in `ConsumedBlock` with every position kept; ``entries`` ``(B, E, M)``
     the base ids of each row's installed entries, entry k at index k, 0-padded (E: the most any row
     installs), and ``entry_lengths`` ``(B, E)`` (0 where a row has no entry k).
 
@@ -45,7 +53,7 @@ def codebook_tensors(
     real = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool().tolist()
     check_id_range(ids, codec.total_vocab_size)
     streams = [codec.stream() for _ in ids]
-    lengths, legal, provisional, provisional_lengths = consume_rows(
+    lengths, legal, provisional, provisional_lengths, extending, _ = consume_rows(
         streams, ids, real, range(input_ids.shape[1]), codec.max_subtokens
     )
     contents = [stream.codebook.to_list() for stream in streams]
@@ -57,6 +65,7 @@ def codebook_tensors(
         "legal": legal,
         "provisional": provisional,
         "provisional_lengths": provisional_lengths,
+        "extending": extending,
         "entries": torch.tensor(entries, dtype=torch.long).reshape(len(ids), width, M),
         "entry_lengths": torch.tensor(entry_lengths, dtype=torch.long).reshape(len(ids), width),
     }
@@ -116,11 +125,13 @@ def _checked_layout(codebooks, batch_size: int, length: int, M: int, device) -> 
                 f"codebooks[{key!r}] must be an integer tensor (codebook_tensors() makes them), got {kind}"
             )
     width = codebooks["entries"].shape[1] if codebooks["entries"].dim() == 3 else -1
+    children = codebooks["extending"].shape[2] if codebooks["extending"].dim() == 3 else -1
     expected = {
         "lengths": (batch_size, length),
         "legal": (batch_size, length),
         "provisional": (batch_size, length, M),
         "provisional_lengths": (batch_size, length),
+        "extending": (batch_size, length, max(children, 1)),
         "entries": (batch_size, width, M),
         "entry_lengths": (batch_size, width),
     }
@@ -149,6 +160,7 @@ def _problems(tensors: dict, input_ids, real, codec: LZWCodec) -> list[tuple[Cal
         "legal": (0, min(K, width + 1)),
         "provisional": (0, V - 1),
         "provisional_lengths": (0, M),
+        "extending": (-1, V - 1),
         "entries": (0, V - 1),
         "entry_lengths": (0, M),
     }

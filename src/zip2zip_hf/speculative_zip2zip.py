@@ -165,6 +165,9 @@ def speculative_decoding(
     # Positions in the cache (a cache handed to generate may hold some); the ids after them are fed
     # next, with the draft.
     cached = cache.hyper_state.num_positions if getattr(cache, "hyper_state", None) is not None else 0
+    # The prompt's last phrase may go on in the first id written (see `generate`): open at the first verification.
+    model_kwargs.pop("open_phrase_at", None)
+    open_phrase_at = input_ids.shape[1] - cached - 1 if input_ids.shape[1] > cached else None
     done = False
     while not done:
         cur_len = input_ids.shape[1]
@@ -179,7 +182,9 @@ def speculative_decoding(
             use_cache=True,
             logits_to_keep=len(draft) + 1,
             score_provisional=model_kwargs.get("score_provisional", True),
+            open_phrase_at=open_phrase_at,
         )
+        open_phrase_at = None
         cache = getattr(out, output_cache_field())
         if model.codebooks_on_device is None:
             # Python streams, even on an accelerator: an iteration reads its accepted ids on the host

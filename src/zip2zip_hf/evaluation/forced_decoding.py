@@ -33,7 +33,8 @@ class ForcedContinuationLogitsProcessor(LogitsProcessor):
 
     The prompt of each row is what the first call sees (leading ``pad_token_id`` ids dropped); after
     the text, ``eos_token_id`` is forced (or, without one, the last id again). A forced id the model
-    scores ``-inf`` (not legal for its row) raises: the model's legal set must hold the canonical ids.
+    scores ``-inf`` (not legal for its row, or not canonical there) after the row has written the
+    forced ids so far raises: the model's legal set must hold the canonical ids.
 
     Attributes:
         codes: per row, the forced compressed ids (set at the first call).
@@ -71,9 +72,12 @@ class ForcedContinuationLogitsProcessor(LogitsProcessor):
         rows_t = torch.tensor(rows, device=scores.device)
         ids_t = torch.tensor(ids, device=scores.device)
         picked = scores[rows_t, ids_t]
-        if not torch.isfinite(picked).all():
-            row = int((~torch.isfinite(picked)).nonzero()[0, 0])
-            raise ValueError(f"row {row}, step {step}: the forced id {ids[row]} is not legal for the model there")
+        # Only a row that has written the forced ids so far must allow the next one: speculative
+        # decoding also scores positions after a draft it is about to reject.
+        written = input_ids[:, self.prompt_length :].tolist()
+        for row in (~torch.isfinite(picked)).nonzero().flatten().tolist():
+            if written[row] == self.codes[row][:step]:
+                raise ValueError(f"row {row}, step {step}: the forced id {ids[row]} is not legal for the model there")
         forced = torch.full_like(scores, float("-inf"))
         forced[rows_t, ids_t] = 0.0
         return forced

@@ -10,8 +10,10 @@ both:
   UTF-8 bytes;
 * a zip2zip model reads each window compressed from an empty codebook (the prefix included): its
   score is the probability of the window's canonical ids, the ids its tokenizer writes for that
-  text. (A model may also give some probability to other legal id sequences of the same text, so
-  this is an upper bound on its bits per byte; it is how zip2zip models are scored.)
+  text. With ``config.canonical_ids_only`` (the default) that is the probability of the text: the
+  logits allow no other id sequence of it. Without (a checkpoint converted from the reference
+  package), the model also gives some probability to other legal id sequences of the same text, and
+  this is an upper bound on its bits per byte.
 
 ``python -m zip2zip_hf eval MODEL_PATH FILE... [--json]`` runs it on saved checkpoints, zip2zip or
 plain (detected from the config).

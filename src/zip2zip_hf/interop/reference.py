@@ -141,6 +141,9 @@ def from_reference(
         tie_hyper_encoders=bool(settings["encoder"].get("tie_encoders", False)),
         position_mode=POSITION_MODES[settings.get("position_mode", "compressed")],
         write_provisional_hypertokens=False,  # its generation never writes the provisional id
+        # Its logits and generation exactly: it keeps the mass of ids that are not canonical (True
+        # makes bits per byte exact and generation canonical; the model is otherwise the same).
+        canonical_ids_only=False,
     )
     _load_encoders(model, folder, settings)
     return model.eval(), tokenizer
