@@ -13,6 +13,7 @@ from utils import (
     K,
     M,
     V,
+    assert_same_logits,
     compressed,
     forced_text_generation,
     left_pad,
@@ -354,9 +355,18 @@ def test_the_prompts_last_phrase_stays_open_for_the_first_id(model):
 
     generate(model, torch.tensor([codes]), logits_processor=LogitsProcessorList([Spy()]), max_new_tokens=3)
     assert torch.isfinite(seen[0][0, 7])
-    assert torch.equal(torch.isfinite(seen[0][0]), torch.isfinite(plain) | (seen[0][0] > float("-inf")))
+    ids = torch.tensor([codes])
+    marked = torch.zeros_like(ids, dtype=torch.bool)
+    marked[0, -1] = True
+    with torch.no_grad():
+        by_index = model(input_ids=ids, open_phrase_at=-1).logits[0]
+        by_mask = model(input_ids=ids, open_phrase_at=marked).logits[0]
+    assert torch.equal(by_index, by_mask) and torch.isfinite(by_index[-1, 7])
+    assert_same_logits(by_index[-1:], seen[0])  # what generate's first step saw
     with pytest.raises(ValueError, match="open_phrase_at must be an index"):
-        model(input_ids=torch.tensor([codes]), open_phrase_at=len(codes))
+        model(input_ids=ids, open_phrase_at=len(codes))
+    with pytest.raises(ValueError, match="bool tensor shaped like input_ids"):
+        model(input_ids=ids, open_phrase_at=marked.long())
 
 
 # ---------------------------------------------------------------------- with a real tokenizer: streamers, stop strings

@@ -5,6 +5,7 @@ and runs from ``python -m zip2zip_hf lm-eval`` on local tasks (JSON in tests/dat
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -80,9 +81,9 @@ def requests(kind: str, arguments: list[tuple]) -> list[Instance]:
     return [Instance(kind, {}, args, i) for i, args in enumerate(arguments)]
 
 
-def log_probs_of(model, codes: list[int]) -> torch.Tensor:
+def log_probs_of(model, codes: list[int], **kwargs) -> torch.Tensor:
     with torch.no_grad():
-        return F.log_softmax(model(input_ids=torch.tensor([codes])).logits[0].double(), dim=-1)
+        return F.log_softmax(model(input_ids=torch.tensor([codes]), **kwargs).logits[0].double(), dim=-1)
 
 
 def hand_loglikelihood(model, codec, context: list[int], continuation: list[int]) -> tuple[float, bool, list[int]]:
@@ -93,7 +94,8 @@ def hand_loglikelihood(model, codec, context: list[int], continuation: list[int]
     context_codes = codec.encode(context)[0]
     continuation_codes = canonical_continuation(codec, context_codes, continuation)
     assert codec.decode(context_codes + continuation_codes)[0] == context + continuation
-    log_probs = log_probs_of(model, context_codes + continuation_codes)[len(context_codes) - 1 : -1]
+    log_probs = log_probs_of(model, context_codes + continuation_codes, open_phrase_at=len(context_codes) - 1)
+    log_probs = log_probs[len(context_codes) - 1 : -1]
     picked = log_probs[torch.arange(len(continuation_codes)), continuation_codes]
     greedy = log_probs.argmax(-1).tolist() == continuation_codes
     return float(picked.sum()), greedy, continuation_codes
@@ -140,6 +142,7 @@ def test_loglikelihood_scores_the_canonical_continuation(text_model, text_tok, t
     results = lm.loglikelihood(requests("loglikelihood", PAIRS))
     naive_differs = 0
     for (context, continuation), (log_prob, greedy) in zip(PAIRS, results):
+        assert math.isfinite(log_prob), "a continuation may go on inside the context's last phrase"
         context_ids = tiny_base_tokenizer(context)["input_ids"]
         continuation_ids = tiny_base_tokenizer(context + continuation)["input_ids"][len(context_ids) :]
         expected, expected_greedy, codes = hand_loglikelihood(

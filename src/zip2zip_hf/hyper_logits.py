@@ -38,11 +38,11 @@ def widen_logits(
     text_config: PretrainedConfig,
     score_provisional: bool = True,
     canonical_ids_only: bool = True,
-    open_kept: int | None = None,
+    open_kept: torch.BoolTensor | None = None,
 ) -> torch.Tensor:
     """``[base logits for ids < V | hyper logits | -inf]``, ``V + K`` wide, illegal ids at -inf (and
     the provisional entry too, unless ``score_provisional``; and, with ``canonical_ids_only``, every
-    id that is not canonical there, but after the kept position ``open_kept``: see `not_canonical`).
+    id that is not canonical there, but at the kept positions ``open_kept`` marks: see `not_canonical`).
 
     ``base_logits`` are the head's raw output (model rows past V, if any, are dropped).
     Fixed work per position, no host sync: hyper logits are computed for every slot the table holds
@@ -68,8 +68,8 @@ def widen_logits(
     if canonical_ids_only:
         base_extends, hyper_extends = not_canonical(consumed, V, width)
         if open_kept is not None:  # a prompt's end: its last phrase may go on
-            base_extends[:, open_kept] = False
-            hyper_extends[:, open_kept] = False
+            base_extends = base_extends & ~open_kept[..., None]
+            hyper_extends = hyper_extends & ~open_kept[..., None]
         base = base.masked_fill(base_extends, float("-inf"))
         unscored = unscored | (hyper_extends & ~is_provisional)
     hyper = postprocess_logits(hyper, text_config).masked_fill(unscored, float("-inf"))

@@ -50,8 +50,8 @@ class BlockPlan:
         deferred_checks: where the block's legality check goes instead of being read when it ends
             (`DeferredLegalityChecks`, from `generate`), or None.
         score_provisional: whether the provisional entry gets a logit (the causal LM's head).
-        open_kept: the kept position (an index into ``keep``) after which any legal id may follow,
-            canonical or not: the end of a prompt (``open_phrase_at``), or None.
+        open_kept: ``(B, kept)`` True at the kept positions after which any legal id may follow,
+            canonical or not: the end of a prompt (``open_phrase_at``); None for none.
     """
 
     cache: Cache | None
@@ -64,7 +64,7 @@ class BlockPlan:
     cache_position: torch.LongTensor
     deferred_checks: DeferredLegalityChecks | None = None
     score_provisional: bool = True
-    open_kept: int | None = None
+    open_kept: torch.BoolTensor | None = None
 
 
 class Zip2ZipInputPipeline:
@@ -129,7 +129,7 @@ class Zip2ZipInputPipeline:
         labels=None,
         logits_to_keep=0,
         score_provisional: bool = True,
-        open_phrase_at: int | None = None,
+        open_phrase_at: int | torch.BoolTensor | None = None,
     ) -> BlockPlan:
         """Check the inputs and settle everything a block needs before it runs (see `BlockPlan`).
         ``has_head``: whether a fresh codebook state keeps output vectors too; ``labels``,
@@ -140,7 +140,7 @@ class Zip2ZipInputPipeline:
         if labels is not None and tuple(labels.shape) != (batch_size, length):
             raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids {(batch_size, length)}")
         keep = kept_positions(length, 0 if labels is not None else logits_to_keep)
-        open_kept = _kept_index(open_phrase_at, length, keep)
+        open_kept = open_kept_positions(open_phrase_at, input_ids, keep)
         # No mask given means no padding. With a cache the base model is told so (None): a mask of
         # ones would make it read the mask back to find that out (a host sync per step). Without a
         # cache it gets the ones, or it would take the jumps of base positions for packed sequences.
@@ -349,16 +349,28 @@ def all_or_nothing(block: BlockPlan, input_ids: torch.LongTensor):
 _truncate = torch.compiler.disable(truncate_cache)  # the rollback stays eager, whoever compiles the model
 
 
-def _kept_index(open_phrase_at, length: int, keep: list[int]) -> int | None:
-    """The index into ``keep`` of block position ``open_phrase_at`` (negative counts from the end),
-    None when it is None or its logits are not kept; a ValueError for a position the block lacks."""
+def open_kept_positions(open_phrase_at, input_ids: torch.LongTensor, keep: list[int]) -> torch.BoolTensor | None:
+    """``(B, kept)`` True at the kept positions that ``open_phrase_at`` names (None for None): an
+    index into the block (negative from the end) for every row, or a ``(B, T)`` bool tensor, per row.
+    A ValueError names anything else."""
     if open_phrase_at is None:
         return None
+    batch_size, length = input_ids.shape
+    if isinstance(open_phrase_at, torch.Tensor):
+        if open_phrase_at.dtype != torch.bool or tuple(open_phrase_at.shape) != (batch_size, length):
+            raise ValueError(
+                f"open_phrase_at as a tensor must be a bool tensor shaped like input_ids {(batch_size, length)}, "
+                f"got a {open_phrase_at.dtype} tensor of shape {tuple(open_phrase_at.shape)}"
+            )
+        return open_phrase_at[:, keep].to(input_ids.device)
     if (
         isinstance(open_phrase_at, bool)
         or not isinstance(open_phrase_at, int)
         or not -length <= open_phrase_at < length
     ):
-        raise ValueError(f"open_phrase_at must be an index into this block's {length} ids, got {open_phrase_at!r}")
-    position = open_phrase_at % length
-    return keep.index(position) if position in keep else None
+        raise ValueError(
+            f"open_phrase_at must be an index into this block's {length} ids or a (batch, length) bool tensor, "
+            f"got {open_phrase_at!r}"
+        )
+    kept = torch.tensor(keep, device=input_ids.device) == open_phrase_at % length
+    return kept[None, :].expand(batch_size, len(keep))

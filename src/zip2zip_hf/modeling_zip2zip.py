@@ -362,7 +362,7 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
         codebooks: dict[str, torch.Tensor] | None = None,
         validate_codebooks: bool = False,
         score_provisional: bool = True,
-        open_phrase_at: int | None = None,
+        open_phrase_at: int | torch.BoolTensor | None = None,
         deferred_checks: DeferredLegalityChecks | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -389,10 +389,11 @@ class Zip2ZipForCausalLM(Zip2ZipPreTrainedModel, Zip2ZipGenerationMixin):
             score_provisional: False makes the provisional entry's logit ``-inf`` (it stays legal to
                 read): what `generate` passes for a model that does not write it
                 (``config.write_provisional_hypertokens``).
-            open_phrase_at: the index in ``input_ids`` of a prompt's last id (negative from the end):
-                the text may go on inside the phrase pending there, which the prompt's end cut short,
-                so the logits there allow every legal id, not only canonical ones
-                (``config.canonical_ids_only``). `generate` passes -1 for the prompt.
+            open_phrase_at: where a prompt ends: the text may go on inside the phrase of the id
+                there, which the prompt's end cut short, so the logits there allow every legal id, not
+                only canonical ones (``config.canonical_ids_only``). An index into ``input_ids``
+                (negative from the end) for every row, or a ``(B, T)`` bool tensor marking each row's.
+                `generate` passes -1 for the prompt; lm-eval marks each context's end.
             deferred_checks: a `DeferredLegalityChecks` that takes this call's legality check, to be
                 read later, instead of reading it before returning (a host sync once the codebooks
                 are on the device): what `generate` passes, whose ids come from masked logits, so

@@ -15,8 +15,9 @@ sequences. Only where the model reads ids are they compressed:
 
 * **loglikelihood**: the context is compressed from an empty codebook and the continuation is scored
   as its canonical ids after it (`canonical_continuation`); ``is_greedy`` asks whether greedy
-  decoding writes exactly those ids. Truncation drops *base* tokens of the context (a compressed
-  suffix would refer to entries made before it).
+  decoding writes exactly those ids. The context's last id is marked as a prompt's end
+  (``open_phrase_at``): the continuation may go on inside its phrase, as generation may. Truncation
+  drops *base* tokens of the context (a compressed suffix would refer to entries made before it).
 * **loglikelihood_rolling** (perplexity and bits-per-byte tasks): each of lm-eval's windows is such
   a pair, so every base token of the document is scored once.
 * **generate_until**: prompts are compressed, our ``generate`` stops on the decoded text, and the
@@ -87,7 +88,24 @@ class Zip2ZipLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """HFLM's scoring of ``(key, context ids, continuation ids)`` requests, on compressed ids."""
         compressed = [(key, *self._compress_pair(context, continuation)) for key, context, continuation in requests]
-        return super()._loglikelihood_tokens(compressed, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        self._context_ends = _context_ends(compressed, self.max_length)
+        try:
+            return super()._loglikelihood_tokens(compressed, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._context_ends = {}
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """HFLM's forward, with each row's context end open (see the module docstring). HFLM hands
+        over the rows alone, right-padded with 0: a row is known by its ids, padding stripped."""
+        open_at = torch.zeros_like(inps, dtype=torch.bool)
+        ends = getattr(self, "_context_ends", {})
+        for b, row in enumerate(inps.tolist()):
+            for length in _unpadded_lengths(row):
+                for end in ends.get(tuple(row[:length]), ()):
+                    open_at[b, end] = True
+        precision = getattr(self, "mixed_precision_dtype", None)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=precision, enabled=precision is not None):
+            return self.model(inps, open_phrase_at=open_at).logits
 
     def _compress_pair(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
         """Compressed context (its base ids cut from the left to fit) and the continuation's canonical ids."""
@@ -121,3 +139,27 @@ class Zip2ZipLM(HFLM):
             base = self.codec.decode(prompt_codes + row)[0][len(prompt) : len(prompt) + max_new_tokens]
             continuations.append(base + [pad] * (max_new_tokens - len(base)))
         return torch.cat([context, torch.tensor(continuations, dtype=context.dtype, device=context.device)], dim=1)
+
+
+def _context_ends(compressed: list[tuple], max_length: int) -> dict[tuple[int, ...], set[int]]:
+    """``{row ids: indices of context ends}`` for the rows HFLM builds of ``(key, context, continuation)``
+    requests (``(context + continuation)[-(max_length + 1):][:-1]``). Two requests whose rows are the
+    same ids split elsewhere open both ends: each scores only after its own, where the other's end,
+    if later, leaves one position unruled rather than a continuation ruled out."""
+    ends: dict[tuple[int, ...], set[int]] = {}
+    for _, context, continuation in compressed:
+        whole = context + continuation
+        start = max(0, len(whole) - (max_length + 1))
+        end = len(context) - 1 - start
+        if end >= 0:
+            ends.setdefault(tuple(whole[start:-1]), set()).add(end)
+    return ends
+
+
+def _unpadded_lengths(row: list[int]) -> list[int]:
+    """The lengths ``row`` may have had before right padding with 0: its own, then one less for each
+    trailing 0."""
+    lengths = [len(row)]
+    while lengths[-1] > 0 and row[lengths[-1] - 1] == 0:
+        lengths.append(lengths[-1] - 1)
+    return lengths
