@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import shlex
 import textwrap
 from pathlib import Path
 
@@ -545,6 +546,7 @@ def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, 
     record = shipped_record(tmp_path / "out")
     assert record["steps"] == 4 and [entry["step"] for entry in record["curve"]] == [0, 2, 4]
     assert record["training_seconds"] > first["training_seconds"]
+    assert record["command"] == shlex.join(["python", "-m", "zip2zip_hf", *common, "--steps", "4", "--overwrite"])
 
     with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as weights:
         names = list(weights.keys())

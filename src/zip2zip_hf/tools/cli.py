@@ -482,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 on success, 2 on a reported error, as for
     bad arguments)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a record says the run was
     try:
         return args.run(args)
     except CLIError as error:

@@ -33,6 +33,7 @@ module, so each is looked up here where it is used.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -133,6 +134,7 @@ def run_uptrain(args) -> int:
     record = _record(
         run, data, steps, held_out, before, model=model, tokenizer=tokenizer, base_tokenizer=base_tokenizer
     )
+    record["command"] = shlex.join(["python", "-m", "zip2zip_hf", *getattr(args, "argv", ["uptrain"])])
     if run.rank != 0:  # process 0 writes the export
         return 0
     return _export(args, run, model, record, weights)
