@@ -517,6 +517,21 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
 # ---------------------------------------------------------------------- uptrain
 
 
+def test_a_run_records_every_command_that_trained_it(tmp_path):
+    """A run extended with more --steps trains under a new schedule, so one command would not remake it:
+    the record names each leg, and one that only exports again adds none."""
+    from zip2zip_hf.tools.uptrain_folders import RECIPE_FILE, run_commands
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / RECIPE_FILE).write_text(json.dumps({"recipe": {}, "commands": ["first leg"]}))
+    assert run_commands(None, 0, 4, "first leg") == ["first leg"]
+    assert run_commands(checkpoint, 4, 6, "second leg") == ["first leg", "second leg"]
+    assert run_commands(checkpoint, 4, 4, "export again") == ["first leg"]
+    (checkpoint / RECIPE_FILE).unlink()  # a checkpoint of an older version: what trained it is unknown
+    assert run_commands(checkpoint, 4, 6, "second leg") == ["(not recorded: what trained it to step 4)", "second leg"]
+
+
 @pytest.mark.slow
 def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, capsys, monkeypatch):
     """`python -m zip2zip_hf uptrain`, shrunk to a tiny base: a run cut off after 2 steps resumes from
@@ -546,7 +561,9 @@ def test_uptrain_resumes_exports_bf16_and_the_export_loads_as_trained(tmp_path, 
     record = shipped_record(tmp_path / "out")
     assert record["steps"] == 4 and [entry["step"] for entry in record["curve"]] == [0, 2, 4]
     assert record["training_seconds"] > first["training_seconds"]
-    assert record["command"] == shlex.join(["python", "-m", "zip2zip_hf", *common, "--steps", "4", "--overwrite"])
+    # Each leg trained with its own schedule, so the record names both commands, in order.
+    legs = [[*common, "--steps", "2"], [*common, "--steps", "4", "--overwrite"]]
+    assert record["commands"] == [shlex.join(["python", "-m", "zip2zip_hf", *leg]) for leg in legs]
 
     with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as weights:
         names = list(weights.keys())

@@ -33,7 +33,6 @@ module, so each is looked up here where it is used.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -134,7 +133,6 @@ def run_uptrain(args) -> int:
     record = _record(
         run, data, steps, held_out, before, model=model, tokenizer=tokenizer, base_tokenizer=base_tokenizer
     )
-    record["command"] = shlex.join(["python", "-m", "zip2zip_hf", *getattr(args, "argv", ["uptrain"])])
     if run.rank != 0:  # process 0 writes the export
         return 0
     return _export(args, run, model, record, weights)
@@ -214,12 +212,15 @@ def _model_to_train(run: CheckedRun, base, tokenizer):
     return model
 
 
-def _trainer_class(recipe: UptrainRecipe, base_id: str, fsdp: bool):
-    """The distillation trainer, its checkpoints atomic and recording the recipe, sharding with ``--fsdp``."""
+def _trainer_class(recipe: UptrainRecipe, base_id: str, commands: list[str], fsdp: bool):
+    """The distillation trainer, its checkpoints atomic and recording the recipe, the base and the commands
+    that trained the run, sharding with ``--fsdp``."""
     from ..finetuning.distillation import Zip2ZipDistillationTrainer
     from ..finetuning.training import zip2zip_optimizer
 
-    atomic = atomic_checkpoint_trainer(Zip2ZipDistillationTrainer, {"recipe": asdict(recipe), "base": base_id})
+    atomic = atomic_checkpoint_trainer(
+        Zip2ZipDistillationTrainer, {"recipe": asdict(recipe), "base": base_id, "commands": commands}
+    )
 
     class UptrainTrainer(sharding_trainer(atomic, fsdp)):
         def create_optimizer(self, *args, **kwargs):
@@ -241,7 +242,7 @@ def _trainer(args, run: CheckedRun, base, model, tokenizer, rows: list[dict], he
     from ..finetuning.training import FSDPSharedWeightsCallback, training_arguments
 
     recipe, on_cpu = run.recipe, not torch.cuda.is_available()
-    trainer = _trainer_class(recipe, run.base_id, args.fsdp)(
+    trainer = _trainer_class(recipe, run.base_id, run.commands, args.fsdp)(
         model=model,
         args=training_arguments(
             str(run.output_dir),
@@ -304,6 +305,7 @@ def _record(
         "recipe": asdict(recipe),
         "data": data,
         "steps": steps,
+        "commands": run.commands,
         "training_seconds": round(held_out.seconds, 3),
         "hardware": torch.cuda.get_device_name()
         if torch.cuda.is_available()

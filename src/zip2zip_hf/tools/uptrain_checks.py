@@ -6,12 +6,13 @@ tried for writing, so that no error a user can fix comes after the first minute 
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from .embedded import NAMED_MODELS, checkpoint_folder
 from .report import CLIError, first_line
-from .uptrain_folders import check_output_dir, check_writable, export_target, resume_point
+from .uptrain_folders import check_output_dir, check_writable, export_target, resume_point, run_commands
 from .uptrain_processes import batch_layout, check_launcher, launched_processes
 from .uptrain_recipe import UptrainRecipe, check_recipe_fits_base, parse_recipe
 
@@ -37,6 +38,7 @@ class CheckedRun:
     resumed_step: int  # its step (0 without one)
     damaged: list[tuple[Path, str]]  # (checkpoint, why) of the damaged ones newer than `resume`
     export_folder: Path
+    commands: list[str]  # what trained the run, in order, this one last if it trains (`run_commands`)
 
     def say(self, *args, **kwargs) -> None:
         """``print`` on process 0 alone: every process checks, one speaks."""
@@ -62,6 +64,7 @@ def checked_run(args, shipped_adapter: Path) -> CheckedRun:
     resume, resumed_step, damaged = resume_point(args, output_dir, recipe, base_id)
     export_folder = export_target(args, output_dir, shipped_adapter)
     check_writable(output_dir, "--output-dir")
+    command = shlex.join(["python", "-m", "zip2zip_hf", *getattr(args, "argv", ["uptrain"])])
     return CheckedRun(
         recipe=recipe,
         world=world,
@@ -75,6 +78,7 @@ def checked_run(args, shipped_adapter: Path) -> CheckedRun:
         resumed_step=resumed_step,
         damaged=damaged,
         export_folder=export_folder,
+        commands=run_commands(resume, resumed_step, args.steps, command),
     )
 
 

@@ -39,13 +39,15 @@ __all__ = [
     "export",
     "export_target",
     "resume_point",
+    "run_commands",
     "set_aside",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = "adapter"  # inside --output-dir
 EXPORT_FILES = ("adapter_model.safetensors", "adapter_config.json", "uptrain.json")  # uptrain.json last
-RECIPE_FILE = "uptrain_recipe.json"  # in every checkpoint: the recipe and the base model it was trained with
+# In every checkpoint: the recipe, the base model it was trained with and the commands that trained it.
+RECIPE_FILE = "uptrain_recipe.json"
 STAGING = ".checkpoint-staging"  # inside --output-dir: where a checkpoint is written before its rename
 DAMAGED = "damaged-"  # a damaged checkpoint is moved aside to damaged-checkpoint-N (not a checkpoint-* name)
 KEEP_CHECKPOINTS = 2
@@ -217,6 +219,17 @@ def resume_point(args, output_dir: Path, recipe: UptrainRecipe, base_id: str):
     return resume, step, skipped
 
 
+def run_commands(resume: Path | None, resumed_step: int, steps: int, command: str) -> list[str]:
+    """The commands that trained the run, in order: those ``resume`` records, and ``command`` if it trains
+    on (a run resumed at ``steps`` is only exported again). A run extended with more ``--steps`` is trained
+    by several, each with its own learning-rate schedule, so one command alone would not remake it."""
+    earlier = []
+    if resume is not None:
+        unknown = [f"(not recorded: what trained it to step {resumed_step})"]  # a checkpoint of an older zip2zip_hf
+        earlier = (_run_record(resume) or {}).get("commands", unknown)
+    return [*earlier, command] if resumed_step < steps else earlier
+
+
 def _newest_intact(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest checkpoint with nothing damaged (None if none is), and the newer ones with why each is damaged."""
     skipped = []
@@ -228,10 +241,16 @@ def _newest_intact(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]
     return None, skipped
 
 
+def _run_record(checkpoint: Path) -> dict | None:
+    """What ``checkpoint`` records of its run (`RECIPE_FILE`), None for a checkpoint of an older zip2zip_hf."""
+    path = checkpoint / RECIPE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def _differences_from_run(checkpoint: Path, recipe: UptrainRecipe, base_id: str) -> list[str]:
     """How ``recipe`` and ``base_id`` differ from what ``checkpoint`` was trained with (nothing: [])."""
-    if (checkpoint / RECIPE_FILE).is_file():
-        saved = json.loads((checkpoint / RECIPE_FILE).read_text(encoding="utf-8"))
+    saved = _run_record(checkpoint)
+    if saved is not None:
         differences = recipe_differences(saved.get("recipe", {}), asdict(recipe))
         if saved.get("base") != base_id:
             differences.insert(0, f"the base model ({saved.get('base')} in the run, {base_id} now)")
