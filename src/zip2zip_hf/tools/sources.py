@@ -10,8 +10,7 @@ from its text (C or C++). What is never text to learn from is refused, with the 
 * ``licence``: licence and notice files (they repeat verbatim across packages), and files whose
   opening is a licence;
 * ``vendored``: anything under a folder of bundled third-party code (``vendor``, ``_vendor``,
-  ``third_party``, ...), copies of projects that are sources of their own (an npm package in a
-  ``node_modules`` folder is read as a source of its own instead);
+  ``third_party``, ``node_modules``, ...), copies of projects that are sources of their own;
 * ``generated``: minified or machine-written text (very long lines, or a generator's mark at the
   top: Cython's output, Go's ``Code generated ... DO NOT EDIT``), and files that are not UTF-8;
 * ``duplicate``: a text already taken (the same text up to trailing whitespace), from any source.
@@ -37,7 +36,6 @@ __all__ = [
     "candidate_kinds",
     "file_text",
     "installed_sources",
-    "npm_packages",
     "strip_licence_header",
     "text_key",
 ]
@@ -145,45 +143,6 @@ def candidate_kinds(path: str) -> tuple[str, ...]:
     return (kind,) if kind else ()
 
 
-def _global_npm_install(folders: list[str], i: int) -> bool:
-    """Whether ``folders[i]`` is the ``lib/node_modules`` of a package that npm installed globally
-    (``lib/node_modules/NAME``: the package itself, not a bundled copy)."""
-    return folders[i] == "node_modules" and folders[i - 1 : i] == ["lib"] and "node_modules" not in folders[:i]
-
-
-def _npm_package(path: str) -> tuple[str, int] | None:
-    """``(name, depth)`` of the npm package a file belongs to when the file is under a package's
-    ``node_modules`` (the innermost one; ``depth``: the path parts of the package's folder), else None."""
-    parts = Path(path).parts
-    folders = [p.lower() for p in parts[:-1]]
-    for i in reversed(range(len(folders))):
-        if folders[i] != "node_modules":
-            continue
-        if _global_npm_install(folders, i):
-            return None
-        scoped = i + 1 < len(folders) and parts[i + 1].startswith("@")
-        depth = i + (3 if scoped else 2)
-        return ("/".join(parts[i + 1 : depth]), depth) if depth < len(parts) else None
-    return None
-
-
-def npm_packages(sources: list[Source]) -> list[Source]:
-    """The npm packages installed in ``node_modules`` folders of ``sources``, each a source of its own
-    (``npm:NAME``, its files relative to its folder), taken once by name: the first copy in
-    ``sources``' order (their files stay refused as vendored in the source that bundles them)."""
-    packages: dict[str, tuple[Path, list[str]]] = {}
-    for source in sources:
-        for path in source.paths:
-            found = _npm_package(path)
-            if found is None:
-                continue
-            name, depth = found
-            folder = source.root.joinpath(*Path(path).parts[:depth])
-            if packages.setdefault(name, (folder, []))[0] == folder:
-                packages[name][1].append(str(Path(*Path(path).parts[depth:])))
-    return [Source(f"npm:{name}", folder, tuple(sorted(paths))) for name, (folder, paths) in packages.items()]
-
-
 def refusal(path: str) -> str | None:
     """Why a file is refused from its path alone (``licence``, ``vendored``), or None."""
     parts = Path(path).parts
@@ -191,8 +150,11 @@ def refusal(path: str) -> str | None:
         return "licence"
     folders = [p.lower() for p in parts[:-1]]
     for i, folder in enumerate(folders):
-        if folder in VENDORED_FOLDERS and not _global_npm_install(folders, i):
-            return "vendored"
+        if folder not in VENDORED_FOLDERS:
+            continue
+        if folder == "node_modules" and folders[i - 1 : i] == ["lib"] and "node_modules" not in folders[:i]:
+            continue  # lib/node_modules/NAME: a package that npm installed globally, not a bundled copy
+        return "vendored"
     if parts[-1].lower().endswith((".min.js", ".min.mjs")):
         return "generated"
     return None
@@ -336,12 +298,9 @@ def _tree_sources() -> list[Source]:
 
 def installed_sources(stdlib_held_out: tuple[str, ...] = ()) -> list[Source]:
     """Every source on this machine, by name: the installed distributions (those of ``sys.path``),
-    the standard library (but ``stdlib_held_out``), the other trees (`OTHER_TREES`) present, and the
-    npm packages in their ``node_modules`` folders (`npm_packages`)."""
-    sources = sorted(
-        _distribution_sources() + [_stdlib_source(stdlib_held_out)] + _tree_sources(), key=lambda s: s.name
-    )
-    return sorted(sources + npm_packages(sources), key=lambda s: s.name)
+    the standard library (but ``stdlib_held_out``) and the other trees (`OTHER_TREES`) present."""
+    sources = _distribution_sources() + [_stdlib_source(stdlib_held_out)] + _tree_sources()
+    return sorted(sources, key=lambda s: s.name)
 
 
 def tree_absent() -> list[str]:
