@@ -73,3 +73,24 @@ def test_bench_quality_trains_and_scores_both_arms(smollm2_dir, tmp_path):
         assert curve["steps"][0] == 0 < curve["steps"][-1]
     assert curves["zip2zip"]["generation"]["bytes"] > 0
     assert plot.stat().st_size > 0
+
+
+def test_bench_excess_splits_exactly_what_zip2zip_costs_over_its_base(text_model, text_tok, tiny_base_tokenizer):
+    """`bench_excess` sets each compressed position against the base tokens it covers: its groups of
+    what a position predicts add up to the zip2zip model's nats less the base's, every base token
+    counted once (both totals are what `score_texts` gives for the same window)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_excess import GROUPS, excess_by_group
+
+    from zip2zip_hf.evaluation import base_mode, score_texts
+
+    text = "def area(width, height):\n    return width * height\n\n" * 6
+    base_ids = text_tok.base_ids([text], add_special_tokens=False)[0]
+    prefix = text_tok.bos_token_id
+    base = base_mode(text_model)
+    excess, zip_nats, base_nats = excess_by_group(base, text_model, text_tok.codec, prefix, base_ids)
+    assert sum(excess[group] for group in GROUPS[:3]) == pytest.approx(zip_nats - base_nats, abs=1e-3)
+    assert all(excess[group] != 0 for group in GROUPS), "the text repeats: hypertokens, first and again"
+    window = len(base_ids)
+    assert zip_nats == pytest.approx(score_texts(text_model, text_tok, [text], window=window).nats, rel=1e-4)
+    assert base_nats == pytest.approx(score_texts(base, tiny_base_tokenizer, [text], window=window).nats, rel=1e-4)
