@@ -37,13 +37,12 @@ def token_nats(model, ids: list[int]) -> list[float]:
 def excess_by_group(base, model, codec, prefix: int, base_ids: list[int]) -> tuple[Counter, float, float]:
     """``(excess per group, zip2zip nats, base nats)`` of one window of ``base_ids``."""
     base_nats = token_nats(base, [prefix, *base_ids])
-    codes = codec.encode([prefix, *base_ids])[0]
+    codes, codebook = codec.encode([prefix, *base_ids])
     zip_nats = token_nats(model, codes)
-    lengths = [len(codec.decode(codes[: i + 1])[0]) for i in range(len(codes))]
     excess, seen, after_hyper, start = Counter(), set(), False, 0
-    for i, code in enumerate(codes[1:], start=1):
-        span = lengths[i] - lengths[i - 1]
-        extra = zip_nats[i - 1] - sum(base_nats[start : start + span])
+    for code, nats in zip(codes[1:], zip_nats):
+        span = len(codebook.get_subtokens(code))  # an entry never changes once installed
+        extra = nats - sum(base_nats[start : start + span])
         start += span
         if span == 1:
             excess["base token"] += extra
@@ -67,7 +66,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     unseen, absent = unseen_held_out(args.bytes)
-    base, base_tokenizer = load_named_model("smollm2")
+    base, _ = load_named_model("smollm2")
     model, tokenizer = load_named_model("smollm2-zip2zip")
     window = shipped_record()["held_out"]["window"]
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
