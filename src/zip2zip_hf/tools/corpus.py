@@ -38,6 +38,7 @@ from .sources import (
     installed_sources,
     strip_licence_header,
     text_key,
+    tree_sources,
 )
 
 
@@ -247,9 +248,7 @@ def _source_root(name: str, sources: list[Source] | None) -> Path | None:
             return Path(metadata.distribution(name[5:]).locate_file(""))
         except metadata.PackageNotFoundError:
             return None
-    from .sources import _tree_sources
-
-    return _source_root(name, _tree_sources())
+    return _source_root(name, tree_sources())
 
 
 @dataclass

@@ -38,6 +38,7 @@ __all__ = [
     "installed_sources",
     "strip_licence_header",
     "text_key",
+    "tree_sources",
 ]
 
 CODE_KINDS = ("python", "c", "cpp", "go", "rust", "javascript", "shell", "config")
@@ -284,7 +285,8 @@ def _reference_sections() -> tuple[tuple[str, str, str], ...]:
     return tuple((f"pydoc:{key}", "docs", text) for key, text in sorted(topics.items()) if key not in PROSE_TOPICS)
 
 
-def _tree_sources() -> list[Source]:
+def tree_sources() -> list[Source]:
+    """The trees of `OTHER_TREES` this machine has, each the first folder its pattern matches."""
     sources = []
     for name, pattern in OTHER_TREES:
         roots = sorted(Path("/").glob(str(Path(pattern).expanduser()).lstrip("/")))
@@ -299,12 +301,6 @@ def _tree_sources() -> list[Source]:
 def installed_sources(stdlib_held_out: tuple[str, ...] = ()) -> list[Source]:
     """Every source on this machine, by name: the installed distributions (those of ``sys.path``),
     the standard library (but ``stdlib_held_out``) and the other trees (`OTHER_TREES`) present."""
-    sources = _distribution_sources() + [_stdlib_source(stdlib_held_out)] + _tree_sources()
+    sources = _distribution_sources() + [_stdlib_source(stdlib_held_out)] + tree_sources()
     return sorted(sources, key=lambda s: s.name)
 
-
-def tree_absent() -> list[str]:
-    """The other trees (`OTHER_TREES`) this machine lacks, by name (one name for rust-src's two places)."""
-    present = {s.name for s in _tree_sources()}
-    names = {name.split(":", 1)[1] for name, _ in OTHER_TREES}
-    return sorted(n for n in names if not any(p.endswith(":" + n) for p in present))
