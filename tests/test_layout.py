@@ -87,10 +87,11 @@ def test_each_auto_class_module_imports_every_core_file_it_needs_by_name(entry_p
 
 
 def test_the_top_level_is_the_core_and_the_rest_lives_in_subpackages():
-    """What a checkpoint carries sits flat; finetuning, evaluation, serving and the tools each have a folder."""
+    """What a checkpoint carries sits flat; finetuning, evaluation, serving, the engines' core and the tools
+    each have a folder."""
     assert {p.name for p in PACKAGE.glob("*.py")} == CORE | {"__init__.py", "__main__.py"}
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert subpackages == {"evaluation", "finetuning", "interop", "serving", "tools"}
+    assert subpackages == {"engines", "evaluation", "finetuning", "interop", "serving", "tools"}
 
 
 def test_only_the_tools_and_the_entry_point_import_the_tools():

@@ -108,14 +108,26 @@ class DeviceCodebooks:
         slot = self.table[self._row_ids, self.num_installed]
         return slot[:, :M], slot[:, M + 1]
 
-    def extending(self, codes: torch.LongTensor) -> torch.LongTensor:
+    def extending(
+        self,
+        codes: torch.LongTensor,
+        rows: torch.LongTensor | None = None,
+        num_installed: torch.LongTensor | None = None,
+    ) -> torch.LongTensor:
         """``(B, K)`` the base ids that would extend the phrase of ``codes`` (``(B,)``, -1 for none):
         the last id of each installed entry whose prefix it is, -1 elsewhere. An id starting with
         one is not what greedy LZW writes after it. Slots past the installed entries hold no key
-        any prefix matches."""
+        any prefix matches.
+
+        ``rows`` (``(B,)``) names the codebook row each code reads (default: code b reads row b),
+        and ``num_installed`` (``(B,)``) counts only the entries below it, those installed when the
+        code was fed (default: all), for codes fed before the last (several per row in one step).
+        """
         V, K = self.codec.initial_vocab_size, self.codec.max_codebook_size
-        keys = self.keys[:, :K]
+        keys = self.keys[:, :K] if rows is None else self.keys[rows, :K]
         child = torch.div(keys, V, rounding_mode="floor") == codes[:, None]
+        if num_installed is not None:
+            child = child & (self.slot_ids < (num_installed + V)[:, None])
         return torch.where(child, keys.remainder(V), -1)
 
     @property
