@@ -3,6 +3,8 @@ SmolLM2-135M, timing, and the tables they print, so that all of them measure and
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import statistics
 import sys
@@ -17,6 +19,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's package
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+from zip2zip_hf.tools.report import at_least  # noqa: E402  (from this checkout, put on the path above)
+
+
+def positive_number(value: str) -> float:
+    """An argparse type: a finite number above 0 (a budget of seconds, ...)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value}")
+    return number
+
+
+def output_file(value: str) -> str:
+    """An argparse type: a file a benchmark writes once it is done, refused now rather than after the
+    measuring when its folder does not exist or it is a folder itself."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder, not a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{value}: its folder {folder} cannot be written")
+    return value
 
 
 def stdlib_sources(limit_chars: int | None = None, recursive: bool = False) -> list[str]:

@@ -19,7 +19,7 @@ import argparse
 import sys
 from functools import partial
 
-from _common import STDLIB, alternating_medians, markdown_table, smollm2
+from _common import STDLIB, alternating_medians, at_least, markdown_table, smollm2
 
 from zip2zip_hf.lzw import LZWCodec
 
@@ -58,8 +58,8 @@ def each(fn, sequences: list[list[int]]) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=at_least(1), default=1_000_000)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     args = parser.parse_args()
 
     tokenizer = load_tokenizer()

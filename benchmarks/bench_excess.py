@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from _common import smollm2  # noqa: F401  (sets the offline environment and this checkout's path)
+from _common import at_least  # (sets the offline environment and this checkout's path)
 
 
 GROUPS = ("base token", "hypertoken, first use", "hypertoken, again", "after a hypertoken")
@@ -60,8 +60,8 @@ def main() -> int:
     from zip2zip_hf.tools.embedded import load_named_model, shipped_record
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bytes", type=int, default=UNSEEN_BYTES, help="held-out bytes of each kind")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--bytes", type=at_least(1), default=UNSEEN_BYTES, help="held-out bytes of each kind")
+    parser.add_argument("--threads", type=at_least(1), default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

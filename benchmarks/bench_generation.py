@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import STDLIB, ForceIds, markdown_table, smollm2, timed
+from _common import STDLIB, ForceIds, at_least, markdown_table, smollm2, timed
 
 
 PROMPT_TOKENS = 256
@@ -166,12 +166,14 @@ def breakdown(model, prompt, forced) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="base tokens of prompt")
-    parser.add_argument("--continuation-tokens", type=int, default=CONTINUATION_TOKENS, help="base tokens to write")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=PROMPT_TOKENS, help="base tokens of prompt")
+    parser.add_argument(
+        "--continuation-tokens", type=at_least(1), default=CONTINUATION_TOKENS, help="base tokens to write"
+    )
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also profile one generation per model")
-    parser.add_argument("--top", type=int, default=30, help="functions listed by --profile")
+    parser.add_argument("--top", type=at_least(1), default=30, help="functions listed by --profile")
     args = parser.parse_args()
 
     import torch

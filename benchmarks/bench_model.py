@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 
-from _common import STDLIB, markdown_table, smollm2, timed, wrapper_cost
+from _common import STDLIB, at_least, markdown_table, smollm2, timed, wrapper_cost
 
 
 def real_text(min_chars: int = 60_000) -> str:
@@ -87,9 +87,9 @@ def worker(variant: str, prompt_tokens: int, steps: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=512)
+    parser.add_argument("--steps", type=at_least(1), default=32)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

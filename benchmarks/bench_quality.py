@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from _common import markdown_table, smollm2
+from _common import at_least, markdown_table, output_file, positive_number, smollm2
 
 
 @dataclass(frozen=True)
@@ -354,27 +354,27 @@ def plot(curves: list[Curve], path: str, title: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=sorted(RECIPES))
-    parser.add_argument("--budget", type=float, default=120.0, help="training seconds per arm (default 120)")
-    parser.add_argument("--checkpoints", type=int, default=3, help="evaluations after the start (default 3)")
-    parser.add_argument("--window", type=int, default=256, help="base tokens per training / held-out window")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--budget", type=positive_number, default=120.0, help="training seconds per arm (default 120)")
+    parser.add_argument("--checkpoints", type=at_least(1), default=3, help="evaluations after the start (default 3)")
+    parser.add_argument("--window", type=at_least(1), default=256, help="base tokens per training / held-out window")
+    parser.add_argument("--batch-size", type=at_least(1), default=2)
     parser.add_argument(
         "--eval-bytes",
-        type=int,
+        type=at_least(1),
         default=None,
         help="held-out bytes scored (default 12000, or 3000 of each unseen kind)",
     )
-    parser.add_argument("--train-chars", type=int, default=2_000_000)
-    parser.add_argument("--new-tokens", type=int, default=96, help="greedy steps of the final generation")
-    parser.add_argument("-K", dest="max_codebook_size", type=int, default=2048)
-    parser.add_argument("-M", dest="max_subtokens", type=int, default=4)
+    parser.add_argument("--train-chars", type=at_least(1), default=2_000_000)
+    parser.add_argument("--new-tokens", type=at_least(1), default=96, help="greedy steps of the final generation")
+    parser.add_argument("-K", dest="max_codebook_size", type=at_least(0), default=2048)
+    parser.add_argument("-M", dest="max_subtokens", type=at_least(1), default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
     )
     parser.add_argument("--model", default=None, help="a base model folder (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--json", default="bench_quality.json", help="where to save the curves")
-    parser.add_argument("--plot", default="bench_quality.png", help="where to save the PNG plot")
+    parser.add_argument("--json", type=output_file, default="bench_quality.json", help="where to save the curves")
+    parser.add_argument("--plot", type=output_file, default="bench_quality.png", help="where to save the PNG plot")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every arm per seed")
     parser.add_argument(
         "--text",

@@ -29,7 +29,7 @@ import argparse
 import functools
 import os
 
-from _common import STDLIB, ForceIds, alternating_medians, markdown_table, smollm2
+from _common import STDLIB, ForceIds, alternating_medians, at_least, markdown_table, smollm2
 
 
 RENAME = ("ONE_SIXTH", "SIXTH")
@@ -102,12 +102,12 @@ def count_calls(model, function) -> tuple[int, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--module", default="colorsys.py", help="the standard-library module to rewrite")
     parser.add_argument("--rename", nargs=2, default=RENAME, metavar=("OLD", "NEW"), help="the edit")
-    parser.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, help="prompt_lookup_num_tokens")
+    parser.add_argument("--lookup", type=at_least(1), default=LOOKUP_TOKENS, help="prompt_lookup_num_tokens")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
 
     import torch

@@ -26,7 +26,7 @@ import statistics
 import sys
 
 import torch
-from _common import markdown_table, smollm2, stdlib_sources, timed
+from _common import at_least, markdown_table, smollm2, stdlib_sources, timed
 
 
 def base_rows(tokenizer, texts: list[str], length: int) -> list[tuple[list[int], int]]:
@@ -64,12 +64,12 @@ def lora_model(model, r: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="base HF causal LM folder (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per model (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps", type=at_least(1), default=6, help="timed steps per model (median reported)")
+    parser.add_argument("--warmup", type=at_least(0), default=1)
+    parser.add_argument("--batch-size", type=at_least(1), default=4)
+    parser.add_argument("--max-length", type=at_least(2), default=256)
+    parser.add_argument("--lora-r", type=at_least(1), default=16)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM

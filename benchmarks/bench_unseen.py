@@ -26,7 +26,7 @@ import sys
 import time
 
 import torch
-from _common import smollm2  # noqa: F401  (sets the offline environment and this checkout's path)
+from _common import at_least, output_file  # (sets the offline environment and this checkout's path)
 
 
 def main() -> int:
@@ -35,10 +35,10 @@ def main() -> int:
     from zip2zip_hf.tools.embedded import load_named_model, shipped_record
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bytes", type=int, default=UNSEEN_BYTES, help="held-out bytes of each kind")
+    parser.add_argument("--bytes", type=at_least(1), default=UNSEEN_BYTES, help="held-out bytes of each kind")
     parser.add_argument("--in-domain", action="store_true", help="also the held-out text of the training domain")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None, help="where to save the scores")
+    parser.add_argument("--threads", type=at_least(1), default=None)
+    parser.add_argument("--json", type=output_file, default=None, help="where to save the scores")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

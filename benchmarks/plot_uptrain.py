@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-import _common  # noqa: F401  (puts this checkout's src/ on the path, offline)
+from _common import output_file  # (puts this checkout's src/ on the path, offline)
 
 
 def main() -> int:
@@ -21,7 +21,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", default=str(EMBEDDED_ZIP2ZIP / "uptrain.json"))
-    parser.add_argument("--out", default="docs/uptrain_curve.png")
+    parser.add_argument("--out", type=output_file, default="docs/uptrain_curve.png")
     args = parser.parse_args()
     record = json.loads(Path(args.record).read_text(encoding="utf-8"))
     import matplotlib

@@ -60,9 +60,10 @@ class ReadGuard:
         sys.addaudithook(self._hook)
 
     def allows(self, path: str) -> bool:
-        """Whether ``path``, resolved (a link inside that leads outside does not pass), is in ``places``."""
-        resolved = os.path.realpath(path)
-        return any(resolved == place or resolved.startswith(place + os.sep) for place in self.places)
+        """Whether ``path`` is in ``places`` once resolved (a link inside them that leads elsewhere
+        does not pass), or is a path of the system's own (`SYSTEM_PLACES`: ``/etc/os-release``
+        links into ``/usr/lib``), wherever it leads."""
+        return _within(os.path.realpath(path), self.places) or _within(os.path.abspath(path), SYSTEM_PLACES)
 
     def _hook(self, event: str, args: tuple) -> None:
         if event not in READ_EVENTS or getattr(self._inside, "active", False):
@@ -84,6 +85,10 @@ class ReadGuard:
         """The reads outside the allowed places since the last call (each path once)."""
         reads, self._reads = self._reads, []
         return list(dict.fromkeys(reads))
+
+
+def _within(path: str, places) -> bool:
+    return any(path == place or path.startswith(place + os.sep) for place in places)
 
 
 def describe(reads: list[tuple[str, str]], limit: int = 10) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -96,6 +97,48 @@ def test_a_safetensors_write_error_mid_save_leaves_the_empty_folder_empty(ref, t
     monkeypatch.setattr(Zip2ZipForCausalLM, "save_pretrained", half_written)
     assert_refused(capsys, "No space left on device", ref, out)
     assert out.is_dir() and os.listdir(out) == [] and leftovers(tmp_path) == []
+
+
+def test_sigterm_mid_write_takes_back_what_it_wrote_without_a_traceback(ref, tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, docker stop) cleans up as Ctrl-C does: no staging folder, no parents made."""
+    out = tmp_path / "made" / "for" / "out"
+    real_save = Zip2ZipTokenizer.save_pretrained
+    handler_before = signal.getsignal(signal.SIGTERM)
+
+    def terminated_mid_save(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Zip2ZipTokenizer, "save_pretrained", terminated_mid_save)
+    status = main(["convert", str(ref), str(out)])
+    err = capsys.readouterr().err
+    assert status == 128 + signal.SIGTERM and "zip2zip_hf convert: stopped by SIGTERM" in err
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == ["ref"]  # neither the staging folder nor the parents it made
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+
+
+def test_a_staging_folder_of_a_killed_run_is_removed_and_named(ref, tmp_path, capsys):
+    """SIGKILL leaves the staging folder: the next run removes it (its process is gone) and says so;
+    the staging folder of a run still going is left alone."""
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.converting-999999999-0123abcd"  # beyond any pid Linux gives (4194304 at most)
+    alive = tmp_path / f".out.converting-{os.getpid()}-0123abcd"
+    for staging in (dead, alive):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half")
+    assert main(["convert", str(ref), str(out)]) == 0
+    assert f"removed {dead}" in capsys.readouterr().err
+    assert not dead.exists() and alive.is_dir()
+    status, errors = convert(capsys, ref, tmp_path / "other")
+    assert alive.is_dir()  # another OUT_DIR's staging folders are not looked at
+
+
+def test_a_long_out_dir_name_fits_its_staging_folder(ref, tmp_path, capsys):
+    out = tmp_path / ("x" * 250)
+    status, errors = convert(capsys, ref, out)
+    assert status == 0 and errors == [] and (out / "config.json").is_file()
+    assert leftovers(tmp_path) == []
 
 
 def test_an_empty_folder_and_missing_parents_are_fine(ref, tmp_path, capsys):

@@ -387,6 +387,33 @@ def test_a_model_that_is_not_a_model_folder(tmp_path, capsys):
         assert f"--model {tmp_path / model}: {message}" in error_line(capsys)
 
 
+def test_a_zip2zip_checkpoint_or_an_empty_name_as_the_base_is_one_line(base_dir, tmp_path, capsys):
+    """--model is a plain base model: a zip2zip checkpoint folder is refused by what it is (as the
+    embedded name is), an empty one (an unset shell variable) is not the default, a config.json that
+    is not a JSON object is named; all before anything loads."""
+    zip2zip = tmp_path / "z2z"
+    zip2zip.mkdir()
+    (zip2zip / "config.json").write_text(json.dumps({"model_type": "zip2zip", "architectures": ["X"]}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("[]")
+    for model, message in (
+        (str(zip2zip), f"--model {zip2zip}: a zip2zip checkpoint, and uptrain wraps a plain base model"),
+        ("", "--model '': empty"),
+        (str(broken), f"{broken / 'config.json'}: holds a JSON list, not an object"),
+    ):
+        assert main(["uptrain", "--model", model, "--output-dir", str(tmp_path / "run")]) == 2
+        assert message in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_without_a_launcher_is_one_line_before_loading(base_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(uptrain_argv(base_dir, tmp_path / "run", 2, None, "--fsdp")) == 2
+    assert "--fsdp shards the model over processes: launch them with torchrun" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture
 def read_only(monkeypatch, tmp_path) -> Path:
     """A folder in which nothing can be made, as on a read-only disk (chmod binds no root)."""
@@ -454,6 +481,7 @@ def test_a_batch_the_processes_cannot_share_is_refused(
 def test_a_checkpoint_resumes_only_with_the_sharding_it_was_written_with(base_dir, run, capsys, monkeypatch):
     """A DDP / one-process checkpoint is not resumed with --fsdp (nor an FSDP one without), and an
     accelerate FSDP configuration is refused in favour of --fsdp: before any training."""
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as torchrun sets it: --fsdp is refused without a launcher
     assert main(uptrain_argv(base_dir, run, STEPS + 2, None, "--fsdp", "--overwrite")) == 2
     line = error_line(capsys)
     assert "checkpoint-4 was written by a run without --fsdp: resume it without --fsdp" in line

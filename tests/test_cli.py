@@ -191,3 +191,32 @@ def test_a_load_failure_that_says_nothing_is_still_one_line(tmp_path, files, mon
     monkeypatch.setattr(scoring, "load_for_evaluation", silent_failure)
     assert main(["eval", str(tmp_path / "model"), str(files[0])]) == 2
     assert "cannot load it (ValueError)" in bad_input_message(capsys)
+
+
+def test_serve_checks_its_port_and_host_before_loading(tmp_path, capsys, monkeypatch):
+    """A port out of range, a host that does not resolve and a port taken are each one line, found
+    before the model loads (which `serve` would do first)."""
+    import socket
+
+    pytest.importorskip("fastapi")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("serving runs on transformers 5's serving code")
+    import zip2zip_hf.serving.server as server
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(server, "serve", never)
+    (tmp_path / "config.json").write_text("{}")
+    for port in ("70000", "65536", "0", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", str(tmp_path), "--port", port])
+        assert exit_info.value.code == 2 and "--port" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--host", "no-such-host.invalid"]) == 2
+    assert "--host no-such-host.invalid: " in bad_input_message(capsys)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)" in bad_input_message(capsys)

@@ -40,3 +40,9 @@ def test_a_link_that_leads_outside_is_outside(tmp_path):
     assert not guard.allows(str(tmp_path / "allowed" / "out" / "file.py"))
     assert not guard.allows(str(tmp_path / "allowed-too"))  # a sibling whose name starts the same
     assert guard.allows(str(tmp_path / "allowed"))
+
+
+def test_a_system_file_is_read_wherever_its_link_leads(tmp_path):
+    guard = ReadGuard((str(tmp_path.resolve()),))
+    assert guard.allows("/etc/os-release")  # a link into /usr/lib on Debian
+    assert not guard.allows("/usr/lib/os-release")

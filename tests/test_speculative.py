@@ -260,3 +260,21 @@ def test_a_prompt_without_text_is_treated_as_plain_decoding_treats_it(model, ass
     for kwargs in ({}, drafts):
         with pytest.raises(ValueError, match=r"input_ids must be a non-empty \(batch, length\) tensor"):
             generate(model, empty, **kwargs)
+
+
+@pytest.mark.parametrize("drafts", [{"prompt_lookup_num_tokens": 8}, {"assistant_model": "knows the text"}])
+def test_drafts_near_the_last_position_write_what_plain_decoding_writes(text_model, text_tok, drafts, monkeypatch):
+    """Where the model's positions end inside the text the drafts get right, speculative decoding
+    stops exactly where plain decoding stops (`PositionLimit`), never asking for a position past the
+    last: each draft is cut to what the positions left hold."""
+    if "assistant_model" in drafts:
+        drafts = {"assistant_model": KnowsTheText(text_model, text_tok)}
+    prompt_positions = len(text_tok.base_ids([PROMPT])[0])
+    text_config = text_model.config.get_text_config()
+    for room in (3, 17, 40, 41, 42, 43, 61):
+        monkeypatch.setattr(text_config, "max_position_embeddings", prompt_positions + room)
+        plain = forced(text_model, text_tok)[1]
+        fast = forced(text_model, text_tok, **drafts)[1]
+        assert torch.equal(fast, plain), room
+        # generate returns base ids: the text ends within the positions (its last id, never fed, aside)
+        assert plain.shape[1] <= prompt_positions + room + text_tok.codec.max_subtokens

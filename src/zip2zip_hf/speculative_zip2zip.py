@@ -168,10 +168,22 @@ def speculative_decoding(
     # The prompt's last phrase may go on in the first id written (see `generate`): open at the first verification.
     model_kwargs.pop("open_phrase_at", None)
     open_phrase_at = input_ids.shape[1] - cached - 1 if input_ids.shape[1] > cached else None
+    max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    base_positions = model.config.position_mode == "base"
+    per_id = codec.max_subtokens if base_positions else 1  # the most positions one id takes
     done = False
     while not done:
         cur_len = input_ids.shape[1]
         budget = generation_config.max_length - cur_len - 1
+        last_id = False  # plain decoding's `PositionLimit`: the id written now is the last that fits
+        if max_positions:
+            # Plain decoding stops after an id when the ids before it and one more at its most could pass
+            # the last position. The draft gets the room for itself and the id after it, each at its most:
+            # the verifying forward never needs a position past the last, and that rule stops at no id
+            # within it; where not even one id more fits, the id written now is the last, as in plain decoding.
+            held = len(text) if base_positions else int(mask.sum())
+            budget = min(budget, (max_positions - held) // per_id - 1)
+            last_id = held + per_id > max_positions
         draft = drafter.draft(stream, text, budget) if budget > 0 else []
         candidate = torch.cat([input_ids, input_ids.new_tensor([draft]).reshape(1, -1)], dim=1)
         full_mask = torch.cat([mask, mask.new_ones(1, len(draft))], dim=1)
@@ -199,6 +211,7 @@ def speculative_decoding(
         except BaseException:
             cache.crop(cached)  # accepted or rolled back, as a forward is: no draft stays in the cache
             raise
+        done = done or last_id  # no draft then: ``accepted`` is that one id
         input_ids = torch.cat([input_ids, input_ids.new_tensor([accepted])], dim=1)
         mask = torch.cat([mask, mask.new_ones(1, len(accepted))], dim=1)
         cached = input_ids.shape[1] - 1  # the last accepted id is fed with the next draft

@@ -58,7 +58,7 @@ class _Zip2ZipHandler:
         """What zip2zip adds to transformers' reading of a request: the length when it names none,
         sampling when its temperature asks for it, and its prompt lookup."""
         settings = {}
-        if all(body.get(field) is None for field in MAX_TOKENS_FIELDS) and body.get("generation_config") is None:
+        if _names_no_length(body):
             settings["max_new_tokens"] = None  # as many as fit (`_fit_to_context`)
         sampling = sampling_requested(body)
         if sampling is not None:
@@ -109,6 +109,16 @@ class _Zip2ZipHandler:
                 yield chunk
         finally:
             self.generation_state.outcomes.pop(request_id, None)
+
+
+def _names_no_length(body: dict) -> bool:
+    """Whether a request leaves its length open: no ``max_tokens`` field, nor a length in its
+    ``generation_config`` (checked to be a JSON object by then)."""
+    if any(body.get(field) is not None for field in MAX_TOKENS_FIELDS):
+        return False
+    text = body.get("generation_config")
+    requested = json.loads(text) if isinstance(text, str) else {}
+    return requested.get("max_new_tokens") is None and requested.get("max_length") is None
 
 
 def _with_outcome(payload: dict, outcome: RequestOutcome) -> dict:

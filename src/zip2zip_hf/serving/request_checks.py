@@ -38,6 +38,9 @@ REFUSED_FIELDS = {
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 # The seeds `torch.manual_seed` takes.
 _SEEDS = (-(2**63), 2**64 - 1)
+# The temperatures that sample (0 is greedy): the float32 logits are divided by it, which past these
+# bounds overflows (3.5e38 is infinite in float32, 1e-45 is nearly 0) and makes the probabilities NaN.
+_SAMPLING_TEMPERATURES = (1e-6, 1e6)
 # Settings a request's ``generation_config`` may carry that are checked here (as the fields of the
 # request itself): ints with their least value, numbers with their range.
 _GENERATION_INTS = {
@@ -63,7 +66,7 @@ def check_request(body: dict) -> None:
             _int_setting(field, body[field], least=1)
     if body.get("seed") is not None:
         _int_setting("seed", body["seed"], *_SEEDS)
-    _check_number("temperature", body.get("temperature"), low=0.0)
+    _check_temperature("temperature", body.get("temperature"))
     _check_number("top_p", body.get("top_p"), low=0.0, high=1.0, low_open=True)
     # transformers reads it as repetition_penalty = 1 + frequency_penalty, which must stay positive.
     _check_number("frequency_penalty", body.get("frequency_penalty"), low=-1.0, high=2.0, low_open=True)
@@ -116,6 +119,14 @@ def _check_number(field: str, value, low: float, high: float | None = None, low_
         raise BadRequest(f"{field} must be a finite number in {bounds}, got {value!r}")
 
 
+def _check_temperature(field: str, value) -> None:
+    """0 (greedy), or a temperature float32 arithmetic can sample with (`_SAMPLING_TEMPERATURES`), or None."""
+    _check_number(field, value, low=0.0)
+    low, high = _SAMPLING_TEMPERATURES
+    if value and not low <= value <= high:
+        raise BadRequest(f"{field} must be 0 (greedy) or in [{low:g}, {high:g}] to sample, got {value!r}")
+
+
 def _check_stop(field: str, stop) -> None:
     """A string or a list of strings, none empty, or None."""
     if stop is None:
@@ -146,7 +157,7 @@ def _check_generation_config(text) -> None:
     for name, least in _GENERATION_INTS.items():
         if requested.get(name) is not None:
             _int_setting(f"generation_config.{name}", requested[name], least=least)
-    _check_number("generation_config.temperature", requested.get("temperature"), low=0.0)
+    _check_temperature("generation_config.temperature", requested.get("temperature"))
     _check_number("generation_config.top_p", requested.get("top_p"), low=0.0, high=1.0, low_open=True)
     _check_number("generation_config.repetition_penalty", requested.get("repetition_penalty"), 0.0, low_open=True)
     _check_stop("generation_config.stop_strings", requested.get("stop_strings"))

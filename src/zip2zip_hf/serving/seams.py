@@ -44,6 +44,7 @@ try:
         from transformers.cli.serving.model_manager import EngineClient, ModelLoader
         from transformers.cli.serving.utils import (
             Detokenizer,
+            EngineDeadError,
             GenerateRunner,
             canonical_model_id,
             parse_model_id,
@@ -74,8 +75,8 @@ __all__ = [
     "build_server",
 ]
 if ENGINE_LAYOUT:
-    __all__ += ["Detokenizer", "EngineClient", "GenerateRunner", "ModelLoader", "canonical_model_id"]
-    __all__ += ["parse_model_id", "set_torch_seed"]
+    __all__ += ["Detokenizer", "EngineClient", "EngineDeadError", "GenerateRunner", "ModelLoader"]
+    __all__ += ["canonical_model_id", "parse_model_id", "set_torch_seed"]
 else:
     __all__ += ["DirectStreamer", "GenerateManager", "split_revision"]
 

@@ -40,6 +40,7 @@ from .handlers import (
     Zip2ZipCompletionHandler,
 )
 from .request_codebook import RequestCodebook, RequestUsage
+from .routes import replace_management_routes
 from .seams import (
     ENGINE_LAYOUT,
     GenerationState,
@@ -319,6 +320,14 @@ else:  # transformers 5.25 on: each model behind an EngineClient, its requests r
         each request's prompt is fitted to the model's positions and read into its codebook here,
         before it is sent, and its outcome filed for its handler once it finished."""
 
+        engine_alive = staticmethod(lambda: True)  # set by the manager that starts the engine's loop
+
+        async def _send_request(self, method: str, args: tuple, streamer=None):
+            """transformers' own, refused with a 503 once the engine's loop ended (it would wait for ever)."""
+            if not self.engine_alive():
+                raise seams.EngineDeadError(f"the engine of {self.model_id} stopped: restart the server")
+            return await super()._send_request(method, args, streamer)
+
         def _prepare(self, inputs: dict, generation_kwargs: dict) -> _Request:
             gen_config = copy.deepcopy(self.generation_config)
             settings = {name: value for name, value in generation_kwargs.items() if name != "seed"}
@@ -373,18 +382,31 @@ else:  # transformers 5.25 on: each model behind an EngineClient, its requests r
 
             model, processor = self.loader.load_model_and_processor(model_id)
             runner = Zip2ZipGenerateRunner(model, processor, send_results)
-            threading.Thread(
+            self._engine = threading.Thread(
                 target=_serve_engine, args=(runner, requests, send_results), name="zip2zip-engine", daemon=True
-            ).start()
-            self._requests = requests
-            self.engines[model_id] = Zip2ZipEngineClient(
-                model_id, self.loader, self.generation_state, connection=(requests, results, 0)
             )
+            self._engine.start()
+            self._requests, self._stopped = requests, False
+            connection = (requests, results, 0)
+            engine = Zip2ZipEngineClient(model_id, self.loader, self.generation_state, connection=connection)
+            engine.engine_alive = self.engine_alive
+            self.engines[model_id] = engine
+
+        def engine_alive(self) -> bool:
+            """Whether the engine's loop still takes requests (it ends with `shutdown`, or if it crashed)."""
+            engine = getattr(self, "_engine", None)
+            return engine is not None and engine.is_alive() and not self._stopped
+
+        @property
+        def is_dead(self) -> bool:
+            """What ``/health`` reads: a 503 once the engine cannot serve."""
+            return super().is_dead or not self.engine_alive()
 
         def shutdown(self) -> None:
             super().shutdown()
             requests = getattr(self, "_requests", None)
             if requests is not None:
+                self._stopped = True  # before the loop ends: no request is sent to it from now on
                 requests.put(None)
 
 
@@ -401,7 +423,7 @@ def build_app(checkpoint: str, device: str = "auto", dtype: str = "auto", name: 
     else:
         model_manager = Zip2ZipModelManager(device=device, dtype=dtype, force_model=served, folders=folders)
         state = {"generation_state": generation_state}
-    return build_server(
+    app = build_server(
         model_manager,
         Zip2ZipChatCompletionHandler(model_manager=model_manager, generation_state=generation_state),
         completion_handler=Zip2ZipCompletionHandler(model_manager=model_manager, generation_state=generation_state),
@@ -410,6 +432,9 @@ def build_app(checkpoint: str, device: str = "auto", dtype: str = "auto", name: 
         systemone_handler=NotServed("/v1/systemone"),
         **state,
     )
+    replace_management_routes(app, model_manager)
+    app.state.model_manager = model_manager  # for whoever embeds the app: its `shutdown`, its `is_dead`
+    return app
 
 
 def serve(

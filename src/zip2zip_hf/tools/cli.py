@@ -26,16 +26,16 @@ The default tokenizer is the real SmolLM2-135M-Instruct one (see `zip2zip_hf.too
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
+import signal
+import socket
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..lzw_codebook import DEFAULT_MAX_CODEBOOK_SIZE, DEFAULT_MAX_SUBTOKENS
+from .checkpoint_writing import Terminated, checked_out_dir, write_checkpoint
 from .demo import add_demo_arguments, run_demo
 from .embedded import (
     EMBEDDED_ZIP2ZIP,
@@ -47,6 +47,7 @@ from .embedded import (
     load_uptrain_export,
     save_named_model,
 )
+from .folder_checks import check_checkpoint_files, check_uptrain_export
 from .report import (
     DEFAULT_MAX_BYTES,
     CLIError,
@@ -61,10 +62,6 @@ from .uptrain import add_uptrain_arguments, run_uptrain
 
 
 __all__ = ["main"]
-
-# The installed package: no command writes into it.
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-
 
 def run_compress(args: argparse.Namespace) -> int:
     named_texts = [(path, read_text_file(path, args.max_bytes)) for path in args.files]  # all checked first
@@ -83,6 +80,7 @@ def run_eval(args: argparse.Namespace) -> int:
     device = checked_device(args.device) if args.device else best_device()
     folder = checkpoint_folder(args.model)
     if os.path.isfile(os.path.join(folder, "config.json")):
+        check_checkpoint_files(folder)
         try:
             model, tokenizer = load_for_evaluation(folder, device)
         except (OSError, ValueError) as error:  # no weights, mis-shaped weights, no tokenizer, ...
@@ -137,6 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
             )
     if args.device != "auto":
         checked_device(args.device)
+    check_can_listen(args.host, args.port)  # before the model loads, not after
     try:
         from ..serving.server import serve
     except ImportError as error:
@@ -144,6 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
     folder = checkpoint_folder(
         args.checkpoint, needs="zip2zip", why="serve serves zip2zip models: use smollm2-zip2zip"
     )
+    check_checkpoint_files(folder)
     try:
         serve(folder, host=args.host, port=args.port, device=args.device, dtype=args.dtype, name=args.checkpoint)
     except (OSError, ValueError) as error:  # no weights, not a zip2zip checkpoint, port taken, bad dtype
@@ -151,11 +151,28 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """A `CLIError` unless a server can listen on ``host``:``port`` (as uvicorn binds: SO_REUSEADDR):
+    a host that does not resolve, an address not of this machine, a port taken or not allowed."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise CLIError(f"--host {host}: not a name or address that resolves ({first_line(error)})") from None
+    try:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise CLIError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror or error})") from None
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from ..interop import from_reference
     from ..interop.reference import looks_like_a_path
 
-    destination = _convert_destination(args.out_dir)
+    destination = checked_out_dir(args.out_dir)
     base = args.base
     if base is not None:
         why = "--base is the plain model the checkpoint was trained over: use smollm2"
@@ -170,7 +187,7 @@ def run_convert(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             raise CLIError(f"{args.ref_dir}: cannot convert it ({first_line(error)})") from None
 
-    _write_checkpoint(convert, _save_model_and_tokenizer, destination, args.out_dir)
+    write_checkpoint(convert, _save_model_and_tokenizer, destination, args.out_dir)
     print(f"{args.out_dir}: a zip2zip_hf checkpoint (load it with trust_remote_code=True, or after import zip2zip_hf)")
     return 0
 
@@ -182,19 +199,20 @@ def _save_model_and_tokenizer(loaded: tuple, folder: str) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if is_uptrain_export(args.model):  # a zip2zip model: the adapter over the base it was trained on
-        adapter = Path(args.model)
-        name, load = "smollm2-zip2zip", lambda: load_uptrain_export(adapter)
-    elif args.model in NAMED_MODELS:
+    if args.model in NAMED_MODELS:  # a name always means the embedded model (a folder: ./NAME)
         adapter = EMBEDDED_ZIP2ZIP
         name, load = args.model, lambda: load_named_model(args.model)
+    elif is_uptrain_export(args.model):  # a zip2zip model: the adapter over the base it was trained on
+        adapter = Path(args.model)
+        check_uptrain_export(adapter)  # before the base loads
+        name, load = "smollm2-zip2zip", lambda: load_uptrain_export(adapter)
     else:
         raise CLIError(
             f"{args.model}: neither an embedded model ({', '.join(NAMED_MODELS)}) nor an adapter folder "
             "written by uptrain (adapter_config.json and uptrain.json)"
         )
-    destination = _convert_destination(args.out_dir)
-    _write_checkpoint(
+    destination = checked_out_dir(args.out_dir)
+    write_checkpoint(
         load, lambda loaded, folder: save_named_model(name, *loaded, folder, adapter), destination, args.out_dir
     )
     if name in ZIP2ZIP_MODELS:
@@ -202,102 +220,6 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         print(f"{args.out_dir}: {args.model} as a plain transformers checkpoint")
     return 0
-
-
-def _write_checkpoint(load, save, destination: str, out_dir: str) -> None:
-    """Write a checkpoint into a hidden sibling of OUT_DIR and rename it to OUT_DIR at the end: a run
-    that fails (a full disk, a bad checkpoint, Ctrl-C) leaves OUT_DIR as it found it, and nothing
-    beside it. ``load()`` makes what ``save(loaded, folder)`` writes, once the place is known to be
-    writable."""
-    created = _make_parents(destination, out_dir)
-    staging = None
-    try:
-        staging = _staging_folder(destination, out_dir)  # can it be written? asked before the work
-        loaded = load()
-        try:
-            save(loaded, staging)
-        except Exception as error:  # a full disk: OSError, or the Rust writers' own errors
-            raise CLIError(f"{out_dir}: cannot write the checkpoint ({first_line(error)}); nothing was kept") from None
-        _move_into_place(staging, destination, out_dir)
-        staging = created = None
-    finally:  # a failed run (Ctrl-C included) takes back what it wrote
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for folder in reversed(created or ()):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-
-
-def _convert_destination(out_dir: str) -> str:
-    """The folder the checkpoint will be renamed to: OUT_DIR, or the folder a link there points to.
-    OUT_DIR must be missing or an empty folder; nothing is ever written through a broken link."""
-    if os.path.islink(out_dir) and not os.path.exists(out_dir):
-        raise CLIError(f"{out_dir}: a symbolic link to {os.readlink(out_dir)}, which does not exist")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CLIError(f"{out_dir}: an existing file, not a folder (nothing is overwritten)")
-    destination = os.path.realpath(out_dir)
-    if os.path.commonpath([destination, _PACKAGE_DIR]) == _PACKAGE_DIR:
-        raise CLIError(
-            f"{out_dir}: inside the installed zip2zip_hf package ({_PACKAGE_DIR}); nothing is written there"
-        )
-    if os.path.isdir(destination):
-        try:
-            entries = os.listdir(destination)
-        except OSError as error:
-            raise CLIError(f"{out_dir}: cannot read it ({error.strerror or error})") from None
-        if entries:
-            raise CLIError(f"{out_dir}: not empty (nothing is overwritten)")
-    return destination
-
-
-def _make_parents(destination: str, out_dir: str) -> list[str]:
-    """Create the folders above ``destination`` that are missing (as save_pretrained would); return
-    them, outermost first, so that a failed run can remove them again."""
-    missing, folder = [], os.path.dirname(destination)
-    while folder and not os.path.isdir(folder):
-        if os.path.lexists(folder):
-            raise CLIError(f"{out_dir}: {folder} is a file, not a folder")
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    created: list[str] = []
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder)
-        except OSError as error:
-            for made in reversed(created):
-                with contextlib.suppress(OSError):
-                    os.rmdir(made)
-            raise CLIError(f"{out_dir}: cannot create {folder} ({error.strerror or error})") from None
-        created.append(folder)
-    return created
-
-
-def _staging_folder(destination: str, out_dir: str) -> str:
-    """A new hidden folder beside ``destination`` (same file system: the final rename is atomic)."""
-    parent, name = os.path.split(destination)
-    staging = os.path.join(parent, f".{name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.mkdir(staging)
-    except OSError as error:  # a read-only disk, no permission
-        raise CLIError(f"{out_dir}: cannot write in {parent} ({error.strerror or error})") from None
-    return staging
-
-
-def _move_into_place(staging: str, destination: str, out_dir: str) -> None:
-    """Rename the finished checkpoint to its place: atomically, over an empty folder too."""
-    try:
-        os.replace(staging, destination)  # POSIX replaces an empty folder
-        return
-    except OSError as error:
-        failure = error
-    if os.path.isdir(destination) and not os.listdir(destination):  # where rename does not replace a folder
-        with contextlib.suppress(OSError):
-            os.rmdir(destination)
-            os.rename(staging, destination)
-            return
-    if os.path.isdir(destination) and os.listdir(destination):
-        raise CLIError(f"{out_dir}: not empty any more (something else wrote there meanwhile; nothing is overwritten)")
-    raise CLIError(f"{out_dir}: cannot put the checkpoint there ({failure.strerror or failure})")
 
 
 def run_lm_eval(args: argparse.Namespace) -> int:
@@ -423,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(sorted(ZIP2ZIP_MODELS)),
     )
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    server.add_argument("--port", type=at_least(1), default=8000, help="port to listen on (default 8000)")
+    server.add_argument(
+        "--port", type=at_least(1, most=65535), default=8000, help="port to listen on (default 8000)"
+    )
     server.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     server.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
     server.set_defaults(run=run_serve)
@@ -488,3 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as error:
         print(f"zip2zip_hf {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM where a command unwinds on it (`Terminated`)
+        terminated = isinstance(interrupt, Terminated)
+        print(f"zip2zip_hf {args.command}: {'stopped by SIGTERM' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # what a shell reports for the signal

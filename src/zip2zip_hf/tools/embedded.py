@@ -187,7 +187,7 @@ def checkpoint_folder(model: str, option: str = "", needs: str | None = None, wh
             embedded model is refused by name, before anything is built, saying ``why`` (what the
             command takes, and what to use instead).
     """
-    if is_uptrain_export(model):
+    if model not in NAMED_MODELS and is_uptrain_export(model):
         raise CLIError(
             f"{model}: an adapter written by uptrain, not a checkpoint; "
             f"`python -m zip2zip_hf export {model} OUT_DIR` writes it as one"

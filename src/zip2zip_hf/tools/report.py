@@ -182,8 +182,8 @@ def coloured_sample(tokenizer: Zip2ZipTokenizer, text: str, n_lines: int = SAMPL
     return "\n".join(lines[start : start + n_lines])
 
 
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
+def at_least(minimum: int, most: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``most``, if given)."""
 
     def parse(value: str) -> int:
         try:
@@ -192,6 +192,8 @@ def at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
         if number < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        if most is not None and number > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {number}")
         return number
 
     return parse

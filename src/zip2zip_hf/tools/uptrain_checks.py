@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .embedded import NAMED_MODELS, checkpoint_folder
+from .folder_checks import json_object
 from .report import CLIError, first_line
 from .uptrain_folders import check_output_dir, check_writable, export_target, resume_point, run_commands
 from .uptrain_processes import batch_layout, check_launcher, launched_processes
@@ -95,15 +96,27 @@ def _check_shipped_adapter_options(args) -> None:
 def _base_model_folder(model: str | None) -> tuple[str, str]:
     """``(folder, id)`` of the base model ``--model`` names: where it loads from, and what a checkpoint
     records of it (a local folder's resolved path, or `SHIPPED_BASE`)."""
+    if model is not None and not model.strip():  # an unset shell variable: not the default model, silently
+        raise CLIError(f"--model {model!r}: empty (leave --model out for the default, smollm2)")
     if model and model not in NAMED_MODELS:
         if not os.path.isdir(model):
             raise CLIError(f"--model {model}: {'not a folder' if os.path.exists(model) else 'no such folder'}")
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise CLIError(f"--model {model}: not a saved model folder (no config.json)")
+        if _model_type(model) == "zip2zip":
+            raise CLIError(
+                f"--model {model}: a zip2zip checkpoint, and uptrain wraps a plain base model: use the folder of "
+                "the base it was made from (or smollm2, the default)"
+            )
         return model, str(Path(model).resolve())
     # The embedded base, by default or by name.
     why = "uptrain wraps a plain base model: use smollm2 (the default)"
     return checkpoint_folder(model or "smollm2", "--model", needs="plain", why=why), SHIPPED_BASE
+
+
+def _model_type(folder: str) -> str | None:
+    """``model_type`` of the folder's ``config.json`` (a `CLIError` naming the file when it is no JSON object)."""
+    return json_object(Path(folder) / "config.json").get("model_type")
 
 
 def load_base(path: str, what: str, load):

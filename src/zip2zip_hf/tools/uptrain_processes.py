@@ -37,7 +37,13 @@ def launched_processes() -> tuple[int, int]:
 
 def check_launcher(fsdp: bool) -> None:
     """Refuse an ``accelerate launch`` configured for FSDP without ``--fsdp``: its FSDP settings are not
-    the ones uptrain's checkpoints and export need."""
+    the ones uptrain's checkpoints and export need; and ``--fsdp`` without a launcher (torchrun and
+    accelerate launch set ``LOCAL_RANK``), where transformers would fail after the model loaded."""
+    if fsdp and "LOCAL_RANK" not in os.environ:
+        raise CLIError(
+            "--fsdp shards the model over processes: launch them with torchrun --nproc_per_node=N -m zip2zip_hf "
+            "uptrain --fsdp ... (or accelerate launch), or leave --fsdp out for one process"
+        )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not fsdp:
         raise CLIError(
             "accelerate launch was configured for FSDP: pass --fsdp to uptrain instead (it sets FSDP2 up with "
