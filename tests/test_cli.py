@@ -180,6 +180,17 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, capsys):
         assert "cannot serve it" in bad_input_message(capsys)
 
 
+def test_serve_on_vllm_without_vllm_is_one_line_before_loading(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (make test-vllm tests serving on it)")
+    save_tiny_base_model(tmp_path)
+    capsys.readouterr()
+    assert main(["serve", str(tmp_path), "--engine", "vllm"]) == 2
+    assert "--engine vllm: vLLM is not installed" in bad_input_message(capsys)
+
+
 def test_a_load_failure_that_says_nothing_is_still_one_line(tmp_path, files, monkeypatch, capsys):
     import zip2zip_hf.evaluation.scoring as scoring
 

@@ -263,7 +263,7 @@ class SlotCodebooks:
         self._encode_created(slot_rows, created)
         return SlotStep(
             inputs_embeds=self._embed(ids, slot_rows, lengths > 0),
-            positions=record[:, _POSITION],
+            positions=record[:, _POSITION].contiguous(),  # engines' position kernels read it flat
             slots=slot_rows,
             codes=torch.where(fed, ids, -1),
             lengths=lengths,

