@@ -11,10 +11,13 @@ import urllib.request
 import pytest
 
 # The tiny checkpoint and the server on it, as test_serving has them (a server of this module's own).
-from test_serving import PROMPTS, checkpoint, get, post, running_app, server  # noqa: F401  (fixtures)
+from test_serving import SERVING, PROMPTS, checkpoint, get, post, running_app, server  # noqa: F401  (fixtures)
 
 
-pytestmark = pytest.mark.slow  # starts a server
+pytestmark = [
+    pytest.mark.slow,  # starts a server
+    pytest.mark.skipif(not SERVING, reason="serving runs on transformers 5's serving code"),
+]
 
 
 def post_raw(url: str, data: bytes = b"", content_type: str | None = None) -> tuple[int, str]:
