@@ -369,6 +369,7 @@ class SlotCodebooks:
         rows: torch.LongTensor | None = None,
         base_logits: torch.Tensor | None = None,
         score_provisional: bool | None = None,
+        entries: int | None = None,
     ) -> torch.Tensor:
         """``(R, V + K)`` logits of ``R`` rows of a step, as `Zip2ZipForCausalLM.forward` computes
         them: base logits then hyper logit k = ``h . f_out(entry k)`` of the row's slot, every id
@@ -383,6 +384,10 @@ class SlotCodebooks:
                 computed it already (default: the output embeddings applied to ``hidden``).
             score_provisional: whether the provisional entry gets a logit (default: the model's
                 ``write_provisional_hypertokens``, as `generate` does).
+            entries: at least the entries any of these rows' slots has installed, where the caller
+                knows a bound (default: K): hyper logits are computed for those slots only (and
+                the provisional one), the rest are ``-inf`` all the same. On a CPU, where reading
+                it costs no stall, `installed_bound` gives it.
         """
         if rows is not None:
             step = step.select(rows)
@@ -406,11 +411,12 @@ class SlotCodebooks:
         )
         if base_logits is None:
             base_logits = self.output_embeddings(hidden)
+        width = K if entries is None else max(0, min(K, entries))
         logits = widen_logits(
             base_logits[:, None],
             hidden[:, None],
             consumed,
-            self.output_table[step.slots],
+            self.output_table[step.slots, :width],
             provisional_vectors[:, None],
             V,
             K,
@@ -420,6 +426,13 @@ class SlotCodebooks:
             step.open[:, None],
         )
         return logits[:, 0]
+
+    @staticmethod
+    def installed_bound(step: SlotStep, rows: torch.LongTensor | None = None) -> int:
+        """The most entries installed after any of ``rows`` (default: all) of a step: a host sync,
+        for callers on a CPU (the ``entries`` of `logits`)."""
+        installed = step.num_installed if rows is None else step.num_installed[rows]
+        return int(installed.max()) if installed.numel() else 0
 
     # ------------------------------------------------------------------ errors (host, when asked)
 

@@ -148,7 +148,9 @@ class Zip2ZipVllmForCausalLM(nn.Module):
             wide[:, :V] = base_logits[:, :V]
             return wide
         step, rows = sampled
-        return self.slots.logits(hidden_states, step, rows=rows, base_logits=base_logits)
+        # On a CPU a read of the device costs nothing: the hyper logits span only the entries installed.
+        entries = self.slots.installed_bound(step, rows) if hidden_states.device.type == "cpu" else None
+        return self.slots.logits(hidden_states, step, rows=rows, base_logits=base_logits, entries=entries)
 
 
 def base_architectures(text_config) -> list[str]:
