@@ -57,6 +57,9 @@ def parse_benchmark_arguments(module_name: str, argv: list[str], monkeypatch) ->
         ("bench_quality", ["--json", "{missing}/curves.json"], "--json"),
         ("bench_quality", ["--plot", "{tmp}"], "--plot"),
         ("plot_uptrain", ["--out", "{missing}/curve.png"], "--out"),
+        ("bench_engine", ["--base", "b", "--zip2zip", "z", "--requests", "0"], "--requests"),
+        ("bench_engine", ["--base", "b", "--zip2zip", "z", "--new-tokens", "-1"], "--new-tokens"),
+        ("bench_engine", ["--base", "b", "--zip2zip", "z", "--json", "{missing}/engine.json"], "--json"),
     ],
 )
 def test_a_benchmark_refuses_bad_arguments_before_any_work(module_name, argv, named, tmp_path, monkeypatch, capsys):
