@@ -72,8 +72,7 @@ class Zip2ZipVllmForCausalLM(nn.Module):
         """Load a checkpoint that `save_pretrained` or ``export`` wrote: the base model's weights
         under ``language_model.``, the encoders' under their names. An unknown key, or an encoder
         weight missing or of another shape, is an error naming it."""
-        encoders = {name: module for name, module in self._encoders().items()}
-        expected = {f"{name}.{key}": p for name, m in encoders.items() for key, p in m.named_parameters()}
+        expected = {f"{name}.{key}": p for name, m in self._encoders().items() for key, p in m.named_parameters()}
         loaded: set[str] = set()
 
         def base_weights():
