@@ -29,7 +29,7 @@ os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="zip2zip-hf-modules-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="zip2zip-hf-inductor-")
 os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="zip2zip-hf-matplotlib-")
 os.environ["ZIP2ZIP_HF_CACHE"] = str(REPOSITORY / ".pytest_cache" / "zip2zip_hf")
-os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="zip2zip-hf-vllm-")  # where vLLM is installed
+os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="zip2zip-hf-vllm-")  # make test-vllm: vLLM's own
 os.environ["VLLM_CONFIG_ROOT"] = os.environ["VLLM_CACHE_ROOT"]
 os.environ["VLLM_NO_USAGE_STATS"] = "1"
 
