@@ -46,9 +46,18 @@ class Request:
 class FakeEngine:
     """A continuous-batching engine in miniature over `SlotCodebooks` (see the module docstring)."""
 
-    def __init__(self, model, max_num_seqs: int, chunk: int = 4, padding: int = 2, seed: int = 0, prefix_cache=False):
+    def __init__(
+        self,
+        model,
+        max_num_seqs: int,
+        chunk: int = 4,
+        padding: int = 2,
+        seed: int = 0,
+        prefix_cache=False,
+        host_reads_free=False,
+    ):
         self.decoder = model.get_decoder()
-        self.core = SlotCodebooks.from_model(model, max_num_seqs)
+        self.core = SlotCodebooks.from_model(model, max_num_seqs, host_reads_free=host_reads_free)
         self.rng = random.Random(seed)
         self.chunk, self.padding, self.prefix_cache = chunk, padding, prefix_cache
         self.free = list(range(max_num_seqs))
@@ -217,14 +226,16 @@ def mixed_requests(seed: int) -> list[Request]:
     return [Request(compressed(seed + i, n), s) for i, (n, s) in enumerate(zip(lengths, steps))]
 
 
-@pytest.mark.parametrize("settings", ["base", "compressed"])
+@pytest.mark.parametrize("settings", ["base", "compressed", "host reads free"])
 def test_continuous_batching_writes_what_generate_writes_for_each_request(model, compressed_model, settings):
     """Five requests through three slots: some wait, two arrive mid-stream, each leaves when done
     and its slot goes to the next; prompts in chunks, padding rows, the rows in a new order each
-    step. Each request's greedy ids and logits are those of `generate` for it alone."""
-    model = model if settings == "base" else compressed_model
+    step. Each request's greedy ids and logits are those of `generate` for it alone (also where a
+    step encodes and scores only the entries installed, as on a CPU)."""
+    model = compressed_model if settings == "compressed" else model
     requests = mixed_requests(40)
-    engine = FakeEngine(model, max_num_seqs=3, chunk=5, padding=3, seed=1)
+    host_reads_free = settings == "host reads free"
+    engine = FakeEngine(model, max_num_seqs=3, chunk=5, padding=3, seed=1, host_reads_free=host_reads_free)
     engine.run(requests, arrivals={3: [3], 8: [4]})
     assert_each_equals_generate(model, requests)
     assert any(i >= V for r in requests for i in r.outputs), "the requests should write hypertokens"

@@ -103,6 +103,9 @@ class SlotCodebooks:
             with a ``weight``: ``(rows, D)``).
         input_hyper_encoder / output_hyper_encoder: the model's encoders (the same module if tied).
         max_num_seqs: the slots (the engine's most concurrent requests).
+        host_reads_free: where reading the device costs no stall (a CPU): a step then encodes only
+            the entries it installed rather than a fixed ``N * M``, and `logits` scores only the
+            entries installed rather than all K (the same results; shapes that vary by step).
     """
 
     def __init__(
@@ -113,12 +116,14 @@ class SlotCodebooks:
         input_hyper_encoder: nn.Module,
         output_hyper_encoder: nn.Module,
         max_num_seqs: int,
+        host_reads_free: bool = False,
     ):
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
         self.config = config
         self.codec = config.codec()
         self.max_num_seqs = max_num_seqs
+        self.host_reads_free = host_reads_free
         self.input_embeddings, self.output_embeddings = input_embeddings, output_embeddings
         self.input_hyper_encoder, self.output_hyper_encoder = input_hyper_encoder, output_hyper_encoder
         self.max_positions: int | None = getattr(config.get_text_config(), "max_position_embeddings", None)
@@ -138,7 +143,7 @@ class SlotCodebooks:
         self._occupied = [False] * max_num_seqs  # the host's copy of ``live``: add and remove check it
 
     @classmethod
-    def from_model(cls, model, max_num_seqs: int) -> SlotCodebooks:
+    def from_model(cls, model, max_num_seqs: int, host_reads_free: bool = False) -> SlotCodebooks:
         """The slots of a `Zip2ZipForCausalLM`: its config, embeddings, head and encoders (shared)."""
         return cls(
             model.config,
@@ -147,6 +152,7 @@ class SlotCodebooks:
             model.input_hyper_encoder,
             model._output_hyper_encoder(),
             max_num_seqs,
+            host_reads_free,
         )
 
     # ------------------------------------------------------------------ requests (host, rare)
@@ -344,8 +350,11 @@ class SlotCodebooks:
         """Encode the entries the step installed (``created``: ``(N, M)`` slots per row, sinks for
         none: a fixed ``N * M`` entries) into both tables, before any row reads them: a row may use
         an entry an earlier row of the same step installed."""
-        M = self.codec.max_subtokens
+        M, K = self.codec.max_subtokens, self.codec.max_codebook_size
         rows, slots = slot_rows[:, None].expand_as(created).reshape(-1), created.reshape(-1)
+        if self.host_reads_free:  # the entries installed only: a decoding step installs about one a row
+            installed = slots < K
+            rows, slots = rows[installed], slots[installed]
         entries = self.codebooks.table[rows, slots]
         vectors = self._encode(entries[:, :M], entries[:, M + 1])
         for table, table_vectors in zip((self.input_table, self.output_table), vectors):
@@ -385,9 +394,9 @@ class SlotCodebooks:
             score_provisional: whether the provisional entry gets a logit (default: the model's
                 ``write_provisional_hypertokens``, as `generate` does).
             entries: at least the entries any of these rows' slots has installed, where the caller
-                knows a bound (default: K): hyper logits are computed for those slots only (and
-                the provisional one), the rest are ``-inf`` all the same. On a CPU, where reading
-                it costs no stall, `installed_bound` gives it.
+                knows a bound (default: K, or `installed_bound` where ``host_reads_free``): hyper
+                logits are computed for those slots only (and the provisional one), the rest are
+                ``-inf`` all the same.
         """
         if rows is not None:
             step = step.select(rows)
@@ -411,6 +420,8 @@ class SlotCodebooks:
         )
         if base_logits is None:
             base_logits = self.output_embeddings(hidden)
+        if entries is None and self.host_reads_free:
+            entries = self.installed_bound(step)
         width = K if entries is None else max(0, min(K, entries))
         logits = widen_logits(
             base_logits[:, None],
@@ -429,8 +440,8 @@ class SlotCodebooks:
 
     @staticmethod
     def installed_bound(step: SlotStep, rows: torch.LongTensor | None = None) -> int:
-        """The most entries installed after any of ``rows`` (default: all) of a step: a host sync,
-        for callers on a CPU (the ``entries`` of `logits`)."""
+        """The most entries installed after any of ``rows`` (default: all) of a step: a host sync
+        (the ``entries`` of `logits`)."""
         installed = step.num_installed if rows is None else step.num_installed[rows]
         return int(installed.max()) if installed.numel() else 0
 

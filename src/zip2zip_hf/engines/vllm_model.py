@@ -110,8 +110,10 @@ class Zip2ZipVllmForCausalLM(nn.Module):
             inner.model.embed_tokens,
             output,
             self.input_hyper_encoder,
-            self.output_hyper_encoder or self.input_hyper_encoder,
+            self.input_hyper_encoder if self.output_hyper_encoder is None else self.output_hyper_encoder,
             self.max_num_seqs,
+            # On a CPU a read of the device costs nothing: encode and score only what is installed.
+            host_reads_free=inner.model.embed_tokens.weight.device.type == "cpu",
         )
 
     # ------------------------------------------------------------------ a step
@@ -147,9 +149,7 @@ class Zip2ZipVllmForCausalLM(nn.Module):
             wide[:, :V] = base_logits[:, :V]
             return wide
         step, rows = sampled
-        # On a CPU a read of the device costs nothing: the hyper logits span only the entries installed.
-        entries = self.slots.installed_bound(step, rows) if hidden_states.device.type == "cpu" else None
-        return self.slots.logits(hidden_states, step, rows=rows, base_logits=base_logits, entries=entries)
+        return self.slots.logits(hidden_states, step, rows=rows, base_logits=base_logits)
 
 
 def base_architectures(text_config) -> list[str]:
