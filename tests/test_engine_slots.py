@@ -24,7 +24,7 @@ from zip2zip_hf.engines import SlotCodebooks
 from zip2zip_hf.evaluation.op_counts import count_ops
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two with the same prompt are two requests (and hold tensors)
 class Request:
     prompt: list[int]
     max_new_tokens: int
