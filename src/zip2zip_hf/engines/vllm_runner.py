@@ -36,7 +36,8 @@ class RequestSlots:
     def schedule(self, input_batch, num_scheduled: np.ndarray, logits_indices, rows: int) -> StepSchedule:
         """The step's schedule, after the slots follow the batch (see the module's docstring)."""
         req_ids = list(input_batch.req_ids)
-        for req_id in [r for r in self.slot_of if r not in set(req_ids)]:
+        live = set(req_ids)
+        for req_id in [r for r in self.slot_of if r not in live]:
             self._release(req_id)
         order = []
         for i, req_id in enumerate(req_ids):
